@@ -1,0 +1,649 @@
+"""CTranslate2 backend: a converted CT2 directory served by one batching worker thread.
+
+The directory holds ``model.bin``, ``config.json``, the vocabulary CT2 saved
+(``vocabulary.json`` or ``vocabulary.txt``), the Hugging Face ``tokenizer.json``
+and the ``fastpilot.json`` manifest written by ``conversion/``.
+
+Two decoding paths, chosen per request:
+
+* **native** -- ``Generator.generate_batch`` does the whole decode: greedy,
+  temperature, top-k, top-p, ``min_length`` for ``min_tokens``/``ignore_eos``
+  and ``suppress_sequences`` for banned tokens (``logit_bias <= -100``). The
+  worker groups concurrent requests that share every per-call option into one
+  call and streams each step through CT2's ``callback``.
+* **stepwise** -- for what CT2 cannot do itself: a non-ban ``logit_bias``,
+  OpenAI's additive presence/frequency penalties, HF's repetition penalty
+  (CT2's own one skips the prompt tokens) and ``seed`` (CT2's sampler uses a
+  ``thread_local`` RNG seeded once per thread, so ``set_random_seed`` cannot
+  reseed a running generator). The token is picked by
+  :class:`fastpilot.engine.sampling.SequenceSampler` from CT2's raw logits, so the
+  semantics equal the llama.cpp backend's. CT2 has no logits-processor hook, so
+  we let CT2 decode greedily and accept its steps while our pick equals its
+  argmax; on the first disagreement the call stops and a new call restarts from
+  prompt + generated tokens, with the prompt as a cached ``static_prompt`` (its
+  KV state is copied, not recomputed). A restart costs a prefill of the
+  generated tokens so far, so this path is as fast as native while the sampler
+  agrees with argmax (greedy with mild penalties, low temperatures) and degrades
+  to O(generated) per token when it never does (high-temperature seeded sampling).
+  Stepwise requests run one at a time (batch of one).
+
+Prompt cache: CT2's ``static_prompt`` caches the decoder state of an exact token
+prefix, in an unbounded map that lives as long as the loaded model. We pass as
+static prompt the longest prefix (a multiple of ``prefix_chunk`` tokens) shared
+with a recently seen prompt, count the tokens we made CT2 keep, and reload the
+model (dropping CT2's map) once ``prefix_cache_tokens`` is exceeded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import functools
+import json
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fastpilot.backends.base import (
+    Backend,
+    BackendInfo,
+    FimTemplate,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    Step,
+    TokenStream,
+)
+from fastpilot.engine.sampling import BAN, SequenceSampler, log_softmax, top_entries
+from fastpilot.errors import BackendError, InvalidRequest, ModelFileError, NotSupported, QueueFull
+
+# Prompts whose remaining lengths differ by at most this many tokens share a
+# generate_batch call: CT2 prefills only up to the shortest prompt and feeds the
+# rest one token per decode step (include_prompt_in_result=False), so each token
+# of difference costs one batch-wide decode step, cheaper than a separate call.
+LENGTH_TOLERANCE = 16
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE token spelling).
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map, in byte
+    order, to code points 256, 257, ... (the scheme of GPT-2's ``encoder.py``).
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table: dict[int, str] = {}
+    extra = 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
+
+
+def _spelling_to_bytes(token: str) -> bytes:
+    """Raw bytes of a byte-level BPE token string; non-mapped chars pass as UTF-8."""
+    out = bytearray()
+    for ch in token:
+        b = _BYTE_DECODER.get(ch)
+        if b is None:
+            out += ch.encode("utf-8")
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """Everything CT2 takes once per generate_batch call; equal keys may batch."""
+
+    topk: int
+    topp: float
+    temperature: float
+    min_length: int
+    banned: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class _Job:
+    stream: TokenStream
+    start: list[int]  # tokens passed as start_tokens (prompt minus the static prefix)
+    static: tuple[int, ...]
+    key: _Key | None  # None: the stepwise path
+    emitted: int = 0
+
+
+class _PrefixPlanner:
+    """Chooses static prompts and accounts for what CT2 keeps cached.
+
+    Not thread-safe: only the worker thread uses it.
+    """
+
+    def __init__(self, chunk: int, budget_tokens: int, recent: int = 16) -> None:
+        self.chunk = chunk
+        self.budget = budget_tokens
+        self.cached: set[tuple[int, ...]] = set()
+        self.used = 0
+        self.recent: collections.deque[tuple[int, ...]] = collections.deque(maxlen=recent)
+        self.hits = 0
+
+    def plan(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], bool]:
+        """Return ``(static_prefix, hit)`` for a prompt (empty prefix: no static prompt)."""
+        if self.chunk <= 0 or len(prompt) <= self.chunk:
+            return (), False
+        p = tuple(prompt)
+        best_cached: tuple[int, ...] = ()
+        for entry in self.cached:
+            if len(best_cached) < len(entry) < len(p) and p[: len(entry)] == entry:
+                best_cached = entry
+        best_seen = 0
+        for old in self.recent:
+            n = min(len(old), len(p) - 1)
+            lcp = n if old[:n] == p[:n] else int(np.argmin(np.equal(old[:n], p[:n])))
+            best_seen = max(best_seen, lcp // self.chunk * self.chunk)
+        self.recent.append(p)
+        if best_seen > len(best_cached) and self.used + best_seen <= self.budget:
+            return p[:best_seen], False  # computed now, kept by CT2 for the next hit
+        if best_cached:
+            self.hits += 1
+            return best_cached, True
+        return (), False
+
+    def keep(self, prefix: tuple[int, ...]) -> None:
+        if prefix and prefix not in self.cached:
+            self.cached.add(prefix)
+            self.used += len(prefix)
+
+    def clear(self) -> None:
+        self.cached.clear()
+        self.used = 0
+
+
+class CTranslate2Backend(Backend):
+    """A CT2 model directory with a bounded queue and one worker thread.
+
+    Args:
+        path: The converted model directory.
+        threads: CPU threads for CT2's intra-op pool (default ``os.cpu_count()``;
+            CT2's own default of 0 means 4).
+        device: ``cpu``, ``cuda`` or ``auto`` (cuda when a device is visible).
+        compute_type: CT2 compute type; default keeps the files' quantization on
+            CPU and uses ``int8_float16`` for int8 files on CUDA.
+        max_queue: Requests waiting beyond this raise :class:`QueueFull`.
+        max_batch: Most sequences in one ``generate_batch`` call.
+        prefix_chunk: Static-prompt prefixes are multiples of this many tokens
+            (0 disables the prompt cache).
+        prefix_cache_tokens: Tokens of decoder state CT2 may keep cached before the
+            model is reloaded to free it (each token costs
+            ``2 * n_layer * n_embd * 4`` bytes, ~74 KB for GPT-2 117M).
+    """
+
+    name: ClassVar[str] = "ctranslate2"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        device: str = "cpu",
+        compute_type: str | None = None,
+        max_queue: int = 64,
+        max_batch: int = 8,
+        prefix_chunk: int = 64,
+        prefix_cache_tokens: int = 8192,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        import ctranslate2
+
+        self._ct2 = ctranslate2
+        self.path = Path(path)
+        if not (self.path / "model.bin").is_file():
+            raise ModelFileError(f"{self.path} is not a CTranslate2 model directory (no model.bin)")
+        manifest = _read_json(self.path / "fastpilot.json")
+        config = _read_json(self.path / "config.json")
+        self._vocab = _read_vocabulary(self.path)
+        self._vocab_index = {tok: i for i, tok in enumerate(self._vocab)}
+        self._tokenizer = _load_tokenizer(self.path / "tokenizer.json")
+        self._check_vocabulary()
+        self.vocab_size = len(self._vocab)
+        self._token_bytes = [_spelling_to_bytes(t) for t in self._vocab]
+        n_ctx = manifest.get("context_length") or manifest.get("n_positions")
+        self.context_length = int(n_ctx or 2048)
+        eos = manifest.get("eos_token_ids")
+        if eos is None:
+            eos_tok = config.get("eos_token", "<|endoftext|>")
+            eos = [self._vocab_index[eos_tok]] if eos_tok in self._vocab_index else []
+        self.eos_token_ids = frozenset(int(i) for i in eos)
+        bos_tok = config.get("bos_token")
+        self._bos = self._vocab_index.get(bos_tok, min(self.eos_token_ids, default=0))
+        fim = manifest.get("fim")
+        if isinstance(fim, dict) and {"prefix", "suffix", "middle"} <= fim.keys():
+            self.fim = FimTemplate(fim["prefix"], fim["suffix"], fim["middle"])
+
+        if device == "auto":
+            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        quant = str(manifest.get("quantization") or "")
+        if compute_type is None:
+            cuda_int8 = device == "cuda" and quant.startswith("int8")
+            compute_type = "int8_float16" if cuda_int8 else "default"
+        self._gen_args: dict[str, Any] = {
+            "device": device,
+            "compute_type": compute_type,
+            "intra_threads": threads or os.cpu_count() or 1,
+            "inter_threads": 1,  # one worker drives it; parallelism is batching
+        }
+        self._generator = self._load_generator()
+        self.info = BackendInfo(
+            backend=self.name,
+            path=str(self.path),
+            arch=str(manifest.get("arch", "")),
+            quantization=quant,
+            device=device,
+            extra={"compute_type": self._generator.compute_type, **self._gen_args},
+        )
+
+        self.max_queue = max_queue
+        self.max_batch = max(1, max_batch)
+        self._clock = clock
+        self._planner = _PrefixPlanner(prefix_chunk, prefix_cache_tokens)
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._counters = collections.Counter[str]()
+        self._active = 0
+        self._worker = threading.Thread(target=self._run, name=f"ct2-{self.path.name}", daemon=True)
+        self._worker.start()
+        # CT2 aborts the process ("terminate called ...") when a Generator is still
+        # alive at interpreter teardown: release it first.
+        self._atexit = functools.partial(_close_at_exit, weakref.ref(self))
+        atexit.register(self._atexit)
+
+    # -- tokenizer --------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if 0 <= token_id < self.vocab_size:
+            return self._token_bytes[token_id]
+        return b""
+
+    # -- generation -------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        """Queue a request; raises QueueFull when ``max_queue`` requests already wait."""
+        ids = request.prompt_ids
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise InvalidRequest("prompt token id out of the vocabulary", param="prompt")
+        stream = TokenStream(request)
+        with self._cv:
+            if self._closed:
+                raise BackendError("the model is closed")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull()
+            self._pending.append(self._plan(stream))
+            self._cv.notify()
+        return stream
+
+    def _plan(self, stream: TokenStream) -> _Job:
+        p = stream.request.params
+        prompt = list(stream.request.prompt_ids) or [self._bos]  # CT2 needs one start token
+        if _stepwise(p):
+            return _Job(stream, prompt, (), None)
+        greedy = p.greedy
+        vocab = self.vocab_size
+        banned = tuple(sorted({t for t, v in p.logit_bias if v <= BAN and 0 <= t < vocab}))
+        key = _Key(
+            topk=1 if greedy else p.top_k,
+            topp=1.0 if greedy else p.top_p,
+            temperature=1.0 if greedy else p.temperature,
+            min_length=p.max_tokens if p.ignore_eos else p.min_tokens,
+            banned=banned,
+        )
+        return _Job(stream, prompt, (), key)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    for job in self._pending:
+                        job.stream.finish(FinishReason.CANCELLED)
+                    self._pending.clear()
+                    break
+                batch = self._take_batch()
+                self._active = len(batch)
+            try:
+                if batch:
+                    self._execute(batch)
+            except Exception as ex:  # keep serving; the native library failed this batch
+                for job in batch:
+                    job.stream.fail(BackendError(f"ctranslate2 failed: {ex}"))
+            finally:
+                self._active = 0
+        self._generator = None  # type: ignore[assignment]
+
+    def _take_batch(self) -> list[_Job]:
+        """Pop the oldest live job and the compatible ones behind it (under the lock)."""
+        while self._pending:
+            head = self._pending.popleft()
+            if head.stream.cancelled:
+                head.stream.finish(FinishReason.CANCELLED)
+                continue
+            break
+        else:
+            return []
+        self._assign_static(head)
+        if head.key is None:
+            return [head]
+        batch = [head]
+        for job in list(self._pending):
+            if len(batch) >= self.max_batch:
+                break
+            if job.key is None or job.stream.cancelled:
+                continue
+            prefix = head.static
+            full = job.start
+            if prefix and tuple(full[: len(prefix)]) != prefix:
+                continue
+            rest = len(full) - len(prefix)
+            if rest < 1 or job.key != head.key:
+                continue
+            # min_length counts decode steps, which include a longer prompt's fed tokens
+            tolerance = 0 if head.key.min_length else LENGTH_TOLERANCE
+            if abs(rest - len(head.start)) > tolerance:
+                continue
+            self._pending.remove(job)
+            job.static, job.start = prefix, full[len(prefix) :]
+            job.stream.cached_tokens = head.stream.cached_tokens
+            batch.append(job)
+        return batch
+
+    def _assign_static(self, job: _Job) -> None:
+        prefix, hit = self._planner.plan(job.start)
+        if job.key is None and not prefix and len(job.start) > 1:
+            # Stepwise restarts reuse the prompt's state: always make it static.
+            prefix, hit = tuple(job.start[:-1]), False
+        if prefix:
+            job.static, job.start = prefix, job.start[len(prefix) :]
+            job.stream.cached_tokens = len(prefix) if hit else 0
+
+    def _execute(self, batch: list[_Job]) -> None:
+        static = batch[0].static
+        if static and static not in self._planner.cached:
+            if self._planner.used + len(static) > self._planner.budget:
+                self._reset_cache()
+            self._planner.keep(static)
+        self._counters["batches"] += 1
+        if batch[0].key is None:
+            self._run_stepwise(batch[0])
+        else:
+            self._run_native(batch)
+        for job in batch:  # anything CT2 ended without our callback finishing it
+            cancelled = job.stream.cancelled
+            job.stream.finish(FinishReason.CANCELLED if cancelled else FinishReason.LENGTH)
+
+    def _max_new(self, job: _Job) -> int:
+        room = self.context_length - len(job.static) - len(job.start)
+        return max(0, min(job.stream.request.params.max_tokens, room))
+
+    def _run_native(self, batch: list[_Job]) -> None:
+        key = batch[0].key
+        assert key is not None
+        limits = [self._max_new(j) for j in batch]
+        live = [(j, n) for j, n in zip(batch, limits, strict=True) if self._finish_early(j, n)]
+        if not live:
+            return
+        jobs = [j for j, _ in live]
+        limits = [n for _, n in live]
+        want_logits = key.temperature != 1.0 or any(j.stream.request.params.logprobs for j in jobs)
+        temp = key.temperature
+        eos = self.eos_token_ids
+
+        def on_step(res: Any) -> bool:
+            job = jobs[res.batch_id]
+            stream = job.stream
+            if stream.done:
+                return True
+            if stream.cancelled:
+                stream.finish(FinishReason.CANCELLED)
+                return True
+            self._counters["decode_steps"] += 1
+            token = int(res.token_id)
+            if token in eos and job.emitted >= key.min_length:
+                stream.finish(FinishReason.STOP)
+                return True
+            k = stream.request.params.logprobs
+            if want_logits:
+                # (1, vocab) logits after CT2's masks (bans, min_length), before temperature
+                lp = log_softmax(np.asarray(res.logits, dtype=np.float32).reshape(-1) / temp)
+                step = Step(token, float(lp[token]), top_entries(lp, k))
+            else:
+                step = Step(token, float(res.log_prob))  # log_softmax at T=1 of the same logits
+            stream.put(step)
+            job.emitted += 1
+            if job.emitted >= limits[res.batch_id]:
+                stream.finish(FinishReason.LENGTH)
+                return True
+            return False
+
+        self._generator.generate_batch(
+            [self._spell(j.start) for j in jobs],
+            max_length=max(limits),
+            min_length=key.min_length,
+            sampling_topk=key.topk,
+            sampling_topp=key.topp,
+            sampling_temperature=key.temperature,
+            suppress_sequences=[[self._vocab[t]] for t in key.banned] or None,
+            end_token=[self._vocab[t] for t in sorted(eos)] or None,
+            static_prompt=self._spell(jobs[0].static) if jobs[0].static else None,
+            include_prompt_in_result=False,
+            return_scores=True,
+            return_logits_vocab=want_logits,
+            callback=on_step,
+        )
+
+    def _finish_early(self, job: _Job, limit: int) -> bool:
+        """False (and the stream finished) when a job has nothing to generate."""
+        if job.stream.cancelled:
+            job.stream.finish(FinishReason.CANCELLED)
+            return False
+        if limit <= 0:
+            job.stream.finish(FinishReason.LENGTH)
+            return False
+        return True
+
+    def _run_stepwise(self, job: _Job) -> None:
+        """Sample with SequenceSampler over CT2's logits; see the module docstring for the cost."""
+        stream = job.stream
+        params = stream.request.params
+        limit = self._max_new(job)
+        if not self._finish_early(job, limit):
+            return
+        prompt = stream.request.prompt_ids
+        sampler = SequenceSampler(params, self.vocab_size, self.eos_token_ids, prompt)
+        generated: list[int] = []
+        static = self._spell(job.static) if job.static else None
+        end = [self._vocab[t] for t in sorted(self.eos_token_ids)] or None
+        while not stream.done:
+            diverged = False
+
+            def on_step(res: Any) -> bool:
+                nonlocal diverged
+                if stream.cancelled:
+                    stream.finish(FinishReason.CANCELLED)
+                    return True
+                self._counters["decode_steps"] += 1
+                # (1, vocab) raw logits: the call sets no CT2-side processing
+                step = sampler.sample(np.asarray(res.logits, dtype=np.float32).reshape(-1))
+                if step.token_id in self.eos_token_ids:
+                    stream.finish(FinishReason.STOP)
+                    return True
+                stream.put(step)
+                generated.append(step.token_id)
+                if len(generated) >= limit:
+                    stream.finish(FinishReason.LENGTH)
+                    return True
+                if step.token_id != res.token_id:  # CT2 went another way: restart from ours
+                    diverged = True
+                    return True
+                return False
+
+            self._generator.generate_batch(
+                [self._spell(job.start + generated)],
+                max_length=limit - len(generated),
+                sampling_topk=1,
+                end_token=end,
+                static_prompt=static,
+                include_prompt_in_result=False,
+                return_logits_vocab=True,
+                callback=on_step,
+            )
+            if not diverged:
+                break
+            self._counters["stepwise_restarts"] += 1
+
+    def _spell(self, ids: Sequence[int]) -> list[str]:
+        vocab = self._vocab
+        return [vocab[i] for i in ids]
+
+    def _load_generator(self) -> Any:
+        try:
+            return self._ct2.Generator(str(self.path), **self._gen_args)
+        except (RuntimeError, ValueError) as ex:
+            raise ModelFileError(f"cannot load the CTranslate2 model in {self.path}: {ex}") from ex
+
+    def _reset_cache(self) -> None:
+        """Reload the model so CT2 drops its static-prompt states (worker thread only)."""
+        self._generator = None
+        self._generator = self._load_generator()
+        self._planner.clear()
+        self._counters["prefix_cache_resets"] += 1
+
+    # -- scoring ----------------------------------------------------------------------
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> list[Step | None]:
+        """Score the prompt with one ``forward_batch``; blocks the caller.
+
+        Memory: the full logits, ``len(prompt) * vocab * 4`` bytes (~200 MB for
+        1,000 GPT-2 tokens), are held while scoring.
+        """
+        ids = list(prompt_ids)
+        if not ids:
+            return []
+        if len(ids) == 1:
+            return [None]
+        generator = self._generator
+        if generator is None:
+            raise BackendError("the model is closed")
+        out = generator.forward_batch([self._spell(ids[:-1])])
+        logits = np.asarray(out, dtype=np.float32)[0]  # (len(ids) - 1, vocab)
+        steps: list[Step | None] = [None]
+        for pos, token in enumerate(ids[1:]):
+            lp = log_softmax(logits[pos])
+            steps.append(Step(token, float(lp[token]), top_entries(lp, top)))
+        return steps
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        raise NotSupported(
+            "the ctranslate2 backend cannot produce embeddings: CTranslate2 4.8's Generator "
+            "exposes logits, not hidden states; serve this model through a GGUF file instead"
+        )
+
+    def stats(self) -> dict[str, float]:
+        with self._cv:
+            depth = len(self._pending)
+        return {
+            "queue_depth": float(depth),
+            "active": float(self._active),
+            "batches": float(self._counters["batches"]),
+            "decode_steps": float(self._counters["decode_steps"]),
+            "stepwise_restarts": float(self._counters["stepwise_restarts"]),
+            "prefix_cache_hits": float(self._planner.hits),
+            "prefix_cache_tokens": float(self._planner.used),
+            "prefix_cache_resets": float(self._counters["prefix_cache_resets"]),
+        }
+
+    def close(self) -> None:
+        """Cancel waiting requests, finish the running batch, free the model. Idempotent."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._worker is not threading.current_thread():
+            self._worker.join()
+        self._generator = None
+        atexit.unregister(self._atexit)
+
+    def _check_vocabulary(self) -> None:
+        """CT2's vocabulary must spell the tokenizer's ids; padding rows may follow."""
+        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+        if len(vocab) > len(self._vocab):
+            raise ModelFileError(
+                f"{self.path}: tokenizer.json has {len(vocab)} tokens but the CT2 vocabulary "
+                f"has {len(self._vocab)}"
+            )
+        bad = [t for t, i in vocab.items() if self._vocab[i] != t]
+        if bad:
+            raise ModelFileError(
+                f"{self.path}: the CT2 vocabulary disagrees with tokenizer.json "
+                f"({len(bad)} tokens, e.g. {bad[:3]!r})"
+            )
+
+
+def _stepwise(p: SamplingParams) -> bool:
+    return bool(
+        p.seed is not None
+        or p.presence_penalty
+        or p.frequency_penalty
+        or p.repetition_penalty != 1.0
+        or any(v > BAN for _, v in p.logit_bias)
+    )
+
+
+def _close_at_exit(ref: weakref.ref[CTranslate2Backend]) -> None:
+    backend = ref()
+    if backend is not None:
+        backend.close()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as ex:
+        raise ModelFileError(f"cannot read {path}: {ex}") from ex
+    return data if isinstance(data, dict) else {}
+
+
+def _read_vocabulary(path: Path) -> list[str]:
+    if (path / "vocabulary.json").is_file():
+        vocab = json.loads((path / "vocabulary.json").read_text(encoding="utf-8"))
+    elif (path / "vocabulary.txt").is_file():
+        text = (path / "vocabulary.txt").read_text(encoding="utf-8")
+        vocab = text.split("\n")
+        if vocab and vocab[-1] == "":
+            vocab.pop()
+    else:
+        raise ModelFileError(f"{path} has no vocabulary.json or vocabulary.txt")
+    return [str(t) for t in vocab]
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing: a CT2 directory needs the model's tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as ex:  # tokenizers raises a bare Exception on a bad file
+        raise ModelFileError(f"cannot load {path}: {ex}") from ex
