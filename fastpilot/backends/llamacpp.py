@@ -1,0 +1,769 @@
+"""llama.cpp backend: GGUF models through llama-cpp-python's low-level API.
+
+One :class:`LlamaCppBackend` owns a ``llama_model``, one generation context
+with ``slots`` sequences (separate KV streams, ``kv_unified=False``) and a
+worker thread that runs **continuous batching**: every iteration builds one
+``llama_batch`` holding one token for each generating sequence plus up to
+``prompt_chunk`` prompt tokens of sequences still prefilling, calls
+``llama_decode`` once, and samples each output row with the shared
+:class:`fastpilot.engine.sampling.SequenceSampler` (llama.cpp's own sampler
+chain is not used, so sampling is identical to the CTranslate2 backend).
+New requests join the running batch at the next iteration.
+
+Prompt cache: each slot remembers the tokens whose KV it holds. A request
+takes the free slot sharing the longest common prefix with its prompt and only
+evaluates the rest; requests with an identical prompt that arrive while the
+first is still prefilling (``n > 1``) copy its KV with ``llama_memory_seq_cp``
+instead of evaluating it again.
+
+End of sequence: when the sampler picks an end-of-sequence token, the stream
+finishes with ``STOP`` and *no step is pushed* for it, so no text and no
+completion token is counted for the EOS itself.
+
+Heavy import: ``llama_cpp`` is imported when a backend is constructed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastpilot.backends.base import (
+    Backend,
+    BackendInfo,
+    FimTemplate,
+    FinishReason,
+    GenerationRequest,
+    Step,
+    TokenStream,
+)
+from fastpilot.engine.sampling import SequenceSampler, log_softmax, top_entries
+from fastpilot.errors import (
+    BackendError,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelFileError,
+    QueueFull,
+)
+
+__all__ = ["LlamaCppBackend", "resolve_gguf"]
+
+log = logging.getLogger(__name__)
+_native_log = logging.getLogger(__name__ + ".native")
+
+_INIT_LOCK = threading.Lock()
+_lib: Any = None
+_log_callback: Any = None  # keep the ctypes callback alive for the process lifetime
+# ggml_log_level (ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT) -> logging level;
+# llama.cpp's INFO chatter (tensor lists, buffer sizes) goes to DEBUG.
+_LOG_LEVELS = {
+    0: logging.DEBUG,
+    1: logging.DEBUG,
+    2: logging.DEBUG,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
+
+
+def _llama() -> Any:
+    """Import llama_cpp once, init the ggml backends and route native logs to ``logging``."""
+    global _lib, _log_callback
+    with _INIT_LOCK:
+        if _lib is None:
+            import llama_cpp
+
+            last = [logging.DEBUG]
+
+            def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+                # level 5 (GGML_LOG_LEVEL_CONT) continues the previous message.
+                lvl = last[0] if level == 5 else _LOG_LEVELS.get(level, logging.DEBUG)
+                last[0] = lvl
+                if _native_log.isEnabledFor(lvl):
+                    _native_log.log(lvl, "%s", text.decode("utf-8", "replace").rstrip("\n"))
+
+            _log_callback = llama_cpp.llama_log_callback(_on_log)
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _lib = llama_cpp
+    return _lib
+
+
+def resolve_gguf(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """Find the GGUF file and its ``fastpilot.json`` manifest (``{}`` when absent).
+
+    ``path`` is a ``.gguf`` file or a directory holding ``model.gguf`` (or exactly
+    one ``*.gguf``). Raises :class:`ModelFileError` for anything else.
+    """
+    p = Path(path)
+    if p.is_dir():
+        gguf = p / "model.gguf"
+        if not gguf.is_file():
+            found = sorted(p.glob("*.gguf"))
+            if len(found) != 1:
+                raise ModelFileError(f"{p} holds {len(found)} .gguf files; expected model.gguf")
+            gguf = found[0]
+        manifest_path = p / "fastpilot.json"
+    elif p.is_file():
+        gguf, manifest_path = p, p.parent / "fastpilot.json"
+    else:
+        raise ModelFileError(f"no such model file or directory: {p}")
+    with gguf.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ModelFileError(f"{gguf} is not a GGUF file")
+    manifest: dict[str, Any] = {}
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as ex:
+            raise ModelFileError(f"unreadable manifest {manifest_path}: {ex}") from ex
+    return gguf, manifest
+
+
+class _Batch:
+    """A ``llama_batch`` whose arrays are NumPy buffers owned by Python.
+
+    Filling it is a few vectorized slice assignments instead of five ctypes
+    writes per token; the memory lives as long as this object. Every token
+    belongs to exactly one sequence.
+    """
+
+    def __init__(self, lib: Any, capacity: int) -> None:
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        # seq_id[i] points at seq[i]: (capacity,) pointers into one contiguous int32 array.
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (i32p * capacity)(
+            *(ctypes.cast(base + 4 * i, i32p) for i in range(capacity))
+        )
+        b = lib.llama_batch()
+        b.n_tokens = 0
+        b.token = self.token.ctypes.data_as(i32p)
+        b.embd = None
+        b.pos = self.pos.ctypes.data_as(i32p)
+        b.n_seq_id = self.n_seq_id.ctypes.data_as(i32p)
+        b.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(i32p))
+        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.struct = b
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, tokens: Sequence[int], pos0: int, seq_id: int, last_logits: bool) -> int:
+        """Append ``tokens`` at positions ``pos0...``; returns the index of the last one."""
+        k, n = len(tokens), self.n
+        self.token[n : n + k] = tokens
+        self.pos[n : n + k] = np.arange(pos0, pos0 + k, dtype=np.int32)
+        self.seq[n : n + k] = seq_id
+        self.logits[n : n + k] = 0
+        if last_logits:
+            self.logits[n + k - 1] = 1
+        self.n = n + k
+        return n + k - 1
+
+    def ready(self) -> Any:
+        self.struct.n_tokens = self.n
+        return self.struct
+
+
+@dataclass(eq=False, slots=True)
+class _Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # KV held for positions 0..len-1
+    busy: bool = False
+    last_used: float = 0.0
+
+
+@dataclass(eq=False, slots=True)
+class _Active:
+    """A request that owns a slot. ``next_token >= 0`` means it is generating."""
+
+    stream: TokenStream
+    slot: _Slot
+    sampler: SequenceSampler
+    prompt: list[int]
+    todo: list[int]  # prompt tokens still to evaluate
+    max_tokens: int
+    leader: _Active | None = None  # identical prompt being prefilled by another request
+    followers: list[_Active] = field(default_factory=list)
+    next_token: int = -1
+    generated: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _ScoreJob:
+    prompt: list[int]
+    top: int
+    future: Future[list[Step | None]] = field(default_factory=Future)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class LlamaCppBackend(Backend):
+    """A GGUF model served by llama.cpp with continuous batching and a prompt cache.
+
+    Args:
+        path: a ``.gguf`` file, or a directory with ``model.gguf`` and ``fastpilot.json``.
+        threads: CPU threads for decoding and prompt processing (default
+            ``os.cpu_count()``; llama.cpp's own default is half the cores).
+        device: ``"cpu"`` (no offload), ``"cuda"`` (offload every layer; raises
+            :class:`BackendError` if this llama.cpp build has no GPU support) or
+            ``"auto"`` (offload when the build supports it).
+        slots: concurrent sequences. Each slot has its own KV stream of
+            ``context_length`` cells, so KV memory grows linearly with it.
+        max_queue: requests that may wait beyond the free slots; :meth:`submit`
+            raises :class:`QueueFull` past it.
+        context_length: cap on the per-slot context (default: the model's trained context).
+        prompt_chunk: prompt tokens evaluated per decode step, shared by all prefilling
+            requests; bounds how much a long prompt delays the other streams' next token.
+
+    Loading blocks (mmap + context allocation). The worker thread starts at once
+    and is the only thread that touches the generation context.
+    """
+
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        device: str = "cpu",
+        slots: int = 4,
+        max_queue: int = 64,
+        context_length: int | None = None,
+        prompt_chunk: int = 256,
+    ) -> None:
+        if slots < 1 or prompt_chunk < 1 or max_queue < 0:
+            raise ValueError("slots and prompt_chunk must be >= 1, max_queue >= 0")
+        lib = self._lib = _llama()
+        gguf, manifest = resolve_gguf(path)
+        self._threads = threads or os.cpu_count() or 1
+        if device == "cpu":
+            gpu_layers = 0
+        elif device == "cuda":
+            if not lib.llama_supports_gpu_offload():
+                raise BackendError("device='cuda' but this llama.cpp build has no GPU offload")
+            gpu_layers = 999
+        elif device == "auto":
+            gpu_layers = 999 if lib.llama_supports_gpu_offload() else 0
+        else:
+            raise ValueError(f"unknown device {device!r}; expected cpu, cuda or auto")
+
+        self._ctx = self._embed_ctx = None
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = gpu_layers
+        self._model = lib.llama_model_load_from_file(str(gguf).encode(), mparams)
+        if not self._model:
+            raise ModelFileError(f"llama.cpp could not load {gguf}")
+        try:
+            self._vocab = lib.llama_model_get_vocab(self._model)
+            self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
+            trained = int(lib.llama_model_n_ctx_train(self._model))
+            per_slot = min(trained, context_length) if context_length else trained
+            self._slots_n = slots
+            self._chunk = prompt_chunk
+            cparams = lib.llama_context_default_params()
+            # llama.cpp pads each KV stream to a multiple of 256 cells; ask for that directly.
+            cparams.n_ctx = -(-per_slot // 256) * 256 * slots
+            cparams.n_seq_max = slots
+            cparams.n_batch = cparams.n_ubatch = prompt_chunk + slots
+            cparams.n_threads = cparams.n_threads_batch = self._threads
+            cparams.kv_unified = False  # one KV stream per slot: attention only over its own cells
+            cparams.no_perf = True
+            self._ctx = lib.llama_init_from_model(self._model, cparams)
+            if not self._ctx:
+                raise BackendError(f"llama.cpp could not create a context for {gguf}")
+            self.context_length = min(per_slot, int(lib.llama_n_ctx_seq(self._ctx)))
+            self._mem = lib.llama_get_memory(self._ctx)
+            self._batch = _Batch(lib, prompt_chunk + slots)
+            self._load_vocab()
+        except BaseException:
+            self._free_native()
+            raise
+
+        fim = manifest.get("fim")
+        if isinstance(fim, dict) and {"prefix", "suffix", "middle"} <= fim.keys():
+            self.fim = FimTemplate(str(fim["prefix"]), str(fim["suffix"]), str(fim["middle"]))
+        self.info = BackendInfo(
+            backend=self.name,
+            path=str(gguf),
+            arch=str(manifest.get("arch", "")),
+            quantization=str(manifest.get("quantization", "")),
+            device="cuda" if gpu_layers else "cpu",
+            extra={"threads": self._threads, "slots": slots, "manifest": manifest},
+        )
+
+        self._cond = threading.Condition()
+        self._pending: deque[TokenStream] = deque()
+        self._jobs: deque[_ScoreJob] = deque()
+        self._max_queue = max_queue
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._free = slots  # free slots, read by submit() under the lock
+        self._active: list[_Active] = []
+        self._closed = False
+        self._embed_lock = threading.Lock()
+        self._counters = dict.fromkeys(
+            (
+                "decode_steps",
+                "tokens_evaluated",
+                "prompt_tokens_evaluated",
+                "tokens_generated",
+                "cached_prompt_tokens",
+                "shared_prefills",
+                "decode_errors",
+            ),
+            0,
+        )
+        self._worker = threading.Thread(target=self._run, name="llamacpp-worker", daemon=True)
+        self._worker.start()
+        atexit.register(self.close)
+
+    # -- vocabulary ------------------------------------------------------------------
+    def _load_vocab(self) -> None:
+        lib, vocab = self._lib, self._vocab
+        buf = ctypes.create_string_buffer(256)
+        pieces: list[bytes] = []
+        for tok in range(self.vocab_size):
+            # special=True renders control tokens as their text ("<|endoftext|>").
+            n = lib.llama_token_to_piece(vocab, tok, buf, len(buf), 0, True)
+            if n < 0:
+                big = ctypes.create_string_buffer(-n)
+                n = lib.llama_token_to_piece(vocab, tok, big, len(big), 0, True)
+                pieces.append(big.raw[:n])
+            else:
+                pieces.append(buf.raw[:n])
+        self._pieces = pieces
+        eos = {int(lib.llama_vocab_eos(vocab)), int(lib.llama_vocab_eot(vocab))}
+        self.eos_token_ids = frozenset(t for t in eos if 0 <= t < self.vocab_size)
+        self._bos = int(lib.llama_vocab_bos(vocab))
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids from the GGUF's vocabulary; no BOS, special tokens parsed as text.
+
+        Thread-safe (llama.cpp's tokenizer API is), callable while the worker decodes.
+        """
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        out = (ctypes.c_int32 * cap)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), out, cap, False, False)
+        if n < 0:
+            if n == -(2**31):
+                raise InvalidRequest("text too long to tokenize", param="prompt")
+            cap = -n
+            out = (ctypes.c_int32 * cap)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), out, cap, False, False)
+        return list(out[:n])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if 0 <= token_id < self.vocab_size:
+            return self._pieces[token_id]
+        return b""
+
+    # -- submission ------------------------------------------------------------------
+    def _check_prompt(self, prompt: Sequence[int], room: int) -> None:
+        if len(prompt) + room > self.context_length:
+            raise ContextLengthExceeded(
+                f"prompt of {len(prompt)} tokens leaves no room in the "
+                f"{self.context_length}-token context",
+                param="prompt",
+            )
+        if prompt and (min(prompt) < 0 or max(prompt) >= self.vocab_size):
+            raise InvalidRequest(
+                f"prompt token ids must be in [0, {self.vocab_size})", param="prompt"
+            )
+
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        """Queue one sequence; returns its stream at once. Thread-safe, never blocks on decoding.
+
+        Raises :class:`QueueFull` when ``max_queue`` requests already wait beyond
+        the free slots, :class:`ContextLengthExceeded` when the prompt leaves no
+        room for one token, :class:`InvalidRequest` for out-of-vocabulary ids.
+        An empty prompt starts from the model's BOS token.
+        """
+        self._check_prompt(request.prompt_ids, 1 if request.params.max_tokens > 0 else 0)
+        stream = TokenStream(request)
+        self._enqueue(stream)
+        return stream
+
+    def _enqueue(self, stream: TokenStream) -> None:
+        with self._cond:
+            if self._closed:
+                raise BackendError("the model was closed")
+            if len(self._pending) >= self._max_queue + self._free:
+                raise QueueFull()
+            self._pending.append(stream)
+            self._cond.notify()
+
+    # -- worker ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closed or self._pending or self._active or self._jobs):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                self._sweep_pending_locked()
+                admitted = self._take_pending_locked()
+                job = self._jobs.popleft() if self._jobs and self._free else None
+            try:
+                for stream in admitted:
+                    self._admit(stream)
+                if job is not None:
+                    self._score(job)
+                self._drop_cancelled()
+                if self._active:
+                    self._step()
+            except Exception as ex:  # a bug here must not kill the worker
+                log.exception("llama.cpp worker iteration failed")
+                for a in list(self._active):
+                    self._fail(a, ex)
+        self._drain()
+
+    def _sweep_pending_locked(self) -> None:
+        # Queued requests whose consumer left or whose deadline passed end without a slot.
+        if any(s.cancelled for s in self._pending):
+            for stream in [s for s in self._pending if s.cancelled]:
+                stream.finish(FinishReason.CANCELLED)
+            self._pending = deque(s for s in self._pending if not s.done)
+
+    def _take_pending_locked(self) -> list[TokenStream]:
+        taken: list[TokenStream] = []
+        while self._pending and self._free > len(taken):
+            stream = self._pending.popleft()
+            if stream.cancelled:
+                stream.finish(FinishReason.CANCELLED)
+            else:
+                taken.append(stream)
+        self._free -= len(taken)
+        return taken
+
+    def _admit(self, stream: TokenStream) -> None:
+        """Bind a request to the free slot with the longest cached prefix and trim its KV."""
+        req = stream.request
+        prompt = list(req.prompt_ids) or ([self._bos] if self._bos >= 0 else [0])
+        free = [s for s in self._slots if not s.busy]
+        slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.last_used))
+        # Keep at least the last prompt token to evaluate: its logits pick the first token.
+        reuse = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        if reuse < len(slot.tokens):
+            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, reuse, -1)
+            del slot.tokens[reuse:]
+        slot.busy = True
+        stream.cached_tokens = reuse
+        self._counters["cached_prompt_tokens"] += reuse
+        sampler = SequenceSampler(req.params, self.vocab_size, self.eos_token_ids, prompt)
+        a = _Active(stream, slot, sampler, prompt, prompt[reuse:], req.params.max_tokens)
+        if a.max_tokens <= 0:
+            self._release(a, FinishReason.LENGTH)
+            return
+        for other in self._active:
+            if other.leader is None and other.todo and other.prompt == prompt:
+                a.leader = other
+                other.followers.append(a)
+                break
+        self._active.append(a)
+
+    def _drop_cancelled(self) -> None:
+        for a in list(self._active):
+            if a.stream.cancelled:
+                self._release(a, FinishReason.CANCELLED)
+
+    def _step(self) -> None:
+        """One ``llama_decode`` over every generating sequence plus one prompt chunk."""
+        entries: list[tuple[_Active, list[int]]] = []
+        for a in self._active:
+            if a.next_token >= 0:
+                entries.append((a, [a.next_token]))
+        budget = self._chunk
+        for a in self._active:
+            if budget and a.todo and a.leader is None:
+                chunk = a.todo[:budget]
+                budget -= len(chunk)
+                entries.append((a, chunk))
+        if not entries:
+            return
+        rc = self._decode(entries)
+        if rc == 0:
+            self._after_decode(entries)
+            return
+        self._counters["decode_errors"] += 1
+        log.warning("llama_decode failed with status %d over %d sequences", rc, len(entries))
+        # Isolate the culprit: retry each sequence on its own, failing only those that fail again.
+        for entry in entries:
+            rc1 = self._decode([entry]) if len(entries) > 1 else rc
+            if rc1 == 0:
+                self._after_decode([entry])
+            else:
+                self._fail(entry[0], BackendError(f"llama_decode failed with status {rc1}"))
+
+    def _decode(self, entries: list[tuple[_Active, list[int]]]) -> int:
+        batch = self._batch
+        batch.clear()
+        for a, toks in entries:
+            # Logits are needed for a generated token, or for the last prompt token.
+            wants = a.next_token >= 0 or len(toks) == len(a.todo)
+            batch.add(toks, len(a.slot.tokens), a.slot.seq_id, wants)
+        rc = int(self._lib.llama_decode(self._ctx, batch.ready()))
+        self._counters["decode_steps"] += 1
+        if rc != 0:
+            # A failed decode may leave some ubatches in memory: roll every sequence back.
+            for a, _ in entries:
+                self._lib.llama_memory_seq_rm(self._mem, a.slot.seq_id, len(a.slot.tokens), -1)
+        else:
+            self._counters["tokens_evaluated"] += batch.n
+        return rc
+
+    def _after_decode(self, entries: list[tuple[_Active, list[int]]]) -> None:
+        lib, ctx, n_vocab = self._lib, self._ctx, self.vocab_size
+        row = -1
+        for a, toks in entries:
+            row += len(toks)  # batch index of this entry's last token
+            a.slot.tokens.extend(toks)
+            if a.next_token < 0:
+                self._counters["prompt_tokens_evaluated"] += len(toks)
+                del a.todo[: len(toks)]
+                if a.todo:
+                    continue
+            # (n_vocab,) float32 view into llama.cpp's output buffer; valid until the next decode.
+            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
+            if a.followers:
+                self._share_prefill(a, logits)
+            self._emit(a, logits)
+
+    def _share_prefill(self, leader: _Active, logits: np.ndarray) -> None:
+        """Give requests waiting on the same prompt a copy of the leader's KV and logits."""
+        for f in leader.followers:
+            if f not in self._active:
+                continue
+            self._lib.llama_memory_seq_rm(self._mem, f.slot.seq_id, -1, -1)
+            self._lib.llama_memory_seq_cp(self._mem, leader.slot.seq_id, f.slot.seq_id, -1, -1)
+            f.slot.tokens = list(leader.slot.tokens)
+            f.stream.cached_tokens = len(f.prompt)
+            f.todo, f.leader = [], None
+            self._counters["shared_prefills"] += 1
+            self._emit(f, logits)
+        leader.followers = []
+
+    def _emit(self, a: _Active, logits: np.ndarray) -> None:
+        step = a.sampler.sample(logits)
+        if step.token_id in self.eos_token_ids:
+            self._release(a, FinishReason.STOP)
+            return
+        a.stream.put(step)
+        a.generated += 1
+        self._counters["tokens_generated"] += 1
+        # The sampled token is fed at position len(tokens); it must stay inside the slot.
+        if a.generated >= a.max_tokens or len(a.slot.tokens) >= self.context_length:
+            self._release(a, FinishReason.LENGTH)
+        else:
+            a.next_token = step.token_id
+
+    def _release(self, a: _Active, reason: FinishReason) -> None:
+        a.stream.finish(reason)
+        self._free_slot(a)
+
+    def _fail(self, a: _Active, error: BaseException) -> None:
+        a.stream.fail(error)
+        # The KV state of a failed sequence is unknown: forget it.
+        self._lib.llama_memory_seq_rm(self._mem, a.slot.seq_id, -1, -1)
+        a.slot.tokens = []
+        self._free_slot(a)
+
+    def _free_slot(self, a: _Active) -> None:
+        if a in self._active:
+            self._active.remove(a)
+        if a.leader is not None:
+            a.leader.followers.remove(a)
+        if a.followers:  # promote: the first follower prefills for itself and the rest
+            head, rest = a.followers[0], a.followers[1:]
+            head.leader, head.followers = None, rest
+            for f in rest:
+                f.leader = head
+            a.followers = []
+        a.slot.busy = False
+        a.slot.last_used = time.monotonic()
+        with self._cond:
+            self._free += 1
+
+    def _drain(self) -> None:
+        error = BackendError("the model was closed")
+        for a in self._active:
+            a.stream.fail(error)
+        self._active.clear()
+        with self._cond:
+            for stream in self._pending:
+                stream.fail(error)
+            self._pending.clear()
+            for job in self._jobs:
+                job.future.set_exception(error)
+            self._jobs.clear()
+
+    # -- prompt scoring ----------------------------------------------------------------
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> list[Step | None]:
+        """Log-probability of each prompt token given the ones before it (``echo``).
+
+        Runs on the worker between decode steps, in a free slot (blocks the
+        caller until one frees and the prompt is evaluated with logits at every
+        position; other streams pause meanwhile). The slot keeps the prompt's KV,
+        so a generation request with the same prompt that follows reuses it.
+        Values are ``log_softmax`` of the raw logits (temperature 1).
+        """
+        prompt = list(prompt_ids)
+        self._check_prompt(prompt, 0)
+        if not prompt:
+            return []
+        job = _ScoreJob(prompt, top)
+        with self._cond:
+            if self._closed:
+                raise BackendError("the model was closed")
+            self._jobs.append(job)
+            self._cond.notify()
+        return job.future.result()
+
+    def _score(self, job: _ScoreJob) -> None:
+        slot = min((s for s in self._slots if not s.busy), key=lambda s: s.last_used)
+        self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+        slot.tokens = []
+        prompt, batch, n_vocab = job.prompt, self._batch, self.vocab_size
+        out: list[Step | None] = [None]
+        try:
+            for start in range(0, len(prompt), self._chunk):
+                chunk = prompt[start : start + self._chunk]
+                batch.clear()
+                batch.add(chunk, start, slot.seq_id, False)
+                # Logits at position i score token i+1; the very last one is not needed.
+                batch.logits[: batch.n] = 1
+                if start + len(chunk) == len(prompt):
+                    batch.logits[batch.n - 1] = 0
+                rc = int(self._lib.llama_decode(self._ctx, batch.ready()))
+                self._counters["decode_steps"] += 1
+                if rc != 0:
+                    raise BackendError(f"llama_decode failed with status {rc} while scoring")
+                self._counters["tokens_evaluated"] += batch.n
+                for j in range(len(chunk)):
+                    if start + j + 1 >= len(prompt):
+                        break
+                    row = np.ctypeslib.as_array(
+                        self._lib.llama_get_logits_ith(self._ctx, j), shape=(n_vocab,)
+                    )
+                    lp = log_softmax(row)
+                    tok = prompt[start + j + 1]
+                    out.append(Step(tok, float(lp[tok]), top_entries(lp, job.top)))
+            slot.tokens = list(prompt)
+            slot.last_used = time.monotonic()
+            job.future.set_result(out)
+        except Exception as ex:
+            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            slot.tokens = []
+            job.future.set_exception(ex)
+
+    # -- embeddings --------------------------------------------------------------------
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Mean-pooled final hidden states (after the last norm); raw, not normalized.
+
+        Uses a second context (``embeddings=True``, mean pooling) created on the
+        first call; calls are serialized and run in the caller's thread,
+        concurrently with generation (they compete for the same CPU threads).
+        """
+        lib = self._lib
+        with self._embed_lock:
+            if self._closed:
+                raise BackendError("the model was closed")
+            if self._embed_ctx is None:
+                p = lib.llama_context_default_params()
+                p.n_ctx = p.n_batch = p.n_ubatch = self.context_length
+                p.n_seq_max = 1
+                p.n_threads = p.n_threads_batch = self._threads
+                p.embeddings = True
+                p.pooling_type = lib.LLAMA_POOLING_TYPE_MEAN
+                p.no_perf = True
+                self._embed_ctx = lib.llama_init_from_model(self._model, p)
+                if not self._embed_ctx:
+                    raise BackendError("llama.cpp could not create the embedding context")
+                self._embed_batch = _Batch(lib, self.context_length)
+            ctx, batch = self._embed_ctx, self._embed_batch
+            n_embd = int(lib.llama_model_n_embd(self._model))
+            vectors = []
+            for text in texts:
+                ids = self.tokenize(text) or [self._bos]
+                if len(ids) > self.context_length:
+                    raise ContextLengthExceeded(
+                        f"input of {len(ids)} tokens exceeds the "
+                        f"{self.context_length}-token context",
+                        param="input",
+                    )
+                lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+                batch.clear()
+                batch.add(ids, 0, 0, False)
+                batch.logits[: batch.n] = 1  # pooling reads every token's hidden state
+                rc = int(lib.llama_decode(ctx, batch.ready()))
+                ptr = lib.llama_get_embeddings_seq(ctx, 0) if rc == 0 else None
+                if not ptr:
+                    raise BackendError(f"llama.cpp embedding failed (status {rc})")
+                vectors.append(np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(float).tolist())
+            return vectors
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        """Queue depth, busy slots and cumulative counters (decode steps, tokens evaluated ...)."""
+        with self._cond:
+            out: dict[str, float] = {
+                "queue_depth": len(self._pending),
+                "busy_slots": self._slots_n - self._free,
+            }
+        out["slots"] = self._slots_n
+        out.update(self._counters)
+        return out
+
+    def close(self) -> None:
+        """Stop the worker and free native memory; unfinished streams fail with BackendError.
+
+        Idempotent; also runs at interpreter exit. Blocks until the current decode step ends.
+        """
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._worker:
+            self._worker.join()
+        with self._embed_lock:
+            self._free_native()
+        atexit.unregister(self.close)
+
+    def _free_native(self) -> None:
+        lib = self._lib
+        if self._embed_ctx is not None:
+            lib.llama_free(self._embed_ctx)
+            self._embed_ctx = None
+        if self._ctx is not None:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            lib.llama_model_free(self._model)
+            self._model = None
