@@ -76,6 +76,18 @@ class ModelLoading(FastpilotError):
     code = "model_loading"
 
 
+class Timeout(FastpilotError):
+    """The request's deadline (its ``timeout`` or the server default) passed (504).
+
+    Raised by ``Model.complete`` and while iterating a stream; a stream has
+    already delivered the text generated before the deadline.
+    """
+
+    status = 504
+    type = "timeout_error"
+    code = "timeout"
+
+
 class BackendError(FastpilotError):
     """The native library failed while generating (500; the server keeps serving)."""
 

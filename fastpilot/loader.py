@@ -1,0 +1,198 @@
+"""Open a converted model directory (or an engine name) as a :class:`Model`.
+
+Layout written by ``fastpilot convert``::
+
+    models/<engine>/<format>-<quantization>/   e.g. models/codegen-350M-mono/gguf-q4_k_m/
+        fastpilot.json, tokenizer.json, model.bin (CTranslate2) | model.gguf (GGUF)
+
+The format on disk picks the backend: ``model.bin`` -> CTranslate2,
+``model.gguf`` (or a bare ``.gguf`` file) -> llama.cpp. Given an engine
+directory that holds several outputs, the first present in the preference
+order for the device is served:
+
+- CPU:  gguf-q4_k_m, gguf-q8_0, ct2-int8, ct2-int8_float32, gguf-f16,
+  ct2-float32, gguf-f32, ct2-int8_float16, ct2-float16 -- smallest memory
+  traffic first (decoding on CPU is bandwidth bound), float16 last because
+  CPUs emulate it.
+- CUDA: ct2-int8_float16, ct2-float16, ct2-int8, ct2-float32, gguf-q8_0,
+  gguf-q4_k_m, gguf-f16, gguf-f32 -- CTranslate2's fused CUDA kernels first.
+
+Backend modules are imported only here, when a model is actually loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from fastpilot.engine.model import Model
+from fastpilot.engine.params import Limits
+from fastpilot.errors import InvalidRequest, UnknownModel
+
+BACKENDS = {"ctranslate2": "ct2", "llamacpp": "gguf"}
+_ALIASES = {
+    "ct2": "ctranslate2",
+    "llama.cpp": "llamacpp",
+    "llama_cpp": "llamacpp",
+    "gguf": "llamacpp",
+}
+
+PREFERENCE = {
+    "cpu": (
+        "gguf-q4_k_m",
+        "gguf-q8_0",
+        "ct2-int8",
+        "ct2-int8_float32",
+        "gguf-f16",
+        "ct2-float32",
+        "gguf-f32",
+        "ct2-int8_float16",
+        "ct2-float16",
+    ),
+    "cuda": (
+        "ct2-int8_float16",
+        "ct2-float16",
+        "ct2-int8",
+        "ct2-float32",
+        "gguf-q8_0",
+        "gguf-q4_k_m",
+        "gguf-f16",
+        "gguf-f32",
+    ),
+}
+
+
+def detect_format(path: Path) -> str | None:
+    """``"ct2"``, ``"gguf"`` or None for a model directory or file."""
+    if path.is_file():
+        return "gguf" if path.suffix.lower() == ".gguf" else None
+    if (path / "model.bin").is_file():
+        return "ct2"
+    if (path / "model.gguf").is_file():
+        return "gguf"
+    return None
+
+
+def candidates(engine_dir: Path) -> list[Path]:
+    """Converted outputs directly inside an engine directory, sorted by name."""
+    if not engine_dir.is_dir():
+        return []
+    return sorted(p for p in engine_dir.iterdir() if p.is_dir() and detect_format(p) is not None)
+
+
+def pick(engine_dir: Path, device: str = "cpu", backend: str | None = None) -> Path | None:
+    """The output of ``engine_dir`` to serve on ``device`` (see the module docstring)."""
+    found = {p.name: p for p in candidates(engine_dir)}
+    want = BACKENDS.get(backend) if backend else None
+    order = PREFERENCE["cuda" if device.startswith("cuda") else "cpu"]
+    ranked = [found[n] for n in order if n in found]
+    ranked += [p for n, p in sorted(found.items()) if n not in order]
+    if want:
+        ranked = [p for p in ranked if detect_format(p) == want]
+    return ranked[0] if ranked else None
+
+
+def available(models_dir: str | os.PathLike[str]) -> list[str]:
+    """Engine names under ``models_dir`` that hold at least one converted output."""
+    root = Path(models_dir)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and (candidates(p) or detect_format(p))
+    )
+
+
+def resolve(
+    path_or_engine: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    backend: str | None = None,
+    models_dir: str | os.PathLike[str] = "models",
+) -> tuple[Path, str, str]:
+    """Find what to load: ``(path, format, engine name)``. Raises UnknownModel listing what exists."""
+    given = Path(path_or_engine)
+    roots = [given]
+    if not given.is_absolute() and len(given.parts) == 1:
+        roots.append(Path(models_dir) / given)
+    for root in roots:
+        if not root.exists():
+            continue
+        fmt = detect_format(root)
+        if fmt is not None:
+            # models/<engine>/<format>-<quant>/ is served as <engine>.
+            if root.is_dir() and root.name.split("-", 1)[0] in ("ct2", "gguf") and root.parent.name:
+                name = root.parent.name
+            else:
+                name = root.stem if root.is_file() else root.name
+            return root, fmt, name
+        chosen = pick(root, device, backend)
+        if chosen is not None:
+            return chosen, detect_format(chosen) or "", root.name
+        if backend and candidates(root):
+            have = ", ".join(p.name for p in candidates(root))
+            raise UnknownModel(
+                f"{root} has no output for the {backend} backend (it has: {have})", param="model"
+            )
+    names = available(models_dir)
+    listing = ", ".join(names) if names else f"none under {Path(models_dir).resolve()}"
+    raise UnknownModel(
+        f"no converted model at {str(path_or_engine)!r}; available engines: {listing}. "
+        "Convert one with `fastpilot convert`.",
+        param="model",
+    )
+
+
+def load(
+    path_or_engine: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    backend: str | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    models_dir: str | os.PathLike[str] = "models",
+    default_timeout: float | None = None,
+    limits: Limits | None = None,
+    **backend_options: Any,
+) -> Model:
+    """Load a converted model and return it ready to serve.
+
+    Args:
+        path_or_engine: a converted output directory (``model.bin`` or
+            ``model.gguf`` inside), a ``.gguf`` file, an engine directory, or an
+            engine name looked up under ``models_dir``.
+        name: the served name; defaults to the engine name.
+        backend: ``"ctranslate2"`` or ``"llamacpp"`` to force one; the format
+            on disk must fit it.
+        device: ``"cpu"`` or ``"cuda"`` (``"cuda:1"``); also steers the choice
+            among several outputs.
+        threads: CPU threads for the backend's compute (None: the backend's default).
+        backend_options: passed to the backend class unchanged.
+
+    Blocks while the weights are read (seconds for large models) and starts
+    the backend's worker thread. Raises UnknownModel (listing what exists)
+    or InvalidRequest for a backend that does not fit the format.
+    """
+    if backend is not None:
+        backend = _ALIASES.get(backend, backend)
+        if backend not in BACKENDS:
+            raise InvalidRequest(
+                f"unknown backend {backend!r}; choose one of {', '.join(sorted(BACKENDS))}",
+                param="backend",
+            )
+    path, fmt, engine = resolve(
+        path_or_engine, device=device, backend=backend, models_dir=models_dir
+    )
+    if backend is not None and BACKENDS[backend] != fmt:
+        raise InvalidRequest(
+            f"{path} is a {fmt} model; the {backend} backend cannot load it", param="backend"
+        )
+    if fmt == "ct2":
+        from fastpilot.backends.ctranslate2 import CTranslate2Backend
+
+        impl = CTranslate2Backend(str(path), threads=threads, device=device, **backend_options)
+    else:
+        from fastpilot.backends.llamacpp import LlamaCppBackend
+
+        impl = LlamaCppBackend(str(path), threads=threads, device=device, **backend_options)
+    return Model(name or engine, impl, default_timeout=default_timeout, limits=limits)

@@ -1,0 +1,223 @@
+"""A deterministic toy backend implementing the real :class:`Backend` contract.
+
+For fast engine and API tests that need no converted model. The "model" is a
+bigram table: the logits for the next token are ``TABLE[last_token]`` (fixed
+numpy random numbers) plus a boost of ``SCRIPT_BOOST`` on the token at the
+current position of a script, so greedy decoding writes ``script`` exactly
+(then the end-of-text token), while sampling at temperature 1 still varies.
+
+The vocabulary is byte-level like GPT-2: ids 0..255 are single bytes, then a
+few multi-byte words (including the two halves of the UTF-8 for "中", so
+detokenization is exercised), then ``<|endoftext|>`` last. The tokenizer is
+greedy longest match.
+
+The worker thread interleaves every active sequence one step at a time, honours
+cancellation and deadlines before each step, and uses the shared
+:class:`SequenceSampler`, so logprobs, penalties and seeds behave as on the
+real backends. ``step_delay`` (seconds per decode round) makes timing tests
+possible; ``max_queue`` makes submit raise QueueFull.
+
+Typical use::
+
+    backend = FakeBackend(script=" world!\\n")
+    model = Model("fake", backend)
+    model.complete(prompt="hello", max_tokens=8, temperature=0)  # text " world!\\n"
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from fastpilot.backends.base import (
+    Backend,
+    BackendInfo,
+    FimTemplate,
+    FinishReason,
+    GenerationRequest,
+    Step,
+    TokenStream,
+)
+from fastpilot.engine.sampling import SequenceSampler, log_softmax, top_entries
+from fastpilot.errors import QueueFull
+
+WORDS = (
+    "hello",
+    " world",
+    "def",
+    " fib",
+    "(n",
+    "):",
+    "\n",
+    "    ",
+    "return",
+    " ",
+    "\n\n",
+    "User",
+    ":",
+)
+SCRIPT_BOOST = 8.0
+
+
+def _vocab() -> list[bytes]:
+    words = [w.encode() for w in WORDS]
+    zhong = "中".encode()  # 3 bytes
+    words += [zhong[:2], zhong[2:] + b"!"]  # split across two tokens, on purpose
+    return [bytes([b]) for b in range(256)] + words + [b"<|endoftext|>"]
+
+
+class FakeBackend(Backend):
+    """Toy bigram model behind the real contract; thread-safe like a real backend."""
+
+    name = "fake"
+
+    def __init__(
+        self,
+        script: str = " world\n\ndef fib(n):\n    return n\n",
+        *,
+        context_length: int = 128,
+        fim: FimTemplate | None = None,
+        step_delay: float = 0.0,
+        max_queue: int = 64,
+        emit_eos_step: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.vocab = _vocab()
+        self.vocab_size = len(self.vocab)
+        self.eos = self.vocab_size - 1
+        self.eos_token_ids = frozenset({self.eos})
+        self.context_length = context_length
+        self.fim = fim
+        self.step_delay = step_delay
+        self.max_queue = max_queue
+        self.emit_eos_step = emit_eos_step
+        self.info = BackendInfo(backend="fake", path="<memory>", arch="bigram", quantization="f32")
+        rng = np.random.default_rng(seed)
+        # (vocab, vocab): logits of the next token given the last one.
+        self.table = rng.normal(0.0, 1.0, (self.vocab_size, self.vocab_size)).astype(np.float32)
+        self.script_ids = self.tokenize(script) + [self.eos]
+        self._by_bytes = {tok: i for i, tok in enumerate(self.vocab)}
+        self._inbox: queue.SimpleQueue[TokenStream | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self.submitted: list[GenerationRequest] = []  # for tests that inspect what was sent
+        self.decode_steps = 0
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="fake-backend", daemon=True)
+        self._worker.start()
+
+    # -- tokenizer ----------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode()
+        ids: list[int] = []
+        i = 0
+        while i < len(data):
+            best = data[i]  # single byte id
+            best_len = 1
+            for tid in range(256, self.vocab_size - 1):
+                tok = self.vocab[tid]
+                if len(tok) > best_len and data.startswith(tok, i):
+                    best, best_len = tid, len(tok)
+            ids.append(best)
+            i += best_len
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.vocab[token_id]
+
+    # -- the "model" --------------------------------------------------------------------
+    def logits(self, context: Sequence[int], position: int) -> np.ndarray:
+        """(vocab,) float32 logits after ``context``; ``position`` counts generated tokens."""
+        x = self.table[context[-1] if context else self.eos].copy()
+        x[self.script_ids[position % len(self.script_ids)]] += SCRIPT_BOOST
+        return x
+
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> list[Step | None]:
+        out: list[Step | None] = [None]
+        for j in range(1, len(prompt_ids)):
+            lp = log_softmax(self.table[prompt_ids[j - 1]])
+            out.append(Step(int(prompt_ids[j]), float(lp[prompt_ids[j]]), top_entries(lp, top)))
+        return out
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        out = []
+        for text in texts:
+            ids = self.tokenize(text) or [self.eos]
+            out.append(self.table[ids, :16].mean(axis=0).tolist())
+        return out
+
+    # -- scheduling ---------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        with self._lock:
+            if self._pending >= self.max_queue:
+                raise QueueFull()
+            self._pending += 1
+            self.submitted.append(request)
+        stream = TokenStream(request)
+        self._inbox.put(stream)
+        return stream
+
+    def _run(self) -> None:
+        active: list[tuple[TokenStream, SequenceSampler, list[int]]] = []
+        while True:
+            # Block only when idle; otherwise pick up new requests between rounds.
+            try:
+                while True:
+                    item = self._inbox.get(block=not active)
+                    if item is None:
+                        for stream, _, _ in active:
+                            stream.finish(FinishReason.CANCELLED)
+                        return
+                    params = item.request.params
+                    sampler = SequenceSampler(
+                        params, self.vocab_size, self.eos_token_ids, item.request.prompt_ids
+                    )
+                    active.append((item, sampler, list(item.request.prompt_ids)))
+            except queue.Empty:
+                pass
+            if self.step_delay:
+                time.sleep(self.step_delay)
+            still = []
+            for stream, sampler, ctx in active:
+                if not self._step(stream, sampler, ctx):
+                    still.append((stream, sampler, ctx))
+                else:
+                    with self._lock:
+                        self._pending -= 1
+            active = still
+
+    def _step(self, stream: TokenStream, sampler: SequenceSampler, ctx: list[int]) -> bool:
+        """Advance one sequence by one token; True when it finished."""
+        if stream.cancelled:
+            stream.finish(FinishReason.CANCELLED)
+            return True
+        params = stream.request.params
+        if sampler.generated >= params.max_tokens or len(ctx) >= self.context_length:
+            stream.finish(FinishReason.LENGTH)
+            return True
+        self.decode_steps += 1
+        step = sampler.sample(self.logits(ctx, sampler.generated))
+        ctx.append(step.token_id)
+        if step.token_id in self.eos_token_ids and not params.ignore_eos:
+            if self.emit_eos_step:
+                stream.put(step)
+            stream.finish(FinishReason.STOP)
+            return True
+        stream.put(step)
+        if sampler.generated >= params.max_tokens or len(ctx) >= self.context_length:
+            stream.finish(FinishReason.LENGTH)
+            return True
+        return False
+
+    def stats(self) -> dict[str, float]:
+        return {"queue_depth": float(self._pending), "decode_steps": float(self.decode_steps)}
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._inbox.put(None)
+            self._worker.join(timeout=5)
