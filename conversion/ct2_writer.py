@@ -1,0 +1,112 @@
+"""Write a canonical :class:`DecoderModel` as a CTranslate2 model directory.
+
+The model is described with ctranslate2's spec API from numpy arrays (no torch):
+``TransformerDecoderModelSpec.from_config`` -> fill weights -> ``validate`` ->
+``optimize(quantization)`` -> ``save``. ``optimize`` quantizes in memory, so writing
+needs roughly the model's float32 size in RAM on top of the loaded checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fastpilot.errors import ConversionError
+
+from .model import Activation, DecoderModel, Linear, Norm
+from .progress import steps
+from .tokenizer import TokenizerData
+
+__all__ = ["CT2_QUANTIZATIONS", "write_ct2"]
+
+CT2_QUANTIZATIONS = ("float32", "float16", "int8", "int8_float16")
+
+
+def _set_linear(spec: object, linear: Linear) -> None:
+    spec.weight = np.ascontiguousarray(linear.weight)  # (out, in), as CT2 expects
+    if linear.bias is not None:
+        spec.bias = np.ascontiguousarray(linear.bias)
+
+
+def _set_norm(spec: object, norm: Norm) -> None:
+    spec.gamma = norm.gamma
+    spec.beta = norm.beta
+
+
+def build_spec(model: DecoderModel, tokenizer: TokenizerData) -> object:
+    """Build and validate (but not quantize) the ctranslate2 spec for ``model``."""
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    hp = model.hyper
+    activation = {Activation.GELU_TANH: common_spec.Activation.GELUTanh}[hp.activation]
+    parallel = model.layers[0].ffn_norm is None
+    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
+        hp.n_layer,
+        hp.n_head,
+        pre_norm=True,
+        activation=activation,
+        rotary_dim=hp.rotary_dim,
+        # the canonical layout already has q/k rotary rows in halves order
+        rotary_interleave=False,
+        rotary_base=hp.rope_base,
+        parallel_residual=parallel,
+        shared_layer_norm=parallel,
+    )
+    dec = spec.decoder
+    dec.scale_embeddings = False
+    dec.embeddings.weight = model.token_embd  # (vocab, n_embd)
+    if model.pos_embd is not None:
+        dec.position_encodings.encodings = model.pos_embd  # (n_ctx, n_embd)
+    _set_norm(dec.layer_norm, model.final_norm)
+    _set_linear(dec.projection, model.lm_head)
+    for layer_spec, layer in zip(dec.layer, model.layers, strict=True):
+        if parallel:
+            _set_norm(layer_spec.shared_layer_norm, layer.attn_norm)
+        else:
+            _set_norm(layer_spec.self_attention.layer_norm, layer.attn_norm)
+            _set_norm(layer_spec.ffn.layer_norm, layer.ffn_norm)  # type: ignore[arg-type]
+        _set_linear(layer_spec.self_attention.linear[0], layer.qkv)  # (3E, E) [q|k|v]
+        _set_linear(layer_spec.self_attention.linear[1], layer.attn_out)
+        _set_linear(layer_spec.ffn.linear_0, layer.ffn_up)
+        _set_linear(layer_spec.ffn.linear_1, layer.ffn_down)
+
+    spec.config.layer_norm_epsilon = hp.layer_norm_eps
+    spec.config.bos_token = tokenizer.bos_token
+    spec.config.eos_token = tokenizer.eos_token
+    # GPT-2 style BPE never emits an unknown token; CT2 still wants one in the vocab.
+    spec.config.unk_token = tokenizer.eos_token
+    tokens, _ = tokenizer.padded(hp.vocab_size)
+    spec.register_vocabulary(tokens)
+    try:
+        spec.validate()
+    except (ValueError, TypeError) as ex:
+        raise ConversionError(f"ctranslate2 rejected the model: {ex}") from ex
+    return spec
+
+
+def write_ct2(
+    model: DecoderModel, tokenizer: TokenizerData, out_dir: Path, quantization: str
+) -> list[str]:
+    """Write a CTranslate2 model (model.bin, config.json, vocabulary.json) to ``out_dir``.
+
+    Args:
+        quantization: one of :data:`CT2_QUANTIZATIONS`; weights are stored that way
+            and ctranslate2 may convert again at load time (``compute_type``).
+
+    Returns:
+        The weight file names written (for the manifest's sha256 list).
+    """
+    if quantization not in CT2_QUANTIZATIONS:
+        raise ConversionError(
+            f"unknown CTranslate2 quantization {quantization!r}; "
+            f"choose from {', '.join(CT2_QUANTIZATIONS)}"
+        )
+    with steps(f"ctranslate2 {quantization}", 3) as progress:
+        spec = build_spec(model, tokenizer)
+        progress.update()
+        spec.optimize(quantization=quantization)
+        progress.update()
+        spec.save(str(out_dir))
+        progress.update()
+    return ["model.bin"]
