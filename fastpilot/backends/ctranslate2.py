@@ -39,7 +39,6 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
-import json
 import os
 import threading
 import time
@@ -61,6 +60,13 @@ from fastpilot.backends.base import (
     Step,
     TokenStream,
 )
+from fastpilot.backends.ct2_support import (
+    PrefixPlanner,
+    load_tokenizer,
+    read_json,
+    read_vocabulary,
+    spelling_to_bytes,
+)
 from fastpilot.engine.sampling import BAN, SequenceSampler, log_softmax, top_entries
 from fastpilot.errors import BackendError, InvalidRequest, ModelFileError, NotSupported, QueueFull
 
@@ -69,39 +75,6 @@ from fastpilot.errors import BackendError, InvalidRequest, ModelFileError, NotSu
 # rest one token per decode step (include_prompt_in_result=False), so each token
 # of difference costs one batch-wide decode step, cheaper than a separate call.
 LENGTH_TOLERANCE = 16
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE token spelling).
-
-    Printable Latin-1 bytes map to themselves; the other 68 bytes map, in byte
-    order, to code points 256, 257, ... (the scheme of GPT-2's ``encoder.py``).
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table: dict[int, str] = {}
-    extra = 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-_BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
-
-
-def _spelling_to_bytes(token: str) -> bytes:
-    """Raw bytes of a byte-level BPE token string; non-mapped chars pass as UTF-8."""
-    out = bytearray()
-    for ch in token:
-        b = _BYTE_DECODER.get(ch)
-        if b is None:
-            out += ch.encode("utf-8")
-        else:
-            out.append(b)
-    return bytes(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,52 +95,6 @@ class _Job:
     static: tuple[int, ...]
     key: _Key | None  # None: the stepwise path
     emitted: int = 0
-
-
-class _PrefixPlanner:
-    """Chooses static prompts and accounts for what CT2 keeps cached.
-
-    Not thread-safe: only the worker thread uses it.
-    """
-
-    def __init__(self, chunk: int, budget_tokens: int, recent: int = 16) -> None:
-        self.chunk = chunk
-        self.budget = budget_tokens
-        self.cached: set[tuple[int, ...]] = set()
-        self.used = 0
-        self.recent: collections.deque[tuple[int, ...]] = collections.deque(maxlen=recent)
-        self.hits = 0
-
-    def plan(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], bool]:
-        """Return ``(static_prefix, hit)`` for a prompt (empty prefix: no static prompt)."""
-        if self.chunk <= 0 or len(prompt) <= self.chunk:
-            return (), False
-        p = tuple(prompt)
-        best_cached: tuple[int, ...] = ()
-        for entry in self.cached:
-            if len(best_cached) < len(entry) < len(p) and p[: len(entry)] == entry:
-                best_cached = entry
-        best_seen = 0
-        for old in self.recent:
-            n = min(len(old), len(p) - 1)
-            lcp = n if old[:n] == p[:n] else int(np.argmin(np.equal(old[:n], p[:n])))
-            best_seen = max(best_seen, lcp // self.chunk * self.chunk)
-        self.recent.append(p)
-        if best_seen > len(best_cached) and self.used + best_seen <= self.budget:
-            return p[:best_seen], False  # computed now, kept by CT2 for the next hit
-        if best_cached:
-            self.hits += 1
-            return best_cached, True
-        return (), False
-
-    def keep(self, prefix: tuple[int, ...]) -> None:
-        if prefix and prefix not in self.cached:
-            self.cached.add(prefix)
-            self.used += len(prefix)
-
-    def clear(self) -> None:
-        self.cached.clear()
-        self.used = 0
 
 
 class CTranslate2Backend(Backend):
@@ -210,14 +137,16 @@ class CTranslate2Backend(Backend):
         self.path = Path(path)
         if not (self.path / "model.bin").is_file():
             raise ModelFileError(f"{self.path} is not a CTranslate2 model directory (no model.bin)")
-        manifest = _read_json(self.path / "fastpilot.json")
-        config = _read_json(self.path / "config.json")
-        self._vocab = _read_vocabulary(self.path)
+        manifest = read_json(self.path / "fastpilot.json")
+        config = read_json(self.path / "config.json")
+        self._vocab = read_vocabulary(self.path)
         self._vocab_index = {tok: i for i, tok in enumerate(self._vocab)}
-        self._tokenizer = _load_tokenizer(self.path / "tokenizer.json")
+        self._tokenizer = load_tokenizer(
+            self.path / str(manifest.get("tokenizer", "tokenizer.json"))
+        )
         self._check_vocabulary()
         self.vocab_size = len(self._vocab)
-        self._token_bytes = [_spelling_to_bytes(t) for t in self._vocab]
+        self._token_bytes = [spelling_to_bytes(t) for t in self._vocab]
         n_ctx = manifest.get("context_length") or manifest.get("n_positions")
         self.context_length = int(n_ctx or 2048)
         eos = manifest.get("eos_token_ids")
@@ -225,8 +154,10 @@ class CTranslate2Backend(Backend):
             eos_tok = config.get("eos_token", "<|endoftext|>")
             eos = [self._vocab_index[eos_tok]] if eos_tok in self._vocab_index else []
         self.eos_token_ids = frozenset(int(i) for i in eos)
-        bos_tok = config.get("bos_token")
-        self._bos = self._vocab_index.get(bos_tok, min(self.eos_token_ids, default=0))
+        bos = manifest.get("bos_token_id")
+        if bos is None:
+            bos = self._vocab_index.get(str(config.get("bos_token", "")))
+        self._bos = int(bos) if bos is not None else min(self.eos_token_ids, default=0)
         fim = manifest.get("fim")
         if isinstance(fim, dict) and {"prefix", "suffix", "middle"} <= fim.keys():
             self.fim = FimTemplate(fim["prefix"], fim["suffix"], fim["middle"])
@@ -250,13 +181,13 @@ class CTranslate2Backend(Backend):
             arch=str(manifest.get("arch", "")),
             quantization=quant,
             device=device,
-            extra={"compute_type": self._generator.compute_type, **self._gen_args},
+            extra={**self._gen_args, "compute_type": self._generator.compute_type},
         )
 
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
         self._clock = clock
-        self._planner = _PrefixPlanner(prefix_chunk, prefix_cache_tokens)
+        self._planner = PrefixPlanner(prefix_chunk, prefix_cache_tokens)
         self._pending: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -613,37 +544,3 @@ def _close_at_exit(ref: weakref.ref[CTranslate2Backend]) -> None:
     backend = ref()
     if backend is not None:
         backend.close()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as ex:
-        raise ModelFileError(f"cannot read {path}: {ex}") from ex
-    return data if isinstance(data, dict) else {}
-
-
-def _read_vocabulary(path: Path) -> list[str]:
-    if (path / "vocabulary.json").is_file():
-        vocab = json.loads((path / "vocabulary.json").read_text(encoding="utf-8"))
-    elif (path / "vocabulary.txt").is_file():
-        text = (path / "vocabulary.txt").read_text(encoding="utf-8")
-        vocab = text.split("\n")
-        if vocab and vocab[-1] == "":
-            vocab.pop()
-    else:
-        raise ModelFileError(f"{path} has no vocabulary.json or vocabulary.txt")
-    return [str(t) for t in vocab]
-
-
-def _load_tokenizer(path: Path) -> Any:
-    from tokenizers import Tokenizer
-
-    if not path.is_file():
-        raise ModelFileError(f"{path} is missing: a CT2 directory needs the model's tokenizer.json")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as ex:  # tokenizers raises a bare Exception on a bad file
-        raise ModelFileError(f"cannot load {path}: {ex}") from ex

@@ -1,0 +1,130 @@
+"""Files and bookkeeping for the CTranslate2 backend: token spelling, model files, prefix plans.
+
+Kept apart from ``ctranslate2.py`` so the backend module holds only the
+scheduling and decoding; nothing here imports ctranslate2.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastpilot.errors import ModelFileError
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE token spelling).
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map, in byte
+    order, to code points 256, 257, ... (the scheme of GPT-2's ``encoder.py``).
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table: dict[int, str] = {}
+    extra = 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
+
+
+def spelling_to_bytes(token: str) -> bytes:
+    """Raw bytes of a byte-level BPE token string; non-mapped chars pass as UTF-8."""
+    out = bytearray()
+    for ch in token:
+        b = _BYTE_DECODER.get(ch)
+        if b is None:
+            out += ch.encode("utf-8")
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+class PrefixPlanner:
+    """Chooses static prompts and accounts for what CT2 keeps cached.
+
+    Not thread-safe: only the worker thread uses it.
+    """
+
+    def __init__(self, chunk: int, budget_tokens: int, recent: int = 16) -> None:
+        self.chunk = chunk
+        self.budget = budget_tokens
+        self.cached: set[tuple[int, ...]] = set()
+        self.used = 0
+        self.recent: collections.deque[tuple[int, ...]] = collections.deque(maxlen=recent)
+        self.hits = 0
+
+    def plan(self, prompt: Sequence[int]) -> tuple[tuple[int, ...], bool]:
+        """Return ``(static_prefix, hit)`` for a prompt (empty prefix: no static prompt)."""
+        if self.chunk <= 0 or len(prompt) <= self.chunk:
+            return (), False
+        p = tuple(prompt)
+        best_cached: tuple[int, ...] = ()
+        for entry in self.cached:
+            if len(best_cached) < len(entry) < len(p) and p[: len(entry)] == entry:
+                best_cached = entry
+        best_seen = 0
+        for old in self.recent:
+            n = min(len(old), len(p) - 1)
+            lcp = n if old[:n] == p[:n] else int(np.argmin(np.equal(old[:n], p[:n])))
+            best_seen = max(best_seen, lcp // self.chunk * self.chunk)
+        self.recent.append(p)
+        if best_seen > len(best_cached) and self.used + best_seen <= self.budget:
+            return p[:best_seen], False  # computed now, kept by CT2 for the next hit
+        if best_cached:
+            self.hits += 1
+            return best_cached, True
+        return (), False
+
+    def keep(self, prefix: tuple[int, ...]) -> None:
+        if prefix and prefix not in self.cached:
+            self.cached.add(prefix)
+            self.used += len(prefix)
+
+    def clear(self) -> None:
+        self.cached.clear()
+        self.used = 0
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as ex:
+        raise ModelFileError(f"cannot read {path}: {ex}") from ex
+    return data if isinstance(data, dict) else {}
+
+
+def read_vocabulary(path: Path) -> list[str]:
+    if (path / "vocabulary.json").is_file():
+        vocab = json.loads((path / "vocabulary.json").read_text(encoding="utf-8"))
+    elif (path / "vocabulary.txt").is_file():
+        text = (path / "vocabulary.txt").read_text(encoding="utf-8")
+        vocab = text.split("\n")
+        if vocab and vocab[-1] == "":
+            vocab.pop()
+    else:
+        raise ModelFileError(f"{path} has no vocabulary.json or vocabulary.txt")
+    return [str(t) for t in vocab]
+
+
+def load_tokenizer(path: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing: a CT2 directory needs the model's tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as ex:  # tokenizers raises a bare Exception on a bad file
+        raise ModelFileError(f"cannot load {path}: {ex}") from ex
