@@ -1,0 +1,135 @@
+"""Turn a JSON body or a query string into the plain mapping the validators take.
+
+Body policy (documented in the README and the settings help):
+
+- ``Content-Type: application/json`` (any charset) or any ``+json`` type is parsed.
+- No Content-Type at all is parsed as JSON too: raw HTTP clients often omit it,
+  and a browser never does, so this opens no cross-site path.
+- ``application/x-www-form-urlencoded`` (what ``curl -d`` sends), ``text/plain``
+  and every other type get 415 with a message saying to send JSON. These are
+  the types a web page can POST cross-site without a CORS preflight; refusing
+  them keeps other sites from driving a local server through the browser.
+- Bodies over the cap get 413, checked on ``Content-Length`` before reading and
+  again while reading (chunked bodies have no length).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import falcon
+
+from fastpilot.api.errors import ApiError
+from fastpilot.errors import InvalidRequest
+
+_READ_CHUNK = 64 * 1024
+
+# Query-string values that are JSON text rather than scalars.
+_JSON_QUERY_FIELDS = frozenset({"logit_bias", "stream_options", "extra", "messages", "input"})
+# Query-string fields that may repeat and are lists.
+_LIST_QUERY_FIELDS = frozenset({"stop"})
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, f"request body is larger than the {limit}-byte limit", code="request_too_large"
+    )
+
+
+def read_body(req: falcon.Request, limit: int) -> bytes:
+    """Read the whole body, refusing more than ``limit`` bytes (413)."""
+    length = req.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    stream = req.bounded_stream
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = stream.read(_READ_CHUNK)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _is_json_type(content_type: str | None) -> bool:
+    if not content_type:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def json_body(req: falcon.Request, limit: int) -> dict[str, Any]:
+    """The request's JSON object. 415 for a non-JSON type, 400 for bad JSON or a non-object."""
+    if not _is_json_type(req.content_type):
+        media = (req.content_type or "").split(";", 1)[0]
+        hint = " (curl -d sends that; use --json or -H 'Content-Type: application/json')"
+        raise ApiError(
+            415,
+            f"send the body as JSON with Content-Type: application/json, not {media}"
+            + (hint if media == "application/x-www-form-urlencoded" else ""),
+            code="unsupported_media_type",
+        )
+    raw = read_body(req, limit)
+    if not raw.strip():
+        raise InvalidRequest(
+            "the request body is empty; send a JSON object", param=None, code="invalid_json"
+        )
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not UTF-8 text", code="invalid_json") from None
+    except json.JSONDecodeError as ex:
+        raise InvalidRequest(
+            f"the request body is not valid JSON: {ex.msg} at line {ex.lineno} column {ex.colno}",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            f"the request body must be a JSON object, got {type(data).__name__}",
+            code="invalid_json",
+        )
+    return data
+
+
+def query_mapping(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """The GET form of a request as a mapping the validators accept.
+
+    Values stay strings (the validators coerce ``"false"``, ``"0.2"``, ``"32"``);
+    ``stop`` may repeat and becomes a list; ``logit_bias`` and ``stream_options``
+    are JSON text. Any other repeated key is an error rather than a silent pick.
+    """
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in _LIST_QUERY_FIELDS:
+            out.setdefault(key, []).append(value)
+            continue
+        if key in out:
+            raise InvalidRequest(f"{key} is given more than once in the query string", param=key)
+        if key in _JSON_QUERY_FIELDS:
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError:
+                raise InvalidRequest(
+                    f"{key} must be JSON text in the query string", param=key
+                ) from None
+        else:
+            out[key] = value
+    return out
+
+
+def query_pairs(req: falcon.Request) -> list[tuple[str, str]]:
+    """Decoded (key, value) pairs in order, keeping repeats and blank values."""
+    from urllib.parse import parse_qsl
+
+    try:
+        return parse_qsl(
+            req.query_string, keep_blank_values=True, strict_parsing=False, errors="strict"
+        )
+    except UnicodeDecodeError:
+        raise InvalidRequest("the query string is not valid UTF-8") from None

@@ -1,0 +1,51 @@
+"""Engine/model name -> loaded model, with the server's strictness applied once.
+
+Copilot invents engine names (``copilot-codex``, ``gpt-4o-copilot`` ...), so by
+default an unknown name means the default model; ``--strict-models`` turns that
+into 404 ``model_not_found``. While the registry is still loading, every
+generation route answers 503 ``model_loading``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastpilot.errors import ModelLoading, UnknownModel
+
+
+class ModelResolver:
+    """Thin adapter over :class:`fastpilot.models.Registry` used by every resource."""
+
+    def __init__(self, registry: Any, *, strict: bool) -> None:
+        self.registry = registry
+        self.strict = strict
+
+    @property
+    def loading(self) -> bool:
+        value = getattr(self.registry, "loading", False)
+        return bool(value() if callable(value) else value)
+
+    def names(self) -> list[str]:
+        value = self.registry.names
+        return list(value() if callable(value) else value)
+
+    def get(self, name: str | None, *, strict: bool | None = None) -> Any:
+        """The model for ``name`` (``None``/empty: the default model).
+
+        Raises:
+            ModelLoading: the registry is still loading models.
+            UnknownModel: strict and no model has that name, or no model at all.
+        """
+        if self.loading:
+            raise ModelLoading("models are still loading; retry shortly")
+        return self.registry.get(name or None, strict=self.strict if strict is None else strict)
+
+    def models(self) -> list[tuple[str, Any]]:
+        """(name, model) for every loaded model, for listings and metrics."""
+        out = []
+        for name in self.names():
+            try:
+                out.append((name, self.registry.get(name, strict=True)))
+            except UnknownModel:  # closed between names() and get()
+                continue
+        return out
