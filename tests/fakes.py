@@ -105,6 +105,7 @@ class FakeBackend(Backend):
         self._pending = 0
         self._lock = threading.Lock()
         self.submitted: list[GenerationRequest] = []  # for tests that inspect what was sent
+        self.streams: list[TokenStream] = []  # every stream handed out, in order
         self.decode_steps = 0
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="fake-backend", daemon=True)
@@ -158,6 +159,7 @@ class FakeBackend(Backend):
             self._pending += 1
             self.submitted.append(request)
         stream = TokenStream(request)
+        self.streams.append(stream)
         self._inbox.put(stream)
         return stream
 
@@ -211,6 +213,15 @@ class FakeBackend(Backend):
         if sampler.generated >= params.max_tokens or len(ctx) >= self.context_length:
             stream.finish(FinishReason.LENGTH)
             return True
+        return False
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until every submitted stream finished; True when it did."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if all(s.done for s in self.streams):
+                return True
+            time.sleep(0.002)
         return False
 
     def stats(self) -> dict[str, float]:

@@ -118,10 +118,15 @@ class Model:
         return self.backend.detokenize(ids)
 
     def token_text(self, token_id: int) -> str:
-        """One token's text for ``logprobs`` (partial UTF-8 bytes become U+FFFD)."""
+        """One token's text for ``logprobs``; a partial UTF-8 character is spelled ``bytes:\\x..``."""
         text = self._token_text.get(token_id)
         if text is None:
-            text = self.backend.token_bytes(token_id).decode("utf-8", errors="replace")
+            data = self.backend.token_bytes(token_id)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                # Part of a character: OpenAI spells such tokens "bytes:\\xe4\\xb8".
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
             self._token_text[token_id] = text
         return text
 
