@@ -577,8 +577,8 @@ class LlamaCppBackend(Backend):
         a.stream.put(step)
         a.generated += 1
         self._counters["tokens_generated"] += 1
-        # The sampled token is fed at position len(tokens); it must stay inside the slot.
-        if a.generated >= a.max_tokens or len(a.slot.tokens) >= self.context_length:
+        # Prompt + generated tokens (len(tokens) + the one just sampled) fill the context.
+        if a.generated >= a.max_tokens or len(a.slot.tokens) + 1 >= self.context_length:
             self._release(a, FinishReason.LENGTH)
         else:
             a.next_token = step.token_id

@@ -1,0 +1,454 @@
+"""llama.cpp backend against transformers on tiny random GPT-2 and CodeGen GGUF files.
+
+Every generation runs through the real llama.cpp (f32 GGUF for exactness, q4_k_m
+for a smoke test); the reference is transformers on the same HF checkpoint. Decode
+steps and evaluated tokens are counted with ``backend.stats()``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastpilot.backends.base import FinishReason, GenerationRequest, SamplingParams, TokenStream
+from fastpilot.engine.sampling import log_softmax
+from fastpilot.errors import BackendError, ContextLengthExceeded, InvalidRequest, QueueFull
+from tests import tinymodels
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+EOS = tinymodels.VOCAB_SIZE - 1  # "<|endoftext|>" is the last tokenizer id in both tiny models
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """HF dirs and GGUF conversions made with the project's converter."""
+    from conversion.convert import Target, convert
+
+    root = tmp_path_factory.mktemp("llamacpp")
+    tok = tinymodels.build_tokenizer(root / "tok")
+    dirs: dict[str, Path] = {}
+    for arch, build in (("gpt2", tinymodels.build_gpt2), ("codegen", tinymodels.build_codegen)):
+        hf = dirs[f"{arch}-hf"] = build(tok, root / f"{arch}-hf")
+        for q in ("f32", "q4_k_m"):
+            out = root / f"{arch}-gguf-{q}"
+            convert(str(hf), "t", [Target("gguf", q)], out=out, force=True)
+            dirs[f"{arch}-{q}"] = out
+    return dirs
+
+
+class Ref:
+    """Reference next-token logits from transformers."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        """(len(ids), vocab) logits at every position."""
+        with self.torch.no_grad():
+            return self.model(self.torch.tensor([ids])).logits[0].numpy()
+
+    def greedy(
+        self, ids: list[int], n: int, ban: int | None = None
+    ) -> tuple[list[int], list[float]]:
+        """Argmax continuation of ``n`` tokens and each token's logprob (``ban`` gets -inf)."""
+        seq, toks, lps = list(ids), [], []
+        for _ in range(n):
+            x = self.all_logits(seq)[-1].astype(np.float64)
+            if ban is not None:
+                x[ban] = -np.inf
+            lp = log_softmax(x)
+            t = int(np.argmax(lp))
+            toks.append(t)
+            lps.append(float(lp[t]))
+            seq.append(t)
+        return toks, lps
+
+    def embedding(self, ids: list[int]) -> np.ndarray:
+        with self.torch.no_grad():
+            out = self.model(self.torch.tensor([ids]), output_hidden_states=True)
+        return out.hidden_states[-1][0].mean(0).numpy()  # GPT-2/CodeGen: after the final norm
+
+
+@pytest.fixture(scope="module", params=["gpt2", "codegen"])
+def arch(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def ref(built: dict[str, Path], arch: str) -> Ref:
+    return Ref(built[f"{arch}-hf"])
+
+
+@pytest.fixture(scope="module")
+def backend(built: dict[str, Path], arch: str):
+    from fastpilot.backends.llamacpp import LlamaCppBackend
+
+    # prompt_chunk 16: the tiny prompts still need several prefill chunks.
+    b = LlamaCppBackend(built[f"{arch}-f32"], threads=2, slots=4, prompt_chunk=16)
+    yield b
+    b.close()
+
+
+def _new(built: dict[str, Path], arch: str, **kw):
+    from fastpilot.backends.llamacpp import LlamaCppBackend
+
+    kw.setdefault("threads", 2)
+    return LlamaCppBackend(built[f"{arch}-f32"], **kw)
+
+
+class Hook(TokenStream):
+    """A stream that runs ``action`` in the worker thread right after its ``at``-th step.
+
+    Enqueued with the backend's private ``_enqueue`` (submit builds its own stream).
+    """
+
+    def __init__(self, request: GenerationRequest, at: int, action) -> None:
+        super().__init__(request)
+        self.at, self.action, self.count = at, action, 0
+
+    def put(self, step) -> None:
+        super().put(step)
+        self.count += 1
+        if self.count == self.at:
+            self.action(self)
+
+
+def _greedy(max_tokens: int = 16, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def _run(backend, ids: list[int], params: SamplingParams) -> tuple[list[int], TokenStream]:
+    stream = backend.submit(GenerationRequest(list(ids), params))
+    return [s.token_id for s in stream], stream
+
+
+def _prompt(backend, text: str, n: int) -> list[int]:
+    ids = backend.tokenize(text)
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def _long_text() -> str:
+    return "".join(tinymodels.SNIPPETS) * 3
+
+
+# -- model facts ---------------------------------------------------------------------
+def test_metadata_and_tokenizer_match_hf(backend, built, arch) -> None:
+    from transformers import AutoTokenizer
+
+    assert backend.context_length == tinymodels.N_CTX
+    assert EOS in backend.eos_token_ids
+    assert backend.info.arch == arch and backend.info.quantization == "f32"
+    hf = AutoTokenizer.from_pretrained(built[f"{arch}-hf"])
+    for text in tinymodels.SNIPPETS:
+        ids = backend.tokenize(text)
+        assert ids == hf(text)["input_ids"]
+        assert backend.detokenize(ids) == text
+    assert backend.token_bytes(EOS) == b"<|endoftext|>"
+
+
+# -- exactness against transformers ----------------------------------------------------
+def test_greedy_equals_reference_argmax_with_logprobs(backend, ref) -> None:
+    ids = backend.tokenize(PROMPT)
+    stream = backend.submit(GenerationRequest(ids, _greedy(24, ignore_eos=True, logprobs=3)))
+    steps = list(stream)
+    want, want_lp = ref.greedy(ids, 24, ban=EOS)
+    assert [s.token_id for s in steps] == want
+    assert stream.finish_reason is FinishReason.LENGTH
+    np.testing.assert_allclose([s.logprob for s in steps], want_lp, atol=5e-3)
+    # top_logprobs: best first, the chosen token on top, values from the same distribution.
+    for s in steps:
+        assert s.top_logprobs[0] == (s.token_id, pytest.approx(s.logprob))
+        assert len(s.top_logprobs) == 3
+        assert s.top_logprobs[0][1] >= s.top_logprobs[1][1] >= s.top_logprobs[2][1]
+
+
+def test_prompt_logprobs_equal_reference(backend, ref) -> None:
+    ids = backend.tokenize(tinymodels.SNIPPETS[0])  # > one 16-token scoring chunk
+    got = backend.prompt_logprobs(ids, 2)
+    assert got[0] is None and len(got) == len(ids)
+    lp = log_softmax(ref.all_logits(ids).astype(np.float64))
+    for i in range(1, len(ids)):
+        step = got[i]
+        assert step is not None and step.token_id == ids[i]
+        assert step.logprob == pytest.approx(lp[i - 1, ids[i]], abs=5e-3)
+        assert step.top_logprobs[0][0] == int(np.argmax(lp[i - 1]))
+    # The scored prompt's KV stays in a slot: generating from it reuses all but one token.
+    before = backend.stats()["prompt_tokens_evaluated"]
+    _, stream = _run(backend, ids, _greedy(1))
+    assert stream.cached_tokens == len(ids) - 1
+    assert backend.stats()["prompt_tokens_evaluated"] - before == 1
+
+
+def test_embeddings_are_mean_pooled_hidden_states(backend, ref) -> None:
+    texts = ["def f(x):\n    return x", "import os"]
+    got = backend.embed(texts)
+    for text, vec in zip(texts, got, strict=True):
+        want = ref.embedding(backend.tokenize(text))
+        np.testing.assert_allclose(vec, want, atol=2e-3 * max(1.0, float(np.abs(want).max())))
+
+
+def test_quantized_q4_k_m_generates(built, arch) -> None:
+    from fastpilot.backends.llamacpp import LlamaCppBackend
+
+    b = LlamaCppBackend(built[f"{arch}-q4_k_m"], threads=2, slots=2)
+    try:
+        assert b.info.quantization == "q4_k_m"
+        toks, stream = _run(b, b.tokenize(PROMPT), _greedy(8, ignore_eos=True))
+        assert len(toks) == 8 and stream.finish_reason is FinishReason.LENGTH
+    finally:
+        b.close()
+
+
+# -- continuous batching ---------------------------------------------------------------
+def test_concurrent_requests_equal_sequential(built, arch) -> None:
+    text = _long_text()
+    solo = _new(built, arch, slots=1)
+    many = _new(built, arch, slots=4, prompt_chunk=16)
+    try:
+        prompts = [solo.tokenize(text[i * 40 :])[: 10 + 11 * i] for i in range(8)]
+        params = _greedy(20, ignore_eos=True)
+        want = [_run(solo, p, params)[0] for p in prompts]
+        results: list[list[int] | None] = [None] * 8
+
+        def go(i: int) -> None:
+            results[i] = _run(many, prompts[i], params)[0]
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == want
+        stats = many.stats()
+        # 8 requests over 4 slots in fewer steps than running them one by one would take.
+        assert stats["tokens_generated"] == 8 * 20
+        assert stats["decode_steps"] < solo.stats()["decode_steps"]
+    finally:
+        solo.close()
+        many.close()
+
+
+def test_identical_prompts_share_one_prefill(built, arch) -> None:
+    b = _new(built, arch, slots=4, prompt_chunk=8)
+    solo = _new(built, arch, slots=1)
+    try:
+        ids = b.tokenize(tinymodels.SNIPPETS[1])[:60]
+        params = _greedy(12, ignore_eos=True, logprobs=1)
+        streams = [b.submit(GenerationRequest(ids, params)) for _ in range(3)]
+        got = [[(s.token_id, s.logprob) for s in st] for st in streams]
+        stats = b.stats()
+        assert stats["shared_prefills"] == 2
+        assert stats["prompt_tokens_evaluated"] == len(ids)  # evaluated once, not three times
+        assert sorted(st.cached_tokens for st in streams) == [0, len(ids), len(ids)]
+        # The copies are exact: all three sequences see bit-identical logits.
+        assert got[0] == got[1] == got[2]
+        # Against a lone run: same tokens; logprobs agree up to llama.cpp's batch-size
+        # dependent rounding (a 3-row decode is not bit-identical to a 1-row one).
+        want = [(s.token_id, s.logprob) for s in solo.submit(GenerationRequest(ids, params))]
+        assert [t for t, _ in got[0]] == [t for t, _ in want]
+        np.testing.assert_allclose([lp for _, lp in got[0]], [lp for _, lp in want], atol=2e-3)
+        # Sampling with seeds over a shared prefill reproduces run to run.
+        seeded = [SamplingParams(max_tokens=12, temperature=0.9, seed=s) for s in (1, 2, 3)]
+
+        def sampled() -> list[list[int]]:
+            sts = [b.submit(GenerationRequest(ids + [5], p)) for p in seeded]
+            return [[s.token_id for s in st] for st in sts]
+
+        first = sampled()
+        assert first == sampled() and len({tuple(x) for x in first}) > 1
+    finally:
+        b.close()
+        solo.close()
+
+
+# -- prompt cache ---------------------------------------------------------------------
+def test_prompt_cache_evaluates_only_new_tokens(built, arch) -> None:
+    b = _new(built, arch, slots=2, prompt_chunk=16)
+    cold = _new(built, arch, slots=1)
+    try:
+        base = _prompt(b, _long_text(), 70)
+        longer = base + _prompt(b, "    return fibonacci(n - 1)\n", 10)
+        _run(b, base, _greedy(1))
+        before = b.stats()
+        toks, stream = _run(b, longer, _greedy(10, ignore_eos=True))
+        after = b.stats()
+        assert stream.cached_tokens == len(base)
+        assert after["prompt_tokens_evaluated"] - before["prompt_tokens_evaluated"] == 10
+        assert toks == _run(cold, longer, _greedy(10, ignore_eos=True))[0]
+        # The identical prompt again: everything cached except the last token (for its logits).
+        toks2, stream2 = _run(b, longer, _greedy(10, ignore_eos=True))
+        assert toks2 == toks and stream2.cached_tokens == len(longer) - 1
+        assert b.stats()["prompt_tokens_evaluated"] - after["prompt_tokens_evaluated"] == 1
+    finally:
+        b.close()
+        cold.close()
+
+
+def test_slot_choice_prefers_longest_prefix(built, arch) -> None:
+    b = _new(built, arch, slots=2)
+    try:
+        a = _prompt(b, tinymodels.SNIPPETS[0], 30)
+        c = _prompt(b, tinymodels.SNIPPETS[2], 30)
+        _run(b, a, _greedy(1))
+        _run(b, c, _greedy(1))  # the other (LRU, empty) slot; ``a`` stays cached
+        _, stream = _run(b, a + c[:5], _greedy(1))
+        assert stream.cached_tokens == 30
+        _, stream = _run(b, c + a[:5], _greedy(1))
+        assert stream.cached_tokens == 30
+    finally:
+        b.close()
+
+
+# -- finishing ------------------------------------------------------------------------
+def test_cancel_stops_within_one_step_and_others_continue(built, arch) -> None:
+    b = _new(built, arch, slots=2)
+    try:
+        ids = b.tokenize(PROMPT)
+        params = _greedy(100, ignore_eos=True)
+        # Alone: cancelled (from the worker, at its 3rd token) -> no further decode step.
+        at_cancel: list[float] = []
+
+        def cancel(stream: TokenStream) -> None:
+            stream.cancel()
+            at_cancel.append(b.stats()["decode_steps"])
+
+        lone = Hook(GenerationRequest(ids, params), at=3, action=cancel)
+        b._enqueue(lone)
+        assert len(list(lone)) == 3 and lone.finish_reason is FinishReason.CANCELLED
+        time.sleep(0.1)
+        assert b.stats()["decode_steps"] == at_cancel[0]
+        assert b.stats()["busy_slots"] == 0
+        # Beside another request: the victim stops at once, the other is undisturbed.
+        other_ids = ids[:-3]
+        want = _run(b, other_ids, _greedy(60, ignore_eos=True))[0]
+        victim = Hook(GenerationRequest(ids, params), at=5, action=lambda s: s.cancel())
+        b._enqueue(victim)
+        other = b.submit(GenerationRequest(other_ids, _greedy(60, ignore_eos=True)))
+        assert len(list(victim)) == 5 and victim.finish_reason is FinishReason.CANCELLED
+        assert [s.token_id for s in other] == want
+        assert other.finish_reason is FinishReason.LENGTH
+    finally:
+        b.close()
+
+
+def test_passed_deadline_finishes_cancelled(backend) -> None:
+    ids = backend.tokenize(PROMPT)
+    stream = backend.submit(GenerationRequest(ids, _greedy(8), deadline=time.monotonic() - 1))
+    assert list(stream) == []
+    assert stream.finish_reason is FinishReason.CANCELLED
+
+
+def test_eos_stops_without_a_step_and_min_tokens_or_ignore_eos_force_length(backend) -> None:
+    ids = backend.tokenize(PROMPT)
+    force_eos = ((EOS, 100.0),)
+    toks, stream = _run(backend, ids, _greedy(8, logit_bias=force_eos))
+    assert toks == [] and stream.finish_reason is FinishReason.STOP
+    toks, stream = _run(backend, ids, _greedy(8, logit_bias=force_eos, min_tokens=5))
+    assert len(toks) == 5 and EOS not in toks and stream.finish_reason is FinishReason.STOP
+    toks, stream = _run(backend, ids, _greedy(8, logit_bias=force_eos, ignore_eos=True))
+    assert len(toks) == 8 and EOS not in toks and stream.finish_reason is FinishReason.LENGTH
+
+
+def test_full_context_finishes_length(backend) -> None:
+    ids = _prompt(backend, _long_text(), backend.context_length - 5)
+    toks, stream = _run(backend, ids, _greedy(50, ignore_eos=True))
+    assert len(toks) == 5 and stream.finish_reason is FinishReason.LENGTH
+    with pytest.raises(ContextLengthExceeded):
+        backend.submit(GenerationRequest(_prompt(backend, _long_text(), 128), _greedy(1)))
+
+
+def test_seed_reproduces(backend) -> None:
+    ids = backend.tokenize(PROMPT)
+
+    def sample(seed: int) -> list[int]:
+        return _run(backend, ids, SamplingParams(max_tokens=16, temperature=1.5, seed=seed))[0]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8) or sample(9) != sample(7)
+
+
+def test_queue_full(built, arch) -> None:
+    b = _new(built, arch, slots=1, max_queue=1)
+    gate, inside = threading.Event(), threading.Event()
+
+    def hold(_: TokenStream) -> None:  # keeps the worker (and the only slot) busy
+        inside.set()
+        gate.wait(10)
+
+    try:
+        ids = b.tokenize(PROMPT)
+        first = Hook(GenerationRequest(ids, _greedy(4)), at=1, action=hold)
+        b._enqueue(first)
+        assert inside.wait(10)
+        second = b.submit(GenerationRequest(ids, _greedy(4)))
+        with pytest.raises(QueueFull):
+            b.submit(GenerationRequest(ids, _greedy(4)))
+        assert b.stats()["queue_depth"] == 1 and b.stats()["busy_slots"] == 1
+        second.cancel()
+        gate.set()
+        assert len(list(first)) == 4
+        assert list(second) == [] and second.finish_reason is FinishReason.CANCELLED
+    finally:
+        gate.set()
+        b.close()
+
+
+# -- errors ---------------------------------------------------------------------------
+def test_bad_input_is_rejected_at_submit(backend) -> None:
+    with pytest.raises(InvalidRequest):
+        backend.submit(GenerationRequest([1, backend.vocab_size], _greedy(2)))
+    with pytest.raises(InvalidRequest):
+        backend.submit(GenerationRequest([-1], _greedy(2)))
+
+
+def test_native_error_fails_only_the_affected_stream(built, arch) -> None:
+    b = _new(built, arch, slots=2)
+    try:
+        ids = b.tokenize(PROMPT)
+        want = _run(b, ids, _greedy(12, ignore_eos=True))[0]
+        # Bypass submit's validation so llama_decode itself rejects the batch.
+        bad = TokenStream(GenerationRequest([1, 2, b.vocab_size + 5], _greedy(4)))
+        good = TokenStream(GenerationRequest(list(ids), _greedy(12, ignore_eos=True)))
+        b._enqueue(bad)
+        b._enqueue(good)
+        with pytest.raises(BackendError):
+            list(bad)
+        assert [s.token_id for s in good] == want
+        assert b.stats()["decode_errors"] >= 1
+        assert _run(b, ids, _greedy(12, ignore_eos=True))[0] == want  # still serving
+    finally:
+        b.close()
+
+
+def test_close_fails_open_streams_and_is_idempotent(built, arch) -> None:
+    b = _new(built, arch, slots=1)
+    ids = b.tokenize(PROMPT)
+    inside = threading.Event()
+
+    def pause(_: TokenStream) -> None:  # close() is called while the worker sits here
+        inside.set()
+        time.sleep(0.5)
+
+    running = Hook(GenerationRequest(ids, _greedy(100, ignore_eos=True)), at=2, action=pause)
+    b._enqueue(running)
+    queued = b.submit(GenerationRequest(ids, _greedy(4)))
+    assert inside.wait(10)
+    b.close()
+    b.close()
+    with pytest.raises(BackendError):
+        list(running)
+    with pytest.raises(BackendError):
+        list(queued)
+    with pytest.raises(BackendError):
+        b.submit(GenerationRequest(ids, _greedy(4)))
