@@ -175,8 +175,20 @@ class RunningServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close the listening socket and every connection; join the thread."""
-        self.server.close()
+        close_server(self.server)
         self.thread.join(timeout)
+
+
+def close_server(server: Any) -> None:
+    """Stop waitress's workers and close every socket, so its loop (map now empty) ends.
+
+    Called from a thread other than the loop's; an open stream's worker sees
+    its channel closed at its next write and closes the body (cancelling it).
+    """
+    from waitress import wasyncore
+
+    server.task_dispatcher.shutdown(timeout=2)
+    wasyncore.close_all(server._map)
 
 
 def create_server(app: Any, settings: Settings, n_models: int) -> Any:
@@ -249,7 +261,7 @@ def run(settings: Settings, *, say: Callable[[str], None] = print) -> int:
         pass
     finally:
         say("shutting down ...")
-        server.close()
+        close_server(server)
         registry.close_all()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

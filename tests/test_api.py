@@ -57,7 +57,9 @@ def test_post_completion_greedy_text_and_usage(api):
 
 def test_request_id_is_echoed(api):
     r = api.simulate_post(
-        "/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"X-Request-Id": "abc-123"}
+        "/v1/completions",
+        json={"prompt": "x", "max_tokens": 1},
+        headers={"X-Request-Id": "abc-123"},
     )
     assert r.headers["x-request-id"] == "abc-123"
     # A header that could break the log line is replaced, not echoed.
@@ -93,9 +95,13 @@ def test_get_form_echo_true_and_logit_bias_json(api):
 
 
 def test_get_form_bad_values(api):
-    err = error_of(api.simulate_get("/v1/completions", query_string="prompt=x&max_tokens=lots"), 400)
+    err = error_of(
+        api.simulate_get("/v1/completions", query_string="prompt=x&max_tokens=lots"), 400
+    )
     assert err["param"] == "max_tokens"
-    err = error_of(api.simulate_get("/v1/completions", query_string="prompt=x&logit_bias={bad"), 400)
+    err = error_of(
+        api.simulate_get("/v1/completions", query_string="prompt=x&logit_bias={bad"), 400
+    )
     assert err["param"] == "logit_bias"
     err = error_of(api.simulate_get("/v1/completions", query_string="prompt=x&n=1&n=2"), 400)
     assert err["param"] == "n"
@@ -135,7 +141,8 @@ def test_stream_include_usage(api):
 
 def test_logprobs_are_numbers(api):
     r = api.simulate_post(
-        "/v1/completions", json={"prompt": "hello", "max_tokens": 4, "temperature": 0, "logprobs": 2}
+        "/v1/completions",
+        json={"prompt": "hello", "max_tokens": 4, "temperature": 0, "logprobs": 2},
     )
     lp = r.json["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == 4
@@ -285,7 +292,9 @@ def test_body_and_protocol_errors(api):
     )
     assert err["code"] == "invalid_json"
     err = error_of(
-        api.simulate_post("/v1/completions", body="[1,2]", headers={"Content-Type": "application/json"}),
+        api.simulate_post(
+            "/v1/completions", body="[1,2]", headers={"Content-Type": "application/json"}
+        ),
         400,
     )
     assert err["code"] == "invalid_json"
@@ -318,7 +327,9 @@ def test_body_cap_413():
     try:
         big = json.dumps({"prompt": "x" * 2000})
         err = error_of(
-            c.simulate_post("/v1/completions", body=big, headers={"Content-Type": "application/json"}),
+            c.simulate_post(
+                "/v1/completions", body=big, headers={"Content-Type": "application/json"}
+            ),
             413,
         )
         assert err["code"] == "request_too_large"
@@ -333,9 +344,14 @@ def test_strict_models_404_else_default():
             c.simulate_post("/v1/engines/copilot-codex/completions", json={"prompt": "x"}), 404
         )
         assert err["code"] == "model_not_found"
-        err = error_of(c.simulate_post("/v1/completions", json={"prompt": "x", "model": "gpt-9"}), 404)
+        err = error_of(
+            c.simulate_post("/v1/completions", json={"prompt": "x", "model": "gpt-9"}), 404
+        )
         assert err["param"] == "model"
-        assert c.simulate_post("/v1/completions", json={"prompt": "x", "model": "fake"}).status_code == 200
+        assert (
+            c.simulate_post("/v1/completions", json={"prompt": "x", "model": "fake"}).status_code
+            == 200
+        )
     finally:
         registry.close_all()
 

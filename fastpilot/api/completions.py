@@ -11,10 +11,12 @@ A waitress worker thread is held for the whole of a streamed response.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import falcon
+import numpy as np
 
 from fastpilot.api.middleware import RequestRecord
 from fastpilot.api.parsing import json_body, query_mapping, query_pairs
@@ -203,12 +205,17 @@ class Embeddings:
         record = _record(req)
         record.model = model.name
         texts = _embedding_inputs(data.get("input"), model.detokenize, self._max_inputs)
-        fmt = data.get("encoding_format", "float")
-        if fmt not in (None, "float"):
+        fmt = data.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
             raise InvalidRequest(
-                "encoding_format must be 'float' (base64 is not supported)", param="encoding_format"
+                "encoding_format must be 'float' or 'base64'", param="encoding_format"
             )
         result = model.embed(texts)
+        if fmt == "base64":
+            # The openai SDK asks for base64 by default: little-endian float32 bytes.
+            for item in result["data"]:
+                vec = np.asarray(item["embedding"], dtype="<f4")
+                item["embedding"] = base64.b64encode(vec.tobytes()).decode("ascii")
         record.add_usage(result.get("usage"))
         resp.media = result
 
