@@ -120,13 +120,24 @@ def ordered_specs(settings: Settings) -> list[tuple[str, str]]:
     return sorted(specs, key=lambda spec: spec[0] != default)
 
 
+def backend_options(fmt: str, settings: Settings) -> dict[str, Any]:
+    """``--slots``/``--max-queue`` in each backend's own terms.
+
+    llama.cpp decodes ``slots`` sequences in one context (one KV stream each);
+    CTranslate2 batches up to ``max_batch`` sequences per ``generate_batch``.
+    """
+    if fmt == "gguf":
+        return {"slots": settings.slots, "max_queue": settings.max_queue}
+    return {"max_batch": settings.slots, "max_queue": settings.max_queue}
+
+
 def load_models(settings: Settings, registry: Any, *, say: Callable[[str], None] = print) -> None:
     """Load every configured model into ``registry``, printing each as it loads.
 
     Blocks for as long as loading takes (seconds per model on CPU). Raises
     whatever the loader raises (ModelFileError, UnknownModel ...).
     """
-    from fastpilot.loader import load
+    from fastpilot.loader import load, resolve
 
     specs = ordered_specs(settings)
     if not specs:
@@ -135,18 +146,20 @@ def load_models(settings: Settings, registry: Any, *, say: Callable[[str], None]
             "(run `make convert` or `fastpilot convert ...`), and no --model NAME=PATH given"
         )
     for name, path in specs:
-        say(f"loading {name} from {path} ...")
+        where, fmt, _ = resolve(
+            path, device=settings.device, backend=settings.backend, models_dir=settings.models_dir
+        )
+        say(f"loading {name} from {where} ({fmt}) ...")
         model = load(
-            path,
+            where,
             name=name,
             backend=settings.backend,
             device=settings.device,
             threads=settings.threads,
             models_dir=settings.models_dir,
-            slots=settings.slots,
-            max_queue=settings.max_queue,
             default_timeout=settings.timeout,
             limits=settings.limits,
+            **backend_options(fmt, settings),
         )
         registry.add(name, model)
         info = getattr(model, "info", None)

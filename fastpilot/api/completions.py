@@ -74,6 +74,8 @@ def stream_response(
 
     def on_close(note: str) -> None:
         usage = getattr(stream, "usage", None)
+        if callable(usage):  # CompletionStream.usage(): complete once iteration ended
+            usage = usage()
         if isinstance(usage, Mapping):
             record.add_usage(dict(usage))
         finish = getattr(req.context, "finish_stream", None)
