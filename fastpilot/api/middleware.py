@@ -37,7 +37,7 @@ log = logging.getLogger("fastpilot.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 # Paths reachable without a key (after the /k/<key> prefix is removed).
-OPEN_PATHS = frozenset({"/health", "/", "/index.html"})
+OPEN_PATHS = frozenset({"/health", "/"})
 
 
 @dataclass(slots=True)
