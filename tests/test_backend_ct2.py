@@ -331,3 +331,28 @@ def test_int8_smoke_and_unsupported(built: dict[str, Path], arch: str) -> None:
             b.embed(["x"])
     finally:
         b.close()
+
+
+def test_close_cancels_the_running_request(built: dict[str, Path], monkeypatch) -> None:
+    from fastpilot.backends.ctranslate2 import CTranslate2Backend
+    from fastpilot.errors import BackendError
+
+    b = CTranslate2Backend(built["gpt2-float32"], threads=1)
+    release = threading.Event()
+    _hook_put(monkeypatch, {"run": lambda stream, n: release.wait(10)})
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    running = b.submit(GenerationRequest(b.tokenize(PROMPT), params, request_id="run"))
+    while b.stats()["active"] == 0:
+        time.sleep(0.005)
+    waiting = b.submit(GenerationRequest(b.tokenize(PROMPT), params))
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    while not running.cancelled:
+        time.sleep(0.005)
+    release.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert len(list(running)) == 1 and running.finish_reason is FinishReason.CANCELLED
+    assert list(waiting) == [] and waiting.finish_reason is FinishReason.CANCELLED
+    with pytest.raises(BackendError):
+        b.submit(GenerationRequest([1], params))

@@ -193,6 +193,7 @@ class CTranslate2Backend(Backend):
         self._closed = False
         self._counters = collections.Counter[str]()
         self._active = 0
+        self._running: list[_Job] = []
         self._worker = threading.Thread(target=self._run, name=f"ct2-{self.path.name}", daemon=True)
         self._worker.start()
         # CT2 aborts the process ("terminate called ...") when a Generator is still
@@ -253,6 +254,7 @@ class CTranslate2Backend(Backend):
                     self._pending.clear()
                     break
                 batch = self._take_batch()
+                self._running = batch
                 self._active = len(batch)
             try:
                 if batch:
@@ -262,6 +264,7 @@ class CTranslate2Backend(Backend):
                     job.stream.fail(BackendError(f"ctranslate2 failed: {ex}"))
             finally:
                 self._active = 0
+                self._running = []
         self._generator = None  # type: ignore[assignment]
 
     def _take_batch(self) -> list[_Job]:
@@ -357,7 +360,8 @@ class CTranslate2Backend(Backend):
             k = stream.request.params.logprobs
             if want_logits:
                 # (1, vocab) logits after CT2's masks (bans, min_length), before temperature
-                lp = log_softmax(np.asarray(res.logits, dtype=np.float32).reshape(-1) / temp)
+                with np.errstate(over="ignore"):  # masked logits are -FLT_MAX: / T -> -inf
+                    lp = log_softmax(np.asarray(res.logits, dtype=np.float32).reshape(-1) / temp)
                 step = Step(token, float(lp[token]), top_entries(lp, k))
             else:
                 step = Step(token, float(res.log_prob))  # log_softmax at T=1 of the same logits
@@ -505,9 +509,15 @@ class CTranslate2Backend(Backend):
         }
 
     def close(self) -> None:
-        """Cancel waiting requests, finish the running batch, free the model. Idempotent."""
+        """Cancel waiting and running requests and free the model. Idempotent.
+
+        Blocks for at most one decode step, or for a prefill already under way
+        (CT2 cannot interrupt one).
+        """
         with self._cv:
             self._closed = True
+            for job in self._running:
+                job.stream.cancel()
             self._cv.notify_all()
         if self._worker is not threading.current_thread():
             self._worker.join()
