@@ -7,6 +7,7 @@ so expected texts are exact.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -512,5 +513,74 @@ def test_cors_off_by_default_and_reflects_listed_origins():
         assert r.status_code == 200
         assert "POST" in r.headers["access-control-allow-methods"]
         assert r.headers["access-control-allow-origin"] == "https://ok.example"
+    finally:
+        registry.close_all()
+
+
+# -- logging, metrics of streams, deadlines -------------------------------------------
+
+
+def test_one_access_line_per_request_without_prompt_text(api, caplog):
+    caplog.set_level("INFO", logger="fastpilot.access")
+    api.simulate_post(
+        "/v1/completions",
+        json={"prompt": "hello secret", "max_tokens": 40, "temperature": 0, "stream": True},
+        headers={"X-Request-Id": "log-1"},
+    )
+    api.simulate_post("/v1/completions", json={"prompt": "hello secret", "max_tokens": 3})
+    lines = [r.getMessage() for r in caplog.records if r.name == "fastpilot.access"]
+    assert len(lines) == 2
+    stream_line = lines[0]
+    assert stream_line.startswith("log-1 POST /v1/completions model=fake status=200")
+    # Usage of a stream is known only when it ends; the line is written then.
+    assert re.search(r"prompt=\d+ completion=1\d cached=0 ms=\d+ stream done", stream_line)
+    assert "completion=3" in lines[1]
+    assert all("secret" not in line for line in lines)
+
+
+def test_log_prompts_opt_in(caplog):
+    caplog.set_level("INFO", logger="fastpilot.access")
+    c, _, registry = client(Settings(log_prompts=True))
+    try:
+        c.simulate_post("/v1/completions", json={"prompt": "hello secret", "max_tokens": 1})
+    finally:
+        registry.close_all()
+    assert "prompt_text='hello secret'" in caplog.text
+
+
+def test_stream_tokens_reach_metrics(api):
+    api.simulate_post(
+        "/v1/completions",
+        json={"prompt": "hello", "max_tokens": 5, "temperature": 0, "stream": True, "suffix": "x"},
+    )
+    text = api.simulate_get("/metrics").text
+    assert 'fastpilot_tokens_total{kind="completion",model="fake"} 5.0' in text
+    assert 'fastpilot_requests_total{route="/v1/completions",status="200"} 1.0' in text
+
+
+def test_stream_suffix_header():
+    c, _, registry = client()
+    try:
+        r = c.simulate_post(
+            "/v1/completions", json={"prompt": "a", "suffix": "b", "max_tokens": 2, "stream": True}
+        )
+        assert r.headers.get("x-fastpilot-suffix") == "ignored"
+    finally:
+        registry.close_all()
+
+
+def test_deadline_is_504_before_output_and_error_event_after():
+    backend = FakeBackend(step_delay=0.05)
+    registry = make_registry(("fake", backend), timeout=0.3)
+    c, _, _ = client(registry=registry)
+    try:
+        body = {"prompt": "hello", "max_tokens": 100, "ignore_eos": True}
+        err = error_of(c.simulate_post("/v1/completions", json=body), 504)
+        assert err["code"] == "timeout"
+        r = c.simulate_post("/v1/completions", json={**body, "stream": True})
+        assert r.status_code == 200
+        events = sse_events(r.content)
+        assert joined_text(events[:-1])  # text made before the deadline was sent
+        assert events[-1]["error"]["code"] == "timeout"
     finally:
         registry.close_all()

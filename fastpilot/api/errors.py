@@ -50,7 +50,7 @@ class ApiError(falcon.HTTPError):
     ) -> None:
         super().__init__(falcon.code_to_http_status(status), description=message, headers=headers)
         self.message = message
-        self.code = code
+        self.api_code = code  # falcon.HTTPError.code is a numeric app code; keep ours apart
         self.param = param
 
 
@@ -87,6 +87,7 @@ def handle_http_error(
     req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: Any
 ) -> None:
     status = int(ex.status_code)
+    headers = dict(ex.headers or {})
     type_, code = _HTTP_CODES.get(
         status, ("server_error" if status >= 500 else "invalid_request_error", None)
     )
@@ -94,13 +95,13 @@ def handle_http_error(
     if status == 404 and not ex.description:
         message = f"no route for {req.method} {req.path}"
     elif status == 405 and not ex.description:
-        allowed = (ex.headers or {}).get("Allow", "")
+        allowed = headers.get("Allow", "")
         message = f"{req.method} is not allowed on {req.path}" + (
             f"; use {allowed}" if allowed else ""
         )
-    code = getattr(ex, "code", None) or code
+    code = getattr(ex, "api_code", None) or code
     param = getattr(ex, "param", None)
-    for name, value in (ex.headers or {}).items():
+    for name, value in headers.items():
         resp.set_header(name, value)
     _set_error(resp, status, envelope(message, type_, code, param))
 
