@@ -217,6 +217,44 @@ def test_disconnect_frees_the_slot(live):
     assert resp.status == 200
 
 
+def test_eight_concurrent_streams_real_backends(live):
+    import threading
+
+    results: dict[tuple[str, int], str] = {}
+
+    def one(model: str, i: int) -> None:
+        body = {
+            "model": model,
+            "prompt": "import os\n",
+            "max_tokens": 16,
+            "temperature": 0,
+            "stream": True,
+        }
+        resp, data = request(live, "POST", "/v1/completions", body)
+        text = ""
+        for line in data.decode().split("\n"):
+            payload = line[5:].strip()
+            if payload and payload != "[DONE]":
+                text += "".join(c["text"] for c in json.loads(payload)["choices"])
+        results[(model, i)] = f"{resp.status}:{text}"
+
+    threads = [threading.Thread(target=one, args=(m, i)) for m in ("gguf", "ct2") for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 8
+    for model in ("gguf", "ct2"):
+        resp, data = request(
+            live,
+            "POST",
+            "/v1/completions",
+            {"model": model, "prompt": "import os\n", "max_tokens": 16, "temperature": 0},
+        )
+        want = "200:" + json.loads(data)["choices"][0]["text"]
+        assert all(results[(model, i)] == want for i in range(4)), (model, results, want)
+
+
 def test_sigterm_shuts_down_cleanly(live):
     # Runs last in this module: the server goes away.
     live.send_signal(signal.SIGTERM)
