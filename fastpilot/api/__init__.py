@@ -1,0 +1,1 @@
+"""HTTP layer: request parsing, responses, SSE framing, errors, middleware, playground."""

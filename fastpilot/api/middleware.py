@@ -25,7 +25,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import falcon
 
@@ -54,7 +54,6 @@ class RequestRecord:
     streaming: bool = False
     note: str = ""
     finished: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
     def add_usage(self, usage: dict | None) -> None:
         if not usage:
