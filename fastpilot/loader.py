@@ -153,6 +153,7 @@ def load(
     models_dir: str | os.PathLike[str] = "models",
     default_timeout: float | None = None,
     limits: Limits | None = None,
+    trust_unverified: bool | None = None,
     **backend_options: Any,
 ) -> Model:
     """Load a converted model and return it ready to serve.
@@ -167,11 +168,15 @@ def load(
         device: ``"cpu"`` or ``"cuda"`` (``"cuda:1"``); also steers the choice
             among several outputs.
         threads: CPU threads for the backend's compute (None: the backend's default).
+        trust_unverified: load a model without a ``fastpilot.json`` manifest and
+            skip its sha256 checks (None: ``FASTPILOT_TRUST_UNVERIFIED_MODELS``).
+            The structural checks of :mod:`fastpilot.validate` always run.
         backend_options: passed to the backend class unchanged.
 
-    Blocks while the weights are read (seconds for large models) and starts
-    the backend's worker thread. Raises UnknownModel (listing what exists)
-    or InvalidRequest for a backend that does not fit the format.
+    Blocks while the weights are read and hashed (seconds for large models)
+    and starts the backend's worker thread. Raises UnknownModel (listing what
+    exists), InvalidRequest for a backend that does not fit the format, or
+    ModelFileError for a file that fails validation.
     """
     if backend is not None:
         backend = _ALIASES.get(backend, backend)
@@ -187,6 +192,12 @@ def load(
         raise InvalidRequest(
             f"{path} is a {fmt} model; the {backend} backend cannot load it", param="backend"
         )
+    # Model files are untrusted: check them before native code parses them.
+    from fastpilot.validate import check_model, trust_from_env
+
+    if trust_unverified is None:
+        trust_unverified = trust_from_env()
+    check_model(path, fmt, trust_unverified=trust_unverified)
     if fmt == "ct2":
         from fastpilot.backends.ctranslate2 import CTranslate2Backend
 

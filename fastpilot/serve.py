@@ -159,6 +159,7 @@ def load_models(settings: Settings, registry: Any, *, say: Callable[[str], None]
             models_dir=settings.models_dir,
             default_timeout=settings.timeout,
             limits=settings.limits,
+            trust_unverified=settings.trust_unverified_models,
             **backend_options(fmt, settings),
         )
         registry.add(name, model)

@@ -130,6 +130,14 @@ class Settings:
             metavar="ORIGIN",
         ),
     )
+    trust_unverified_models: bool = field(
+        default=False,
+        metadata=_opt(
+            "Load models without a fastpilot.json manifest and skip the sha256 check of the "
+            "weights (header and size checks still run). Only for files you trust.",
+            kind="bool",
+        ),
+    )
     strict_models: bool = field(
         default=False,
         metadata=_opt(
