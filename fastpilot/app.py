@@ -17,7 +17,7 @@ from typing import Any
 
 import falcon
 
-from fastpilot.api import completions, info
+from fastpilot.api import completions, info, openapi
 from fastpilot.api.errors import install_error_handlers
 from fastpilot.api.metrics import Metrics
 from fastpilot.api.middleware import Guard, RequestLog
@@ -96,4 +96,5 @@ def create_app(
     app.add_route("/health", info.Health(resolver))
     app.add_route("/metrics", info.MetricsResource(metrics))
     app.add_route("/", info.Playground(auth_required=guard.auth_required))
+    app.add_route("/openapi.json", openapi.OpenApi())
     return app
