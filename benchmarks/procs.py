@@ -1,0 +1,242 @@
+"""Start servers in their own process groups, wait for them, sample their memory, kill them.
+
+Every process the harness starts goes through :class:`Managed`, which puts it in a new
+session (``start_new_session=True``) so that killing the group also kills workers it
+forked (uvicorn, OpenMP helpers). The harness keeps a registry of live groups and kills
+them all on exit, including on Ctrl-C and on errors, so no server outlives a run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["Managed", "RssSampler", "free_port", "kill_all", "tree_rss_bytes"]
+
+_LIVE: dict[int, subprocess.Popen] = {}
+_LOCK = threading.Lock()
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (racy, fine on loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid``, read from /proc (all threads' children files)."""
+    out: list[int] = []
+    task_dir = Path(f"/proc/{pid}/task")
+    try:
+        tasks = list(task_dir.iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            out.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+def _rss(pid: int) -> int:
+    """Resident set size of one process in bytes (VmRSS), 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Sum of VmRSS over ``pid`` and all its descendants.
+
+    Shared pages (an mmap'd model file read by two processes) are counted once per
+    process, which over-states a multi-process server; the servers measured here are
+    single processes, so the sum is their RSS.
+    """
+    total, stack, seen = 0, [pid], set()
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        total += _rss(p)
+        stack.extend(_children(p))
+    return total
+
+
+class RssSampler:
+    """Poll a process tree's RSS every ``interval`` seconds on a daemon thread; keep the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"rss-{pid}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.peak = max(self.peak, tree_rss_bytes(self.pid))
+
+
+class Managed:
+    """One child process in its own process group, with its output sent to a log file.
+
+    Use as a context manager: leaving the block (normally or by an exception) sends
+    SIGTERM to the whole group, then SIGKILL after ``grace`` seconds.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        log_path: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        nice: int = 0,
+        grace: float = 5.0,
+    ) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self.env = env
+        self.cwd = cwd
+        self.nice = nice
+        self.grace = grace
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> Managed:
+        """Spawn the process (new session, stdout+stderr to the log)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        niceness = self.nice
+
+        def _pre() -> None:
+            if niceness:
+                os.nice(niceness)
+
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+            preexec_fn=_pre if niceness else None,
+        )
+        with _LOCK:
+            _LIVE[self.proc.pid] = self.proc
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def wait_http(self, port: int, path: str, timeout: float) -> None:
+        """Block until ``GET path`` answers 200 on 127.0.0.1:port.
+
+        Raises:
+            RuntimeError: the process exited, or ``timeout`` seconds passed; the message
+                carries the tail of its log.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(
+                    f"{self.argv[0]} exited ({self.proc.returncode}):\n{self.log_tail()}"
+                )
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", path)
+                status = conn.getresponse().status
+                conn.close()
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(
+            f"{self.argv[0]} not ready on :{port}{path} after {timeout:.0f}s:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        """Terminate the process group (SIGTERM, then SIGKILL after the grace period)."""
+        if self.proc is not None:
+            _kill_group(self.proc, self.grace)
+            with _LOCK:
+                _LIVE.pop(self.proc.pid, None)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Managed:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _kill_group(proc: subprocess.Popen, grace: float) -> None:
+    # The child is a session leader, so its pgid is its pid; the group outlives a dead leader.
+    pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # Leader gone; make sure no forked worker is left in the group.
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        break
+
+
+def kill_all() -> None:
+    """Kill every group this harness started and that is still registered."""
+    with _LOCK:
+        procs = list(_LIVE.values())
+        _LIVE.clear()
+    for p in procs:
+        _kill_group(p, 2.0)
+
+
+atexit.register(kill_all)

@@ -1,0 +1,380 @@
+"""``python -m benchmarks.run`` (``make bench``): fastpilot against its peers, in one run.
+
+One invocation measures everything that the report compares, on the same model files,
+the same machine and the same thread count, one contender at a time (never two servers
+at once): memory bandwidth, in-process library floors, then for each model every HTTP
+contender through the same workloads. It writes ``benchmarks/results/<stamp>.json``
+(raw), ``benchmarks/results/*.png`` and ``benchmarks/RESULTS.md``.
+
+Every server runs in its own process group and is killed when its turn ends, on error,
+and on Ctrl-C. ``--quick`` is a few-minute smoke run (GPT-2 shape only, small counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks import contenders as C
+from benchmarks import workloads as W
+from benchmarks.llama_server_build import ensure_llama_server
+from benchmarks.machine import bandwidth, machine_info
+from benchmarks.models import FORMATS, SPECS, ModelFile, prepare
+from benchmarks.procs import RssSampler, kill_all
+from benchmarks.stats import summarize
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Counts and caps of one run. Caps are checked before each new request."""
+
+    models: tuple[str, ...]
+    formats: tuple[str, ...]
+    decode_tokens: int
+    decode_reps: int
+    typing_requests: int
+    typing_cap_s: float
+    editors_requests: int
+    editors_cap_s: float
+    client_levels: tuple[int, ...]
+    client_tokens: int
+    browser_requests: int
+    browser_tokens: int
+    hf_typing_requests: int
+    hf_editors_requests: int
+    secondary_full: bool  # run all workloads on non-primary files too (else decode + 8 clients)
+
+
+FULL = Plan(
+    models=("gpt2-117m", "codegen-350m"),
+    formats=tuple(f[2] for f in FORMATS),
+    decode_tokens=128,
+    decode_reps=3,
+    typing_requests=20,
+    typing_cap_s=45,
+    editors_requests=8,
+    editors_cap_s=60,
+    client_levels=(2, 4, 8),
+    client_tokens=128,
+    browser_requests=4,
+    browser_tokens=64,
+    hf_typing_requests=4,
+    hf_editors_requests=1,
+    secondary_full=False,
+)
+QUICK = Plan(
+    models=("gpt2-117m",),
+    formats=("gguf-q4_k_m", "ct2-int8"),
+    decode_tokens=32,
+    decode_reps=1,
+    typing_requests=4,
+    typing_cap_s=15,
+    editors_requests=2,
+    editors_cap_s=15,
+    client_levels=(8,),
+    client_tokens=32,
+    browser_requests=2,
+    browser_tokens=64,
+    hf_typing_requests=2,
+    hf_editors_requests=1,
+    secondary_full=False,
+)
+PRIMARY = ("gguf-q4_k_m", "ct2-int8")  # files that get every workload on every server
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- floors
+
+
+def run_floor(mf: ModelFile, threads: int, plan: Plan, work: Path) -> dict:
+    """One in-process floor in a subprocess; returns its timings (or the error)."""
+    kind = "ct2" if mf.fmt == "ct2" else "llama"
+    prompt = work / "decode_prompt.txt"
+    prompt.write_text(W.DECODE_PROMPT, encoding="utf-8")
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.floors",
+        kind,
+        "--model",
+        str(mf.weights),
+        "--prompt-file",
+        str(prompt),
+        "--threads",
+        str(threads),
+        "--tokens",
+        str(plan.decode_tokens),
+        "--reps",
+        str(plan.decode_reps + 1),
+        "--n-ctx",
+        str(SPECS[mf.model].n_ctx),
+    ]
+    p = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    with RssSampler(p.pid) as rss:
+        try:
+            out, err = p.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+            out, err = p.communicate()
+    rec = {"kind": kind, "model": mf.model, "label": mf.label, "peak_rss": rss.peak}
+    if p.returncode != 0:
+        rec["error"] = err.decode(errors="replace")[-1500:]
+        return rec
+    reps = json.loads(out.decode().strip().splitlines()[-1])["reps"][1:]  # first rep = warm-up
+    ttfts = [r["times"][0] for r in reps]
+    rates = [
+        (len(r["times"]) - 1) / (r["times"][-1] - r["times"][0])
+        for r in reps
+        if len(r["times"]) > 1
+    ]
+    rec.update(
+        ttft=min(ttfts), decode_tps=max(rates), decode_tps_all=rates, tokens=len(reps[0]["times"])
+    )
+    return rec
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def run_server(c: C.Contender, plan: Plan, sessions: dict, log_dir: Path, full: bool) -> dict:
+    """Start one server, run the workloads against it, stop it; never leaves it running."""
+    rec: dict = {
+        "key": c.key,
+        "name": c.name,
+        "backend": c.backend,
+        "model": c.model,
+        "label": c.label,
+        "argv": list(c.argv),
+        "workloads": {},
+    }
+    hf = c.name == "transformers"
+    srv = None
+    try:
+        srv = c.launch(log_dir)
+        with RssSampler(srv.pid) as rss:
+            t0 = time.perf_counter()
+            srv.wait_http(c.port, c.health, c.startup_timeout)
+            rec["startup_s"] = time.perf_counter() - t0
+            log(f"{c.key}: up in {rec['startup_s']:.1f}s")
+            wl = rec["workloads"]
+            wl["decode"] = summarize(
+                W.decode_probe(c.call, c.port, plan.decode_tokens, plan.decode_reps)
+            )
+            log(f"{c.key}: decode {wl['decode']['decode_tps_p50']}")
+            if full:
+                n_typ = plan.hf_typing_requests if hf else plan.typing_requests
+                n_ed = plan.hf_editors_requests if hf else plan.editors_requests
+                one = [_cut(s, n_typ) for s in sessions["one"]]
+                four = [_cut(s, n_ed) for s in sessions["four"]]
+                wl["typing"] = summarize(W.editors(c.call, c.port, one, plan.typing_cap_s))
+                log(f"{c.key}: typing e2e p50 {wl['typing']['e2e_p50']}")
+                wl["four_editors"] = summarize(W.editors(c.call, c.port, four, plan.editors_cap_s))
+                log(f"{c.key}: four editors e2e p50 {wl['four_editors']['e2e_p50']}")
+            levels = plan.client_levels if full and not hf else (8,)
+            for k in levels:
+                wl[f"clients_{k}"] = summarize(
+                    W.clients(c.call, c.port, k, plan.client_tokens, 1, 0)
+                )
+                log(f"{c.key}: {k} clients {wl[f'clients_{k}']['agg_tps']}")
+            if full:
+                wl["browser"] = summarize(
+                    W.browser(c.call, c.port, plan.browser_requests, plan.browser_tokens, 60),
+                    streamed=False,
+                )
+        rec["peak_rss"] = rss.peak
+        rec["alive_at_end"] = srv.alive()
+    except Exception as ex:  # noqa: BLE001 - one contender failing must not end the run
+        rec["error"] = f"{type(ex).__name__}: {ex}"[-3000:]
+        log(f"{c.key}: FAILED {rec['error'][:300]}")
+    finally:
+        if srv is not None:
+            srv.stop()
+    return rec
+
+
+def _cut(s: W.TypingSession, n: int) -> W.TypingSession:
+    return W.TypingSession(s.path, s.header, s.text, s.window_start, s.cursor0, s.steps[:n])
+
+
+def build_sessions(mf: ModelFile, plan: Plan) -> dict:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(mf.hf_dir / "tokenizer.json"))
+
+    def count(text: str) -> int:
+        return len(tok.encode(text).ids)
+
+    # The plugin's budget is ~1500 tokens; a model with a shorter context gets what fits
+    # beside the 32 completion tokens, minus room for the characters typed in the session.
+    n_ctx = SPECS[mf.model].n_ctx
+    start = min(1500, n_ctx - 32 - 16) - 3 * plan.typing_requests
+    n = max(plan.typing_requests, plan.editors_requests)
+    return {
+        "start_tokens": start,
+        "one": W.typing_sessions(1, n, start, count, seed=1),
+        "four": W.typing_sessions(4, n, start, count, seed=2),
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="few-minute smoke run (GPT-2 shape, small counts)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 2, help="threads for every contender"
+    )
+    ap.add_argument(
+        "--slots", type=int, default=4, help="fastpilot --slots = llama-server --parallel"
+    )
+    ap.add_argument("--models", default=None, help=f"comma list of {sorted(SPECS)}")
+    ap.add_argument(
+        "--contenders", default="floors,fastpilot,llama-server,llama-cpp-python,transformers"
+    )
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument(
+        "--rebuild-models", action="store_true", help="rebuild cached checkpoints and conversions"
+    )
+    ap.add_argument(
+        "--no-build-llama-server", action="store_true", help="skip llama-server if not built"
+    )
+    ap.add_argument(
+        "--budget", type=float, default=1800, help="seconds; later contenders are skipped past it"
+    )
+    args = ap.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.models:
+        plan = Plan(**{**asdict(plan), "models": tuple(args.models.split(","))})
+    want = set(args.contenders.split(","))
+    t_start = time.monotonic()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    work = args.out / "logs" / stamp
+    work.mkdir(parents=True, exist_ok=True)
+    command = " ".join(
+        shlex.quote(a)
+        for a in ["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)]
+    )
+    report: dict = {
+        "stamp": stamp,
+        "command": command,
+        "quick": args.quick,
+        "threads": args.threads,
+        "slots": args.slots,
+        "plan": asdict(plan),
+        "notes": [],
+        "floors": [],
+        "runs": [],
+    }
+    try:
+        report["machine"] = machine_info()
+        log("measuring memory bandwidth")
+        report["bandwidth"] = bandwidth(args.threads)
+        log(f"bandwidth {report['bandwidth']}")
+        files = prepare(list(plan.models), list(plan.formats), work, rebuild=args.rebuild_models)
+        report["files"] = [
+            {
+                "model": f.model,
+                "label": f.label,
+                "path": str(f.weights),
+                "bytes": f.bytes,
+                "real": f.real,
+                "hf_dir": str(f.hf_dir),
+            }
+            for f in files
+        ]
+        server_bin = None
+        if want & {"llama-server"}:
+            if args.no_build_llama_server:
+                from benchmarks.llama_server_build import server_path
+
+                server_bin = server_path() if server_path().is_file() else None
+                note = "not built (--no-build-llama-server)"
+            else:
+                server_bin, note = ensure_llama_server(work / "llama-server-build.log")
+            report["llama_server"] = {"path": str(server_bin) if server_bin else None, "note": note}
+            if server_bin is None:
+                report["notes"].append(f"llama-server skipped: {note}")
+        if "floors" in want:
+            for mf in files:
+                if mf.label not in PRIMARY and args.quick:
+                    continue
+                log(f"floor {mf.model} {mf.label}")
+                report["floors"].append(run_floor(mf, args.threads, plan, work))
+                log(
+                    "floor -> "
+                    f"{report['floors'][-1].get('decode_tps', report['floors'][-1].get('error'))}"
+                )
+        for model in plan.models:
+            mfs = {f.label: f for f in files if f.model == model}
+            if not mfs:
+                report["notes"].append(f"{model}: no converted files; skipped")
+                continue
+            sessions = build_sessions(next(iter(mfs.values())), plan)
+            report.setdefault("sessions", {})[model] = {
+                "start_tokens": sessions["start_tokens"],
+                "files": [s.path for s in sessions["four"]],
+            }
+            n_ctx = SPECS[model].n_ctx
+            queue: list[tuple[C.Contender, bool]] = []
+            for label, mf in mfs.items():
+                full = label in PRIMARY or plan.secondary_full
+                if "fastpilot" in want:
+                    queue.append((C.fastpilot(mf, args.threads, args.slots), full))
+                if mf.fmt == "gguf" and server_bin is not None:
+                    queue.append(
+                        (C.llama_server(server_bin, mf, args.threads, args.slots, n_ctx), full)
+                    )
+                if mf.fmt == "gguf" and label in PRIMARY and "llama-cpp-python" in want:
+                    queue.append((C.llama_cpp_python(mf, args.threads, n_ctx), full))
+            if "transformers" in want:
+                hf_dir = next(iter(mfs.values())).hf_dir
+                queue.append((C.hf_baseline(hf_dir, model, args.threads), True))
+            for c, full in queue:
+                if time.monotonic() - t_start > args.budget:
+                    report["notes"].append(
+                        f"{c.key}: skipped, run budget of {args.budget:.0f}s spent"
+                    )
+                    continue
+                log(f"--- {c.key} ({'all workloads' if full else 'decode + 8 clients'})")
+                report["runs"].append(run_server(c, plan, sessions, work, full))
+    except KeyboardInterrupt:
+        report["notes"].append("interrupted")
+        raise
+    finally:
+        kill_all()
+        report["elapsed_s"] = time.monotonic() - t_start
+        args.out.mkdir(parents=True, exist_ok=True)
+        jpath = args.out / f"{stamp}.json"
+        jpath.write_text(json.dumps(report, indent=1, default=str))
+        log(f"raw results: {jpath}")
+    from benchmarks.report import write_report
+
+    md = args.results_md if not args.quick else args.out / f"{stamp}.md"
+    write_report(report, jpath, md)
+    log(f"report: {md} ({report['elapsed_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
