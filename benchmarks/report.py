@@ -218,7 +218,7 @@ def _plots(report: dict, out_dir: Path, stem: str) -> list[str]:
             ]
             data = [(k, [x * 1000 for x in v]) for k, v in data if v]
             if data:
-                ax.boxplot([v for _, v in data], vert=False, whis=(5, 95))
+                ax.boxplot([v for _, v in data], orientation="horizontal", whis=(5, 95))
                 ax.set_yticks(range(1, len(data) + 1), [k for k, _ in data], fontsize=7)
                 ax.set_xscale("log")
             ax.set_xlabel("end-to-end latency per request, ms (log; whiskers p5–p95)")

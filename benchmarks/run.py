@@ -59,14 +59,14 @@ FULL = Plan(
     models=("gpt2-117m", "codegen-350m"),
     formats=tuple(f[2] for f in FORMATS),
     decode_tokens=128,
-    decode_reps=3,
+    decode_reps=2,
     typing_requests=20,
-    typing_cap_s=45,
+    typing_cap_s=40,
     editors_requests=8,
-    editors_cap_s=60,
-    client_levels=(2, 4, 8),
+    editors_cap_s=50,
+    client_levels=(4, 8),
     client_tokens=128,
-    browser_requests=4,
+    browser_requests=3,
     browser_tokens=64,
     hf_typing_requests=4,
     hf_editors_requests=1,
@@ -207,6 +207,12 @@ def run_server(c: C.Contender, plan: Plan, sessions: dict, log_dir: Path, full: 
     return rec
 
 
+def _have(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
 def _cut(s: W.TypingSession, n: int) -> W.TypingSession:
     return W.TypingSession(s.path, s.header, s.text, s.window_start, s.cursor0, s.steps[:n])
 
@@ -315,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
             report["llama_server"] = {"path": str(server_bin) if server_bin else None, "note": note}
             if server_bin is None:
                 report["notes"].append(f"llama-server skipped: {note}")
+        lcp_mods = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
+        lcp_ok = _have(*lcp_mods)
+        if "llama-cpp-python" in want and not lcp_ok:
+            report["notes"].append(
+                "llama-cpp-python server skipped: its [server] extra is missing; install it "
+                "without rebuilding: pip install fastapi uvicorn sse-starlette "
+                "'starlette-context<0.4' pydantic-settings PyYAML"
+            )
         if "floors" in want:
             for mf in files:
                 if mf.label not in PRIMARY and args.quick:
@@ -345,11 +359,16 @@ def main(argv: list[str] | None = None) -> int:
                     queue.append(
                         (C.llama_server(server_bin, mf, args.threads, args.slots, n_ctx), full)
                     )
-                if mf.fmt == "gguf" and label in PRIMARY and "llama-cpp-python" in want:
+                if mf.fmt == "gguf" and label in PRIMARY and "llama-cpp-python" in want and lcp_ok:
                     queue.append((C.llama_cpp_python(mf, args.threads, n_ctx), full))
-            if "transformers" in want:
+            if "transformers" in want and not _have("torch", "transformers"):
+                report["notes"].append("transformers baseline skipped: torch/transformers missing")
+            elif "transformers" in want:
                 hf_dir = next(iter(mfs.values())).hf_dir
                 queue.append((C.hf_baseline(hf_dir, model, args.threads), True))
+            # Primary files (every workload) before the decode-only secondaries, so that a
+            # run that hits --budget loses the least important rows.
+            queue.sort(key=lambda q: not q[1])
             for c, full in queue:
                 if time.monotonic() - t_start > args.budget:
                     report["notes"].append(
