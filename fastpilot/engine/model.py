@@ -509,8 +509,10 @@ class _Run:
             top: dict[str, float] = {}
             for tok, lp in e.top[: self.req.logprobs or 0]:
                 top.setdefault(text_of(tok), lp)
-            # OpenAI lists the sampled token too, even when it is not in the top k.
-            top.setdefault(text_of(e.token_id), e.logprob)
+            # OpenAI lists the sampled token too, even when it is not in the top k;
+            # when two ids share a text (padding rows decode to ""), the sampled
+            # token's value is the one shown, so top[token] == token_logprob.
+            top[text_of(e.token_id)] = e.logprob
             tops.append(top)
         return {
             "tokens": [text_of(e.token_id) for e in entries],
