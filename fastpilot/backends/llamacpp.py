@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import json
 import logging
 import os
 import threading
@@ -36,7 +35,6 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +48,13 @@ from fastpilot.backends.base import (
     Step,
     TokenStream,
 )
+from fastpilot.backends.llamacpp_native import (
+    Embedder,
+    NativeBatch,
+    load_library,
+    read_pieces,
+    resolve_gguf,
+)
 from fastpilot.engine.sampling import SequenceSampler, log_softmax, top_entries
 from fastpilot.errors import (
     BackendError,
@@ -62,126 +67,6 @@ from fastpilot.errors import (
 __all__ = ["LlamaCppBackend", "resolve_gguf"]
 
 log = logging.getLogger(__name__)
-_native_log = logging.getLogger(__name__ + ".native")
-
-_INIT_LOCK = threading.Lock()
-_lib: Any = None
-_log_callback: Any = None  # keep the ctypes callback alive for the process lifetime
-# ggml_log_level (ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT) -> logging level;
-# llama.cpp's INFO chatter (tensor lists, buffer sizes) goes to DEBUG.
-_LOG_LEVELS = {
-    0: logging.DEBUG,
-    1: logging.DEBUG,
-    2: logging.DEBUG,
-    3: logging.WARNING,
-    4: logging.ERROR,
-}
-
-
-def _llama() -> Any:
-    """Import llama_cpp once, init the ggml backends and route native logs to ``logging``."""
-    global _lib, _log_callback
-    with _INIT_LOCK:
-        if _lib is None:
-            import llama_cpp
-
-            last = [logging.DEBUG]
-
-            def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-                # level 5 (GGML_LOG_LEVEL_CONT) continues the previous message.
-                lvl = last[0] if level == 5 else _LOG_LEVELS.get(level, logging.DEBUG)
-                last[0] = lvl
-                if _native_log.isEnabledFor(lvl):
-                    _native_log.log(lvl, "%s", text.decode("utf-8", "replace").rstrip("\n"))
-
-            _log_callback = llama_cpp.llama_log_callback(_on_log)
-            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
-            llama_cpp.llama_backend_init()
-            _lib = llama_cpp
-    return _lib
-
-
-def resolve_gguf(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """Find the GGUF file and its ``fastpilot.json`` manifest (``{}`` when absent).
-
-    ``path`` is a ``.gguf`` file or a directory holding ``model.gguf`` (or exactly
-    one ``*.gguf``). Raises :class:`ModelFileError` for anything else.
-    """
-    p = Path(path)
-    if p.is_dir():
-        gguf = p / "model.gguf"
-        if not gguf.is_file():
-            found = sorted(p.glob("*.gguf"))
-            if len(found) != 1:
-                raise ModelFileError(f"{p} holds {len(found)} .gguf files; expected model.gguf")
-            gguf = found[0]
-        manifest_path = p / "fastpilot.json"
-    elif p.is_file():
-        gguf, manifest_path = p, p.parent / "fastpilot.json"
-    else:
-        raise ModelFileError(f"no such model file or directory: {p}")
-    with gguf.open("rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise ModelFileError(f"{gguf} is not a GGUF file")
-    manifest: dict[str, Any] = {}
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as ex:
-            raise ModelFileError(f"unreadable manifest {manifest_path}: {ex}") from ex
-    return gguf, manifest
-
-
-class _Batch:
-    """A ``llama_batch`` whose arrays are NumPy buffers owned by Python.
-
-    Filling it is a few vectorized slice assignments instead of five ctypes
-    writes per token; the memory lives as long as this object. Every token
-    belongs to exactly one sequence.
-    """
-
-    def __init__(self, lib: Any, capacity: int) -> None:
-        self.capacity = capacity
-        self.token = np.zeros(capacity, dtype=np.int32)
-        self.pos = np.zeros(capacity, dtype=np.int32)
-        self.n_seq_id = np.ones(capacity, dtype=np.int32)
-        self.seq = np.zeros(capacity, dtype=np.int32)
-        self.logits = np.zeros(capacity, dtype=np.int8)
-        # seq_id[i] points at seq[i]: (capacity,) pointers into one contiguous int32 array.
-        i32p = ctypes.POINTER(ctypes.c_int32)
-        base = self.seq.ctypes.data
-        self._seq_ptrs = (i32p * capacity)(
-            *(ctypes.cast(base + 4 * i, i32p) for i in range(capacity))
-        )
-        b = lib.llama_batch()
-        b.n_tokens = 0
-        b.token = self.token.ctypes.data_as(i32p)
-        b.embd = None
-        b.pos = self.pos.ctypes.data_as(i32p)
-        b.n_seq_id = self.n_seq_id.ctypes.data_as(i32p)
-        b.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(i32p))
-        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self.struct = b
-        self.n = 0
-
-    def clear(self) -> None:
-        self.n = 0
-
-    def add(self, tokens: Sequence[int], pos0: int, seq_id: int, last_logits: bool) -> int:
-        """Append ``tokens`` at positions ``pos0...``; returns the index of the last one."""
-        k, n = len(tokens), self.n
-        self.token[n : n + k] = tokens
-        self.pos[n : n + k] = np.arange(pos0, pos0 + k, dtype=np.int32)
-        self.seq[n : n + k] = seq_id
-        self.logits[n : n + k] = 0
-        if last_logits:
-            self.logits[n + k - 1] = 1
-        self.n = n + k
-        return n + k - 1
-
-    def ready(self) -> Any:
-        self.struct.n_tokens = self.n
-        return self.struct
 
 
 @dataclass(eq=False, slots=True)
@@ -260,7 +145,7 @@ class LlamaCppBackend(Backend):
     ) -> None:
         if slots < 1 or prompt_chunk < 1 or max_queue < 0:
             raise ValueError("slots and prompt_chunk must be >= 1, max_queue >= 0")
-        lib = self._lib = _llama()
+        lib = self._lib = load_library()
         gguf, manifest = resolve_gguf(path)
         self._threads = threads or os.cpu_count() or 1
         if device == "cpu":
@@ -274,7 +159,8 @@ class LlamaCppBackend(Backend):
         else:
             raise ValueError(f"unknown device {device!r}; expected cpu, cuda or auto")
 
-        self._ctx = self._embed_ctx = None
+        self._ctx = None
+        self._embedder: Embedder | None = None
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = gpu_layers
         self._model = lib.llama_model_load_from_file(str(gguf).encode(), mparams)
@@ -300,8 +186,8 @@ class LlamaCppBackend(Backend):
                 raise BackendError(f"llama.cpp could not create a context for {gguf}")
             self.context_length = min(per_slot, int(lib.llama_n_ctx_seq(self._ctx)))
             self._mem = lib.llama_get_memory(self._ctx)
-            self._batch = _Batch(lib, prompt_chunk + slots)
-            self._load_vocab()
+            self._batch = NativeBatch(lib, prompt_chunk + slots)
+            self._load_vocab(manifest)
         except BaseException:
             self._free_native()
             raise
@@ -344,21 +230,13 @@ class LlamaCppBackend(Backend):
         atexit.register(self.close)
 
     # -- vocabulary ------------------------------------------------------------------
-    def _load_vocab(self) -> None:
+    def _load_vocab(self, manifest: dict[str, Any]) -> None:
         lib, vocab = self._lib, self._vocab
-        buf = ctypes.create_string_buffer(256)
-        pieces: list[bytes] = []
-        for tok in range(self.vocab_size):
-            # special=True renders control tokens as their text ("<|endoftext|>").
-            n = lib.llama_token_to_piece(vocab, tok, buf, len(buf), 0, True)
-            if n < 0:
-                big = ctypes.create_string_buffer(-n)
-                n = lib.llama_token_to_piece(vocab, tok, big, len(big), 0, True)
-                pieces.append(big.raw[:n])
-            else:
-                pieces.append(buf.raw[:n])
-        self._pieces = pieces
+        self._pieces = read_pieces(lib, vocab, self.vocab_size)
+        # The GGUF's eos/eot, plus any the converter listed (the engine strips them all).
         eos = {int(lib.llama_vocab_eos(vocab)), int(lib.llama_vocab_eot(vocab))}
+        listed = manifest.get("eos_token_ids") or []
+        eos.update(int(t) for t in listed if isinstance(t, int))
         self.eos_token_ids = frozenset(t for t in eos if 0 <= t < self.vocab_size)
         self._bos = int(lib.llama_vocab_bos(vocab))
 
@@ -689,44 +567,16 @@ class LlamaCppBackend(Backend):
         Uses a second context (``embeddings=True``, mean pooling) created on the
         first call; calls are serialized and run in the caller's thread,
         concurrently with generation (they compete for the same CPU threads).
+        An empty text embeds the BOS token.
         """
-        lib = self._lib
         with self._embed_lock:
             if self._closed:
                 raise BackendError("the model was closed")
-            if self._embed_ctx is None:
-                p = lib.llama_context_default_params()
-                p.n_ctx = p.n_batch = p.n_ubatch = self.context_length
-                p.n_seq_max = 1
-                p.n_threads = p.n_threads_batch = self._threads
-                p.embeddings = True
-                p.pooling_type = lib.LLAMA_POOLING_TYPE_MEAN
-                p.no_perf = True
-                self._embed_ctx = lib.llama_init_from_model(self._model, p)
-                if not self._embed_ctx:
-                    raise BackendError("llama.cpp could not create the embedding context")
-                self._embed_batch = _Batch(lib, self.context_length)
-            ctx, batch = self._embed_ctx, self._embed_batch
-            n_embd = int(lib.llama_model_n_embd(self._model))
-            vectors = []
-            for text in texts:
-                ids = self.tokenize(text) or [self._bos]
-                if len(ids) > self.context_length:
-                    raise ContextLengthExceeded(
-                        f"input of {len(ids)} tokens exceeds the "
-                        f"{self.context_length}-token context",
-                        param="input",
-                    )
-                lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
-                batch.clear()
-                batch.add(ids, 0, 0, False)
-                batch.logits[: batch.n] = 1  # pooling reads every token's hidden state
-                rc = int(lib.llama_decode(ctx, batch.ready()))
-                ptr = lib.llama_get_embeddings_seq(ctx, 0) if rc == 0 else None
-                if not ptr:
-                    raise BackendError(f"llama.cpp embedding failed (status {rc})")
-                vectors.append(np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(float).tolist())
-            return vectors
+            if self._embedder is None:
+                self._embedder = Embedder(
+                    self._lib, self._model, self.context_length, self._threads
+                )
+            return [self._embedder.embed(self.tokenize(t) or [self._bos]) for t in texts]
 
     # -- lifecycle ---------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
@@ -758,9 +608,9 @@ class LlamaCppBackend(Backend):
 
     def _free_native(self) -> None:
         lib = self._lib
-        if self._embed_ctx is not None:
-            lib.llama_free(self._embed_ctx)
-            self._embed_ctx = None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self._ctx is not None:
             lib.llama_free(self._ctx)
             self._ctx = None

@@ -1,0 +1,210 @@
+"""Thin helpers over llama-cpp-python's ctypes API for :mod:`fastpilot.backends.llamacpp`.
+
+Library init and log routing, GGUF + manifest discovery, a NumPy-backed
+``llama_batch``, the token piece table, and the embedding context. Importing this
+module does not import ``llama_cpp``; :func:`load_library` does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastpilot.errors import BackendError, ContextLengthExceeded, ModelFileError
+
+__all__ = ["Embedder", "NativeBatch", "load_library", "read_pieces", "resolve_gguf"]
+
+_native_log = logging.getLogger("fastpilot.backends.llamacpp.native")
+
+_INIT_LOCK = threading.Lock()
+_lib: Any = None
+_log_callback: Any = None  # keep the ctypes callback alive for the process lifetime
+# ggml_log_level (ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT) -> logging level;
+# llama.cpp's INFO chatter (tensor lists, buffer sizes) goes to DEBUG.
+_LOG_LEVELS = {
+    0: logging.DEBUG,
+    1: logging.DEBUG,
+    2: logging.DEBUG,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
+
+
+def load_library() -> Any:
+    """Import llama_cpp once, init the ggml backends and route native logs to ``logging``."""
+    global _lib, _log_callback
+    with _INIT_LOCK:
+        if _lib is None:
+            import llama_cpp
+
+            last = [logging.DEBUG]
+
+            def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+                # level 5 (GGML_LOG_LEVEL_CONT) continues the previous message.
+                lvl = last[0] if level == 5 else _LOG_LEVELS.get(level, logging.DEBUG)
+                last[0] = lvl
+                if _native_log.isEnabledFor(lvl):
+                    _native_log.log(lvl, "%s", text.decode("utf-8", "replace").rstrip("\n"))
+
+            _log_callback = llama_cpp.llama_log_callback(_on_log)
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _lib = llama_cpp
+    return _lib
+
+
+def resolve_gguf(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """Find the GGUF file and its ``fastpilot.json`` manifest (``{}`` when absent).
+
+    ``path`` is a ``.gguf`` file or a directory holding ``model.gguf`` (or exactly
+    one ``*.gguf``). Raises :class:`ModelFileError` for anything else.
+    """
+    p = Path(path)
+    if p.is_dir():
+        gguf = p / "model.gguf"
+        if not gguf.is_file():
+            found = sorted(p.glob("*.gguf"))
+            if len(found) != 1:
+                raise ModelFileError(f"{p} holds {len(found)} .gguf files; expected model.gguf")
+            gguf = found[0]
+        manifest_path = p / "fastpilot.json"
+    elif p.is_file():
+        gguf, manifest_path = p, p.parent / "fastpilot.json"
+    else:
+        raise ModelFileError(f"no such model file or directory: {p}")
+    with gguf.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ModelFileError(f"{gguf} is not a GGUF file")
+    manifest: dict[str, Any] = {}
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as ex:
+            raise ModelFileError(f"unreadable manifest {manifest_path}: {ex}") from ex
+    return gguf, manifest
+
+
+class NativeBatch:
+    """A ``llama_batch`` whose arrays are NumPy buffers owned by Python.
+
+    Filling it is a few vectorized slice assignments instead of five ctypes
+    writes per token; the memory lives as long as this object. Every token
+    belongs to exactly one sequence.
+    """
+
+    def __init__(self, lib: Any, capacity: int) -> None:
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        # seq_id[i] points at seq[i]: (capacity,) pointers into one contiguous int32 array.
+        i32p = ctypes.POINTER(ctypes.c_int32)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (i32p * capacity)(
+            *(ctypes.cast(base + 4 * i, i32p) for i in range(capacity))
+        )
+        b = lib.llama_batch()
+        b.n_tokens = 0
+        b.token = self.token.ctypes.data_as(i32p)
+        b.embd = None
+        b.pos = self.pos.ctypes.data_as(i32p)
+        b.n_seq_id = self.n_seq_id.ctypes.data_as(i32p)
+        b.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(i32p))
+        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.struct = b
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, tokens: Sequence[int], pos0: int, seq_id: int, last_logits: bool) -> int:
+        """Append ``tokens`` at positions ``pos0...``; returns the index of the last one."""
+        k, n = len(tokens), self.n
+        self.token[n : n + k] = tokens
+        self.pos[n : n + k] = np.arange(pos0, pos0 + k, dtype=np.int32)
+        self.seq[n : n + k] = seq_id
+        self.logits[n : n + k] = 0
+        if last_logits:
+            self.logits[n + k - 1] = 1
+        self.n = n + k
+        return n + k - 1
+
+    def ready(self) -> Any:
+        self.struct.n_tokens = self.n
+        return self.struct
+
+
+def read_pieces(lib: Any, vocab: Any, n_vocab: int) -> list[bytes]:
+    """The raw bytes of every token id; control tokens as their text ("<|endoftext|>").
+
+    One ``llama_token_to_piece`` per id at load time (~50k ctypes calls for GPT-2,
+    tens of milliseconds), so detokenizing later is a list lookup.
+    """
+    buf = ctypes.create_string_buffer(256)
+    pieces: list[bytes] = []
+    for tok in range(n_vocab):
+        n = lib.llama_token_to_piece(vocab, tok, buf, len(buf), 0, True)
+        if n < 0:  # longer than the buffer: -n is the size needed
+            big = ctypes.create_string_buffer(-n)
+            n = lib.llama_token_to_piece(vocab, tok, big, len(big), 0, True)
+            pieces.append(big.raw[:n])
+        else:
+            pieces.append(buf.raw[:n])
+    return pieces
+
+
+class Embedder:
+    """A second context on the same model with ``embeddings=True`` and mean pooling.
+
+    Not thread-safe: the backend serializes calls. One text per ``llama_decode``
+    (the whole text in one ubatch, so the mean covers every token).
+    """
+
+    def __init__(self, lib: Any, model: Any, n_ctx: int, threads: int) -> None:
+        p = lib.llama_context_default_params()
+        p.n_ctx = p.n_batch = p.n_ubatch = n_ctx
+        p.n_seq_max = 1
+        p.n_threads = p.n_threads_batch = threads
+        p.embeddings = True
+        p.pooling_type = lib.LLAMA_POOLING_TYPE_MEAN
+        p.no_perf = True
+        self.ctx = lib.llama_init_from_model(model, p)
+        if not self.ctx:
+            raise BackendError("llama.cpp could not create the embedding context")
+        self.lib, self.n_ctx = lib, n_ctx
+        self.n_embd = int(lib.llama_model_n_embd(model))
+        self.batch = NativeBatch(lib, n_ctx)
+
+    def embed(self, ids: Sequence[int]) -> list[float]:
+        """Mean of the final hidden states (after the last norm) over ``ids``; not normalized."""
+        lib = self.lib
+        if len(ids) > self.n_ctx:
+            raise ContextLengthExceeded(
+                f"input of {len(ids)} tokens exceeds the {self.n_ctx}-token context",
+                param="input",
+            )
+        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+        self.batch.clear()
+        self.batch.add(ids, 0, 0, False)
+        self.batch.logits[: self.batch.n] = 1  # pooling reads every token's hidden state
+        rc = int(lib.llama_decode(self.ctx, self.batch.ready()))
+        ptr = lib.llama_get_embeddings_seq(self.ctx, 0) if rc == 0 else None
+        if not ptr:
+            raise BackendError(f"llama.cpp embedding failed (status {rc})")
+        # (n_embd,) float32 view into llama.cpp's buffer: copy out before the next decode.
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).astype(float).tolist()
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
