@@ -210,6 +210,7 @@ def convert(
     models_dir: Path = Path("models"),
     out: Path | None = None,
     force: bool = False,
+    offline: bool = False,
 ) -> list[Result]:
     """Convert ``source`` into each of ``targets``.
 
@@ -220,6 +221,7 @@ def convert(
             of the ``<format>-<quantization>`` directories.
         force: rewrite outputs that already exist with a valid manifest (otherwise
             they are kept and reported as not written).
+        offline: for a hub id, use the local cache only.
 
     Returns:
         One :class:`Result` per target, in order.
@@ -250,7 +252,7 @@ def convert(
     if not todo:
         return list(results.values())
 
-    resolved = resolve_source(source)
+    resolved = resolve_source(source, offline=offline)
     checkpoint = load_checkpoint(resolved.directory)
     model = loader_for(checkpoint).load()
     tokenizer = load_tokenizer(resolved.directory, checkpoint.config)

@@ -23,15 +23,33 @@ __all__ = ["CT2_QUANTIZATIONS", "write_ct2"]
 CT2_QUANTIZATIONS = ("float32", "float16", "int8", "int8_float16")
 
 
-def _set_linear(spec: object, linear: Linear) -> None:
-    spec.weight = np.ascontiguousarray(linear.weight)  # (out, in), as CT2 expects
+class _Copier:
+    """Hand ctranslate2 private copies: ``spec.optimize`` quantizes arrays in place.
+
+    Without copies, writing ct2-int8 first would corrupt the shared canonical model
+    for every later target in the same run. Arrays shared by identity (a tied LM
+    head) stay shared so ctranslate2 still stores them once.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[int, np.ndarray] = {}
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        key = id(array)
+        if key not in self._copies:
+            self._copies[key] = np.array(array, copy=True, order="C")
+        return self._copies[key]
+
+
+def _set_linear(spec: object, linear: Linear, copy: _Copier) -> None:
+    spec.weight = copy(linear.weight)  # (out, in), as CT2 expects
     if linear.bias is not None:
-        spec.bias = np.ascontiguousarray(linear.bias)
+        spec.bias = copy(linear.bias)
 
 
-def _set_norm(spec: object, norm: Norm) -> None:
-    spec.gamma = norm.gamma
-    spec.beta = norm.beta
+def _set_norm(spec: object, norm: Norm, copy: _Copier) -> None:
+    spec.gamma = copy(norm.gamma)
+    spec.beta = copy(norm.beta)
 
 
 def build_spec(model: DecoderModel, tokenizer: TokenizerData) -> object:
@@ -53,23 +71,24 @@ def build_spec(model: DecoderModel, tokenizer: TokenizerData) -> object:
         parallel_residual=parallel,
         shared_layer_norm=parallel,
     )
+    copy = _Copier()
     dec = spec.decoder
     dec.scale_embeddings = False
-    dec.embeddings.weight = model.token_embd  # (vocab, n_embd)
+    dec.embeddings.weight = copy(model.token_embd)  # (vocab, n_embd)
     if model.pos_embd is not None:
-        dec.position_encodings.encodings = model.pos_embd  # (n_ctx, n_embd)
-    _set_norm(dec.layer_norm, model.final_norm)
-    _set_linear(dec.projection, model.lm_head)
+        dec.position_encodings.encodings = copy(model.pos_embd)  # (n_ctx, n_embd)
+    _set_norm(dec.layer_norm, model.final_norm, copy)
+    _set_linear(dec.projection, model.lm_head, copy)
     for layer_spec, layer in zip(dec.layer, model.layers, strict=True):
         if parallel:
-            _set_norm(layer_spec.shared_layer_norm, layer.attn_norm)
+            _set_norm(layer_spec.shared_layer_norm, layer.attn_norm, copy)
         else:
-            _set_norm(layer_spec.self_attention.layer_norm, layer.attn_norm)
-            _set_norm(layer_spec.ffn.layer_norm, layer.ffn_norm)  # type: ignore[arg-type]
-        _set_linear(layer_spec.self_attention.linear[0], layer.qkv)  # (3E, E) [q|k|v]
-        _set_linear(layer_spec.self_attention.linear[1], layer.attn_out)
-        _set_linear(layer_spec.ffn.linear_0, layer.ffn_up)
-        _set_linear(layer_spec.ffn.linear_1, layer.ffn_down)
+            _set_norm(layer_spec.self_attention.layer_norm, layer.attn_norm, copy)
+            _set_norm(layer_spec.ffn.layer_norm, layer.ffn_norm, copy)  # type: ignore[arg-type]
+        _set_linear(layer_spec.self_attention.linear[0], layer.qkv, copy)  # (3E, E) [q|k|v]
+        _set_linear(layer_spec.self_attention.linear[1], layer.attn_out, copy)
+        _set_linear(layer_spec.ffn.linear_0, layer.ffn_up, copy)
+        _set_linear(layer_spec.ffn.linear_1, layer.ffn_down, copy)
 
     spec.config.layer_norm_epsilon = hp.layer_norm_eps
     spec.config.bos_token = tokenizer.bos_token

@@ -19,7 +19,7 @@ from fastpilot.errors import ConversionError
 
 from .progress import tqdm_class
 
-__all__ = ["HUB_TIMEOUT_S", "ResolvedSource", "resolve_source"]
+__all__ = ["HUB_TIMEOUT_S", "HubUnreachable", "ResolvedSource", "resolve_source"]
 
 HUB_TIMEOUT_S = 5.0  # seconds for the metadata request; a cold hub answers in < 1 s
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -33,6 +33,10 @@ _TOKENIZER_FILES = [
 ]
 _SAFETENSORS = ["*.safetensors", "model.safetensors.index.json"]
 _PICKLE = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+
+
+class HubUnreachable(ConversionError):
+    """A hub id is not cached and the hub cannot be reached (offline, DNS, timeout)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,17 +70,21 @@ def looks_like_path(source: str) -> bool:
     )
 
 
-def resolve_source(source: str, *, timeout: float = HUB_TIMEOUT_S) -> ResolvedSource:
+def resolve_source(
+    source: str, *, timeout: float = HUB_TIMEOUT_S, offline: bool = False
+) -> ResolvedSource:
     """Return a local directory holding the checkpoint ``source``.
 
     Args:
         source: a checkpoint directory, or a hub id such as ``gpt2`` or
             ``Salesforce/codegen-350M-mono``. An existing directory always wins.
         timeout: seconds allowed for the hub's metadata request.
+        offline: use the cache only (as with ``HF_HUB_OFFLINE=1``).
 
     Raises:
-        ConversionError: no such directory; or a hub id that is neither cached nor
-            downloadable (offline, unreachable, unknown repo).
+        HubUnreachable: a hub id that is not cached while the hub is offline or
+            unreachable.
+        ConversionError: no such directory, or an unknown/gated hub repo.
 
     Downloads go to the Hugging Face cache (``HF_HOME``/``HF_HUB_CACHE``) and may take
     minutes for large models; progress is shown on a terminal.
@@ -88,10 +96,10 @@ def resolve_source(source: str, *, timeout: float = HUB_TIMEOUT_S) -> ResolvedSo
         return ResolvedSource(path.resolve(), str(path.resolve()))
     if looks_like_path(source) or not _REPO_ID.match(source):
         raise ConversionError(f"{source}: no such directory")
-    return _from_hub(source, timeout)
+    return _from_hub(source, timeout, offline)
 
 
-def _from_hub(repo_id: str, timeout: float) -> ResolvedSource:
+def _from_hub(repo_id: str, timeout: float, offline: bool) -> ResolvedSource:
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -107,9 +115,10 @@ def _from_hub(repo_id: str, timeout: float) -> ResolvedSource:
             return ResolvedSource(cached, repo_id, _revision_of(cached))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         pass
-    if constants.HF_HUB_OFFLINE:
-        raise ConversionError(
-            f"{repo_id}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+    if offline or constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub is unreachable"
+        raise HubUnreachable(
+            f"{repo_id}: not in the Hugging Face cache and {why}; "
             "download it on a connected machine or pass a checkpoint directory"
         )
     try:
@@ -130,13 +139,14 @@ def _from_hub(repo_id: str, timeout: float) -> ResolvedSource:
             f"{repo_id}: no such (public) model on the hub ({type(ex).__name__})"
         ) from ex
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as ex:
-        raise ConversionError(
-            f"{repo_id}: cannot reach the Hugging Face hub at {constants.ENDPOINT} and the model "
-            f"is not cached ({type(ex).__name__}); pass a local checkpoint directory"
+        raise HubUnreachable(
+            f"{repo_id}: not in the Hugging Face cache and the hub at {constants.ENDPOINT} is "
+            f"unreachable ({type(ex).__name__}); pass a local checkpoint directory"
         ) from ex
     except Exception as ex:  # httpx transport errors, timeouts: all mean "unreachable"
-        raise ConversionError(
-            f"{repo_id}: cannot download from {constants.ENDPOINT} ({type(ex).__name__}: {ex})"
+        raise HubUnreachable(
+            f"{repo_id}: not in the Hugging Face cache and the hub at {constants.ENDPOINT} is "
+            f"unreachable ({type(ex).__name__}: {ex})"
         ) from ex
     if not _complete(local):
         raise ConversionError(f"{repo_id}: the hub repo lacks config.json, weights or a tokenizer")

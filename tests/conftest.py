@@ -1,0 +1,141 @@
+"""Shared pytest fixtures: tiny models built offline and converted by the real converters.
+
+Fixtures (all session-scoped; nothing is downloaded):
+
+``tiny_tokenizer_dir`` -> Path
+    HF tokenizer dir (tokenizer.json, vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json): byte-level BPE, 800 tokens, ``<|endoftext|>`` = id 799
+    is bos/eos/unk (see ``tests/tinymodels.py``).
+``tiny_gpt2_hf`` / ``tiny_codegen_hf`` -> Path
+    HF checkpoint dirs (config.json, model.safetensors, the tokenizer files) of a
+    random 2-layer GPT-2 (n_embd 256, 4 heads, n_ctx 128, vocab 800) and CodeGen
+    (n_embd 256, 8 heads, rotary_dim 16, n_ctx 128, vocab padded to 896).
+``tiny_models`` -> dict[str, dict[str, Path]]
+    ``tiny_models[arch][key]`` for arch in ``"gpt2"``, ``"codegen"`` and key in
+    ``"ct2-float32"``, ``"ct2-int8"``, ``"gguf-f32"``, ``"gguf-f16"``, ``"gguf-q8_0"``,
+    ``"gguf-q4_k_m"``: converted output directories, each with ``fastpilot.json`` and
+    ``tokenizer.json``; GGUF dirs hold ``model.gguf``. Also ``tiny_models[arch]["hf"]``.
+``tiny_gpt2_models`` / ``tiny_codegen_models`` -> dict[str, Path]
+    Shortcuts for ``tiny_models["gpt2"]`` / ``tiny_models["codegen"]``.
+
+Treat every path as read-only: they may live in a persistent cache shared by test
+runs, ``~/.cache/fastpilot/test-models/<hash>`` where the hash covers
+``tests/tinymodels.py``, the ``conversion/`` sources and the library versions, so any
+change to the builders or the converters rebuilds them. Set
+``FASTPILOT_TEST_CACHE=off`` to build into the session's tmp dir instead, or to a
+directory to cache there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pytest
+
+from tests import tinymodels
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_KEYS = ("ct2-float32", "ct2-int8", "gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
+ARCHS = ("gpt2", "codegen")
+_LIBS = ("ctranslate2", "llama_cpp_python", "gguf", "tokenizers", "transformers", "torch", "numpy")
+
+
+def _fingerprint() -> str:
+    """Hash of everything that determines the tiny models' bytes."""
+    digest = hashlib.sha256()
+    sources = [ROOT / "tests" / "tinymodels.py", *sorted((ROOT / "conversion").glob("*.py"))]
+    for path in sources:
+        if path.name != "train_tiny_py.py":
+            digest.update(path.name.encode() + path.read_bytes())
+    for lib in _LIBS:
+        try:
+            digest.update(f"{lib}={version(lib.replace('_', '-'))}".encode())
+        except PackageNotFoundError:
+            digest.update(lib.encode())
+    return digest.hexdigest()[:16]
+
+
+def build_tiny_models(root: Path) -> dict[str, dict[str, Path]]:
+    """Build the tokenizer, both HF checkpoints and every converted output under ``root``."""
+    from conversion.convert import Target, convert
+
+    tok = tinymodels.build_tokenizer(root / "tokenizer")
+    out: dict[str, dict[str, Path]] = {}
+    for arch, build in (("gpt2", tinymodels.build_gpt2), ("codegen", tinymodels.build_codegen)):
+        hf = build(tok, root / f"{arch}-hf")
+        targets = [Target(*key.split("-", 1)) for key in TINY_KEYS]
+        convert(str(hf), f"tiny-{arch}", targets, out=root / arch)
+        out[arch] = {"hf": hf, **{key: root / arch / key for key in TINY_KEYS}}
+    return out
+
+
+def _layout(root: Path) -> dict[str, dict[str, Path]]:
+    return {a: {"hf": root / f"{a}-hf", **{k: root / a / k for k in TINY_KEYS}} for a in ARCHS}
+
+
+def _complete(root: Path) -> bool:
+    return (root / "DONE").is_file()
+
+
+@pytest.fixture(scope="session")
+def tiny_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory holding every tiny model (cached across runs unless disabled)."""
+    setting = os.environ.get("FASTPILOT_TEST_CACHE", "")
+    if setting.lower() in ("off", "0", "no", "false"):
+        root = tmp_path_factory.mktemp("tiny-models")
+        build_tiny_models(root)
+        return root
+    cache = Path(setting) if setting else Path.home() / ".cache" / "fastpilot" / "test-models"
+    final = cache / _fingerprint()
+    if _complete(final):
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    # Build privately, then rename: concurrent test runs never see a half-built cache.
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    try:
+        build_tiny_models(tmp)
+        (tmp / "DONE").write_text("ok\n")
+        try:
+            tmp.rename(final)
+        except OSError:  # another run finished first; use its copy
+            if not _complete(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_models_root: Path) -> dict[str, dict[str, Path]]:
+    """``{arch: {"hf" | "ct2-float32" | ... | "gguf-q4_k_m": Path}}``; see the module docstring."""
+    return _layout(tiny_models_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_models(tiny_models: dict[str, dict[str, Path]]) -> dict[str, Path]:
+    return tiny_models["gpt2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_codegen_models(tiny_models: dict[str, dict[str, Path]]) -> dict[str, Path]:
+    return tiny_models["codegen"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tiny_models_root: Path) -> Path:
+    return tiny_models_root / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_hf(tiny_models: dict[str, dict[str, Path]]) -> Path:
+    return tiny_models["gpt2"]["hf"]
+
+
+@pytest.fixture(scope="session")
+def tiny_codegen_hf(tiny_models: dict[str, dict[str, Path]]) -> Path:
+    return tiny_models["codegen"]["hf"]
