@@ -45,7 +45,7 @@ def validate_messages(messages: Any) -> list[Message]:
                 f"messages[{i}] must be an object with role and content", param="messages"
             )
         role = msg.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a list/dict role is unhashable
             raise InvalidRequest(
                 f"messages[{i}].role must be one of {sorted(ROLES)}, got {str(role)[:40]!r}",
                 param="messages",
