@@ -1,7 +1,9 @@
 """llama.cpp backend against transformers on tiny random GPT-2 and CodeGen GGUF files.
 
 Every generation runs through the real llama.cpp (f32 GGUF for exactness, q4_k_m
-for a smoke test); the reference is transformers on the same HF checkpoint. Decode
+for a smoke test); the reference is transformers on the same HF checkpoint. The
+models are the session fixtures of ``tests/conftest.py`` (converted by the project's
+converter). Decode
 steps and evaluated tokens are counted with ``backend.stats()``.
 """
 
@@ -26,20 +28,13 @@ EOS = tinymodels.VOCAB_SIZE - 1  # "<|endoftext|>" is the last tokenizer id in b
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """HF dirs and GGUF conversions made with the project's converter."""
-    from conversion.convert import Target, convert
-
-    root = tmp_path_factory.mktemp("llamacpp")
-    tok = tinymodels.build_tokenizer(root / "tok")
-    dirs: dict[str, Path] = {}
-    for arch, build in (("gpt2", tinymodels.build_gpt2), ("codegen", tinymodels.build_codegen)):
-        hf = dirs[f"{arch}-hf"] = build(tok, root / f"{arch}-hf")
-        for q in ("f32", "q4_k_m"):
-            out = root / f"{arch}-gguf-{q}"
-            convert(str(hf), "t", [Target("gguf", q)], out=out, force=True)
-            dirs[f"{arch}-{q}"] = out
-    return dirs
+def built(tiny_models: dict[str, dict[str, Path]]) -> dict[str, Path]:
+    """``"<arch>-hf"``, ``"<arch>-f32"``, ``"<arch>-q4_k_m"`` from the shared tiny models."""
+    return {
+        f"{arch}-{key}": tiny_models[arch][src]
+        for arch in ("gpt2", "codegen")
+        for key, src in (("hf", "hf"), ("f32", "gguf-f32"), ("q4_k_m", "gguf-q4_k_m"))
+    }
 
 
 class Ref:
