@@ -21,6 +21,7 @@ from fastpilot.errors import ConversionError
 
 from .checkpoint import Checkpoint
 from .model import Activation, DecoderModel, Hyper, Layer, Linear, Norm
+from .progress import bar
 
 __all__ = ["ArchitectureLoader", "loader_for", "register", "supported_architectures"]
 
@@ -171,7 +172,7 @@ class GPT2Loader(ArchitectureLoader):
             return Linear(np.ascontiguousarray(w.T), self.tensor(f"{prefix}.bias", (n_out,)))
 
         layers = []
-        for i in range(hp.n_layer):
+        for i in bar(range(hp.n_layer), desc=f"load {self.model_type}", unit="layer"):
             h = f"{p}h.{i}"
             layers.append(
                 Layer(
@@ -275,7 +276,7 @@ class CodeGenLoader(ArchitectureLoader):
             return Linear(self.tensor(f"{prefix}.weight", (n_out, n_in)), b)
 
         layers = []
-        for i in range(hp.n_layer):
+        for i in bar(range(hp.n_layer), desc=f"load {self.model_type}", unit="layer"):
             h = f"transformer.h.{i}"
             q, k, v = split_codegen_qkv(
                 self.tensor(f"{h}.attn.qkv_proj.weight", (3 * E, E)), self.mp_num

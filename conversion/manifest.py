@@ -132,6 +132,8 @@ def verify(directory: str | Path) -> dict[str, Any]:
     manifest = read_manifest(directory)
     listed = {**manifest.get("files", {}), **manifest["weights"]}
     for name, expected in listed.items():
+        if not isinstance(name, str) or Path(name).name != name:
+            raise ModelFileError(f"{directory / MANIFEST}: {name!r} is not a plain file name")
         path = directory / name
         if not path.is_file():
             raise ModelFileError(f"{path}: listed in {MANIFEST} but missing")
