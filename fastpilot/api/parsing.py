@@ -16,6 +16,7 @@ Body policy (documented in the README and the settings help):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,6 +29,10 @@ _READ_CHUNK = 64 * 1024
 
 # Query-string values that are JSON text rather than scalars.
 _JSON_QUERY_FIELDS = frozenset({"logit_bias", "stream_options", "extra", "messages", "input"})
+# Deepest container nesting accepted in a JSON body (real requests use 3).
+MAX_JSON_DEPTH = 64
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Query-string fields that may repeat and are lists.
 _LIST_QUERY_FIELDS = frozenset({"stop"})
 
@@ -64,6 +69,64 @@ def _is_json_type(content_type: str | None) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+def loads_untrusted(raw: bytes | str, what: str, *, param: str | None = None) -> Any:
+    """``json.loads`` for request input: every failure is InvalidRequest or JSONDecodeError.
+
+    Plain ``json.loads`` lets three inputs escape as other exceptions (a 500):
+    nesting deep enough to exhaust the C scanner's recursion (RecursionError),
+    an integer literal over Python's 4300-digit limit (ValueError), and a lone
+    UTF-16 surrogate escape such as ``"\\ud800"``, which decodes to a ``str``
+    that no tokenizer can encode. Containers nested deeper than
+    :data:`MAX_JSON_DEPTH` are refused too, so nothing downstream recurses on them.
+    """
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise InvalidRequest(
+            f"{what} is nested too deeply", param=param, code="invalid_json"
+        ) from None
+    except ValueError as ex:  # int digits limit; UnicodeDecodeError is a ValueError too
+        if isinstance(ex, UnicodeDecodeError):
+            raise
+        raise InvalidRequest(
+            f"{what} holds a number with too many digits", param=param, code="invalid_json"
+        ) from None
+    raw_bytes = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    # Only \\uD800-\\uDFFF escapes can produce a lone surrogate: skip the string scan without them.
+    _check_tree(data, what, param, surrogates=_SURROGATE_ESCAPE.search(raw_bytes) is not None)
+    return data
+
+
+def _check_tree(data: Any, what: str, param: str | None, *, surrogates: bool) -> None:
+    """Iterative walk (no recursion): container depth, and lone surrogates when asked."""
+
+    def refuse(problem: str) -> InvalidRequest:
+        return InvalidRequest(f"{what} {problem}", param=param, code="invalid_json")
+
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                raise refuse("holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
+            continue
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise refuse(f"is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(node, dict):
+            if surrogates and any(_SURROGATE.search(key) for key in node):
+                raise refuse("holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
+            values: Iterable[Any] = node.values()
+        else:
+            values = node
+        for value in values:
+            if isinstance(value, (dict, list)) or (surrogates and isinstance(value, str)):
+                stack.append((value, depth + 1))
+
+
 def json_body(req: falcon.Request, limit: int) -> dict[str, Any]:
     """The request's JSON object. 415 for a non-JSON type, 400 for bad JSON or a non-object."""
     if not _is_json_type(req.content_type):
@@ -81,7 +144,7 @@ def json_body(req: falcon.Request, limit: int) -> dict[str, Any]:
             "the request body is empty; send a JSON object", param=None, code="invalid_json"
         )
     try:
-        data = json.loads(raw)
+        data = loads_untrusted(raw, "the request body")
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not UTF-8 text", code="invalid_json") from None
     except json.JSONDecodeError as ex:
@@ -113,7 +176,7 @@ def query_mapping(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
             raise InvalidRequest(f"{key} is given more than once in the query string", param=key)
         if key in _JSON_QUERY_FIELDS:
             try:
-                out[key] = json.loads(value)
+                out[key] = loads_untrusted(value, key, param=key)
             except json.JSONDecodeError:
                 raise InvalidRequest(
                     f"{key} must be JSON text in the query string", param=key
