@@ -87,7 +87,8 @@ class Contender:
         if self.name == "llama-server":
             body.update(ignore_eos=True, cache_prompt=True, stream_options={"include_usage": True})
         elif self.name == "llama-cpp-python":
-            body.update(min_tokens=req.max_tokens)
+            # Its default repeat_penalty is 1.1; the others apply none, so neither does it here.
+            body.update(min_tokens=req.max_tokens, repeat_penalty=1.0)
         else:
             body.update(ignore_eos=True)
         return Call("POST", "/v1/completions", body, req.stream)

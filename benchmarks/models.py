@@ -238,6 +238,18 @@ def _converter_argv(source: Path, name: str, fmt: str, quant: str, out: Path) ->
     return [sys.executable, "-m", "conversion", *args]
 
 
+def _converter_key() -> str:
+    """Hash of the converter's source: a cached conversion older than the code is redone."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent / "conversion"
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*.py")):
+        if f.name != "train_tiny_py.py":
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _weights_file(directory: Path, fmt: str, quant: str) -> Path:
     if fmt == "ct2":
         return directory / "model.bin"
@@ -279,7 +291,10 @@ def prepare(
             if label not in formats:
                 continue
             out = CACHE / "models" / f"{name}{'-real' if real else ''}-{label}"
-            if rebuild or not (out / "fastpilot.json").is_file():
+            key = _converter_key()
+            kf = out / ".bench-key"
+            stale = not kf.is_file() or kf.read_text() != key
+            if rebuild or stale or not (out / "fastpilot.json").is_file():
                 t0 = time.monotonic()
                 _log(f"converting {name} -> {label}")
                 shutil.rmtree(out, ignore_errors=True)
@@ -292,6 +307,7 @@ def prepare(
                 except (RuntimeError, subprocess.TimeoutExpired) as ex:
                     _log(f"conversion {name} {label} failed, skipped: {ex}")
                     continue
+                (out / ".bench-key").write_text(key)
                 _log(f"converted {name} -> {label} in {time.monotonic() - t0:.0f}s")
             w = _weights_file(out, fmt, quant)
             files.append(

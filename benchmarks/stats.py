@@ -72,4 +72,5 @@ def summarize(out: Outcome, streamed: bool = True) -> dict:
         "raw_ttft": ttft,
         "raw_e2e": e2e,
         "finish_reasons": sorted({str(r.finish_reason) for r in ok}),
+        "sample_text": ok[0].text[:80] if ok else None,
     }
