@@ -447,3 +447,25 @@ def test_close_fails_open_streams_and_is_idempotent(built, arch) -> None:
         list(queued)
     with pytest.raises(BackendError):
         b.submit(GenerationRequest(ids, _greedy(4)))
+
+
+def test_interpreter_exit_with_an_open_backend_is_clean(built, arch) -> None:
+    """The atexit hook stops the worker mid-generation before native memory is freed."""
+    import subprocess
+    import sys
+
+    code = (
+        "from fastpilot.backends.llamacpp import LlamaCppBackend\n"
+        "from fastpilot.backends.base import GenerationRequest, SamplingParams\n"
+        f"b = LlamaCppBackend({str(built[f'{arch}-f32'])!r}, threads=1)\n"
+        "p = SamplingParams(max_tokens=120, ignore_eos=True)\n"
+        "s = b.submit(GenerationRequest([1, 2, 3], p))\n"
+        "next(iter(s))\n"
+        "print('exiting', flush=True)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "exiting"
