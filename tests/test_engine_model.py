@@ -16,7 +16,7 @@ import pytest
 from fastpilot.backends.base import FimTemplate, FinishReason
 from fastpilot.engine.model import Model
 from fastpilot.engine.params import CompletionRequest, ContextMode
-from fastpilot.errors import ContextLengthExceeded, InvalidRequest, QueueFull, Timeout
+from fastpilot.errors import BackendError, ContextLengthExceeded, InvalidRequest, QueueFull, Timeout
 from tests.fakes import FakeBackend
 
 SCRIPT = " world\n\ndef fib(n):\n    return n\n"
@@ -458,3 +458,21 @@ def test_tokenize_detokenize_and_info(model: Model, backend: FakeBackend) -> Non
     stats = model.stats()
     assert stats["requests_total"] == 1 and stats["completion_tokens_total"] == 2
     assert "backend_decode_steps" in stats
+
+
+def test_backend_failure_is_a_typed_error() -> None:
+    class Broken(FakeBackend):
+        def token_bytes(self, token_id: int) -> bytes:
+            raise RuntimeError("vocabulary file vanished")
+
+    b = Broken(SCRIPT)
+    try:
+        model = Model("fake", b)
+        with pytest.raises(BackendError):
+            model.complete(prompt="hello", max_tokens=4, temperature=0)
+        with pytest.raises(BackendError):
+            list(model.stream(prompt="hello", max_tokens=4, temperature=0, n=2))
+        assert b.wait_idle()
+        assert model.stats()["requests_active"] == 0
+    finally:
+        b.close()

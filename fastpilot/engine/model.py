@@ -35,7 +35,7 @@ from fastpilot.engine.detok import IncrementalDetokenizer
 from fastpilot.engine.params import CompletionRequest, Limits
 from fastpilot.engine.prompt import PreparedPrompt, prepare
 from fastpilot.engine.sequences import Delta, SequenceState, TokenEntry, merge_streams
-from fastpilot.errors import FastpilotError, InvalidRequest, Timeout
+from fastpilot.errors import BackendError, FastpilotError, InvalidRequest, Timeout
 
 
 class Completion(dict):
@@ -286,6 +286,7 @@ class _Run:
         count = req.num_sequences
         model._count(requests_total=1, requests_active=1)
         self._active = True
+        self._settle = threading.Lock()  # finish() may race between close() and the iterator
         if self.prep.max_tokens == 0:
             return
         try:
@@ -394,6 +395,10 @@ class _Run:
                         held[i] = delta
                     else:
                         yield delta
+        except FastpilotError:
+            raise
+        except Exception as ex:  # a backend bug surfaces as a typed 500, not a bare exception
+            raise BackendError(f"generation failed: {type(ex).__name__}: {ex}") from ex
         finally:
             self.finish()
 
@@ -401,7 +406,9 @@ class _Run:
         """Cancel every stream (finished ones ignore it) and settle the counters once."""
         for stream in self.streams:
             stream.cancel()
-        if self._active:
+        with self._settle:
+            if not self._active:
+                return
             self._active = False
             self.model._count(
                 requests_active=-1,
