@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fastpilot.backends.base import Backend
 from fastpilot.engine.model import Model
 from fastpilot.engine.params import Limits
 from fastpilot.errors import InvalidRequest, UnknownModel
@@ -110,7 +111,7 @@ def resolve(
     backend: str | None = None,
     models_dir: str | os.PathLike[str] = "models",
 ) -> tuple[Path, str, str]:
-    """Find what to load: ``(path, format, engine name)``. Raises UnknownModel listing what exists."""
+    """Find what to load: ``(path, format, engine name)``; UnknownModel lists what exists."""
     given = Path(path_or_engine)
     roots = [given]
     if not given.is_absolute() and len(given.parts) == 1:
@@ -198,6 +199,7 @@ def load(
     if trust_unverified is None:
         trust_unverified = trust_from_env()
     check_model(path, fmt, trust_unverified=trust_unverified)
+    impl: Backend
     if fmt == "ct2":
         from fastpilot.backends.ctranslate2 import CTranslate2Backend
 

@@ -55,7 +55,7 @@ class Registry:
                     return self._models[primary]
                 if strict:
                     raise UnknownModel(
-                        f"the model {name!r} does not exist; served models: {', '.join(self._names)}",
+                        f"the model {name!r} does not exist; served: {', '.join(self._names)}",
                         param="model",
                     )
             return next(iter(self._models.values()))

@@ -26,7 +26,7 @@ import dataclasses
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 from fastpilot.backends.base import Backend, BackendInfo, GenerationRequest, TokenStream
@@ -118,7 +118,7 @@ class Model:
         return self.backend.detokenize(ids)
 
     def token_text(self, token_id: int) -> str:
-        """One token's text for ``logprobs``; a partial UTF-8 character is spelled ``bytes:\\x..``."""
+        """One token's text for ``logprobs``; a partial UTF-8 character reads ``bytes:\\x..``."""
         text = self._token_text.get(token_id)
         if text is None:
             data = self.backend.token_bytes(token_id)
@@ -226,7 +226,7 @@ class Model:
         too_long = [c for c in counts if c > self.context_length]
         if too_long:
             raise InvalidRequest(
-                f"an input has {too_long[0]} tokens; this model's context length is {self.context_length}",
+                f"an input has {too_long[0]} tokens; the context length is {self.context_length}",
                 param="input",
             )
         vectors = self.backend.embed(items)
@@ -575,7 +575,7 @@ class CompletionStream:
         """Usage so far (complete once the iteration ended)."""
         return self._run.usage()
 
-    def _generate(self) -> Iterator[dict[str, Any]]:
+    def _generate(self) -> Generator[dict[str, Any], None, None]:
         run = self._run
         base = {
             "id": run.id,

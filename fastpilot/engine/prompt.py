@@ -69,7 +69,7 @@ def prepare(
         bad = [t for t in body if t >= backend.vocab_size]
         if bad:
             raise InvalidRequest(
-                f"prompt token id {bad[0]} is out of range for a vocabulary of {backend.vocab_size}",
+                f"prompt token id {bad[0]} is out of range (vocabulary of {backend.vocab_size})",
                 param="prompt",
             )
     else:
