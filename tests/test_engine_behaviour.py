@@ -330,3 +330,46 @@ def test_embeddings_have_the_hidden_size(model: Model) -> None:
     vecs = [d["embedding"] for d in out["data"]]
     assert len(vecs) == 2 and len(vecs[0]) == 256 and vecs[0] != vecs[1]
     assert all(np.isfinite(vecs[0]))
+
+
+def test_deadline_raises_timeout(model: Model) -> None:
+    from fastpilot.errors import Timeout
+
+    # 100 tokens take well over a millisecond on any backend (~0.3 ms/token here).
+    with pytest.raises(Timeout):
+        model.complete(prompt=PROMPTS[0], max_tokens=100, ignore_eos=True, timeout=0.001)
+    with pytest.raises(Timeout):
+        list(model.stream(prompt=PROMPTS[0], max_tokens=100, ignore_eos=True, timeout=0.001))
+    # The model still serves afterwards.
+    out = model.complete(prompt=PROMPTS[0], max_tokens=4, ignore_eos=True)
+    assert out["usage"]["completion_tokens"] == 4
+
+
+QUANTIZED = ("ct2-int8", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
+
+
+@pytest.mark.parametrize("key", QUANTIZED)
+@pytest.mark.parametrize("arch", ["gpt2", "codegen"])
+def test_quantized_formats_serve_consistently(arch: str, key: str, tiny_models) -> None:
+    """Quantized outputs are not exact, but the engine's contract holds on them too."""
+    model = fastpilot.load(tiny_models[arch][key], threads=1)
+    try:
+        out = model.complete(
+            prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=2, ignore_eos=True
+        )
+        choice = out["choices"][0]
+        assert out["usage"]["completion_tokens"] == 12 and choice["finish_reason"] == "length"
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == 12
+        for tok, val, top, off in zip(
+            lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], lp["text_offset"], strict=True
+        ):
+            assert top[tok] == val == max(top.values())  # greedy picks the best
+            assert choice["text"][off:].startswith(tok) or tok.startswith("bytes:")
+        chunks = list(
+            model.stream(prompt=PROMPTS[0], max_tokens=12, temperature=0, ignore_eos=True)
+        )
+        assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        model.close()
