@@ -17,7 +17,7 @@ from typing import Any
 
 import falcon
 
-from fastpilot.errors import FastpilotError, QueueFull
+from fastpilot.errors import FastpilotError, ModelLoading, QueueFull, Timeout
 
 log = logging.getLogger("fastpilot.api")
 
@@ -71,16 +71,29 @@ def _set_error(resp: falcon.Response, status: int, body: dict[str, Any]) -> None
 def handle_domain_error(
     req: falcon.Request, resp: falcon.Response, ex: FastpilotError, params: Any
 ) -> None:
+    request_id = getattr(req.context, "request_id", "-")
     if ex.status >= 500:
-        log.error(
-            "request %s failed: %s: %s",
-            getattr(req.context, "request_id", "-"),
-            type(ex).__name__,
-            ex,
-        )
+        log.error("request %s failed: %s: %s", request_id, type(ex).__name__, ex, exc_info=ex)
     if isinstance(ex, QueueFull):
         resp.set_header("Retry-After", str(max(1, int(ex.retry_after))))
-    _set_error(resp, ex.status, ex.to_dict())
+    _set_error(resp, ex.status, public_error(ex, request_id))
+
+
+def public_error(ex: FastpilotError, request_id: str) -> dict[str, Any]:
+    """The envelope a client may see for ``ex``.
+
+    A 5xx from the backend or a model file carries the native library's
+    message, which can name server paths; the client gets a generic message
+    with the request id (the detail is in the log). Our own 503/504 messages
+    and every 4xx are sent as they are.
+    """
+    body = ex.to_dict()
+    if ex.status >= 500 and not isinstance(ex, (ModelLoading, Timeout)):
+        body["error"]["message"] = (
+            f"the model failed while generating (request id {request_id}); "
+            "the server log has the details"
+        )
+    return body
 
 
 def handle_http_error(

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from fastpilot.api.errors import public_error
 from fastpilot.errors import FastpilotError
 
 log = logging.getLogger("fastpilot.api")
@@ -39,7 +40,7 @@ def encode_event(payload: Any) -> bytes:
 
 def error_event(ex: BaseException, request_id: str) -> bytes:
     if isinstance(ex, FastpilotError):
-        body = ex.to_dict()
+        body = public_error(ex, request_id)
     else:
         body = {
             "error": {
