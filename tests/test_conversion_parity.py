@@ -11,6 +11,8 @@ of std ~1.3 and max ~6 on these models):
 * CT2 int8 and GGUF Q8_0: top-1 agreement >= 0.9 (mean over sequences).
 * GGUF Q4_K_M: reported; asserted only to load and beat chance by far (>= 0.4).
 
+The mean KL divergence from the reference distribution is reported for all.
+
 Run with ``pytest -s`` to see the numbers; they are also stored in pytest's cache
 under ``fastpilot/parity`` (``pytest --cache-show fastpilot/parity``).
 """
@@ -72,6 +74,18 @@ def _gguf_logits(model_dir: Path, sequences: list[list[int]]) -> list[np.ndarray
         out.append(np.array(llm.scores[: len(seq)], dtype=np.float32))  # (len(seq), vocab)
     llm.close()
     return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(p_ref || p_got) per position, in nats; (T, vocab) -> (T,)."""
+    lp, lq = _log_softmax(ref), _log_softmax(got)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
 def _compare(arch: str, key: str, got: list[np.ndarray], ref: list[np.ndarray]) -> dict[str, float]:
