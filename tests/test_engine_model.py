@@ -476,3 +476,17 @@ def test_backend_failure_is_a_typed_error() -> None:
         assert model.stats()["requests_active"] == 0
     finally:
         b.close()
+
+
+def test_stream_chat_include_usage(model: Model) -> None:
+    chunks = list(
+        model.stream_chat(
+            [{"role": "user", "content": "hi"}],
+            temperature=0,
+            max_tokens=3,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"

@@ -429,7 +429,9 @@ class _Run:
     def usage(self) -> dict[str, Any]:
         prompt = len(self.prep.prompt_ids)
         completion = self.completion_tokens
-        cached = max((s.cached_tokens for s in self.streams), default=0)
+        # min: sequences of one request share their prefill, which a backend may
+        # report as cached for all but the first; usage counts cross-request hits.
+        cached = min((s.cached_tokens for s in self.streams), default=0)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
