@@ -63,8 +63,8 @@ def prompt_ids(n: int, seed: int = 0) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(0, tinymodels.VOCAB_SIZE - 1, n)]
 
 
-def direct_lowlevel(gguf: Path, threads: int, tokens: int) -> float:
-    """Tokens/s of a one-sequence ``llama_decode`` + argmax loop (after the first token)."""
+def direct_lowlevel(gguf: Path, threads: int, tokens: int) -> tuple[float, float]:
+    """(tokens/s, CPU ms/token) of a one-sequence ``llama_decode`` + argmax loop."""
     import llama_cpp as L
 
     from fastpilot.backends.llamacpp_native import load_library
@@ -84,49 +84,52 @@ def direct_lowlevel(gguf: Path, threads: int, tokens: int) -> float:
         arr = (ctypes.c_int32 * len(ids))(*ids)
         assert L.llama_decode(ctx, L.llama_batch_get_one(arr, len(ids))) == 0
         one = (ctypes.c_int32 * 1)()
-        t0 = 0.0
+        t0 = c0 = 0.0
         for i in range(tokens):
             logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
             one[0] = int(np.argmax(logits))
             if i == 0:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
             assert L.llama_decode(ctx, L.llama_batch_get_one(one, 1)) == 0
-        return (tokens - 1) / (time.perf_counter() - t0)
+        n = tokens - 1
+        return n / (time.perf_counter() - t0), (time.process_time() - c0) * 1000 / n
     finally:
         L.llama_free(ctx)
         L.llama_model_free(model)
 
 
-def direct_llama(gguf: Path, threads: int, tokens: int) -> float:
-    """Tokens/s of the high-level ``Llama.generate`` (greedy) after the first token."""
+def direct_llama(gguf: Path, threads: int, tokens: int) -> tuple[float, float]:
+    """(tokens/s, CPU ms/token) of the high-level ``Llama.generate`` (greedy)."""
     import llama_cpp
 
     llm = llama_cpp.Llama(
         str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
     )
     try:
-        times = []
+        times, cpu = [], []
         for i, _ in enumerate(llm.generate(prompt_ids(PROMPT_LEN), temp=0.0, reset=True)):
             times.append(time.perf_counter())
+            cpu.append(time.process_time())
             if i + 1 == tokens:
                 break
-        return (len(times) - 1) / (times[-1] - times[0])
+        n = len(times) - 1
+        return n / (times[-1] - times[0]), (cpu[-1] - cpu[0]) * 1000 / n
     finally:
         llm.close()
 
 
-def backend_rate(backend, tokens: int, logprobs: int = 0, streams: int = 1) -> float:
-    """Aggregate decode tokens/s over ``streams`` concurrent greedy requests."""
+def backend_rate(backend, tokens: int, logprobs: int = 0, streams: int = 1) -> tuple[float, float]:
+    """(aggregate tokens/s, CPU ms/token) over ``streams`` concurrent greedy requests."""
     from fastpilot.backends.base import GenerationRequest, SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs)
-    stamps: list[list[float]] = [[] for _ in range(streams)]
+    stamps: list[list[tuple[float, float]]] = [[] for _ in range(streams)]
 
     def run(i: int) -> None:
         # Distinct prompts so nothing is served from the prompt cache.
         stream = backend.submit(GenerationRequest(prompt_ids(PROMPT_LEN, seed=100 + i), params))
         for _ in stream:
-            stamps[i].append(time.perf_counter())
+            stamps[i].append((time.perf_counter(), time.process_time()))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
     for t in threads:
@@ -135,8 +138,8 @@ def backend_rate(backend, tokens: int, logprobs: int = 0, streams: int = 1) -> f
         t.join()
     start = max(s[0] for s in stamps)  # every stream past its prompt
     end = max(s[-1] for s in stamps)
-    produced = sum(sum(1 for x in s if x > start) for s in stamps)
-    return produced / (end - start)
+    produced = sum(sum(1 for x in s if x[0] > start[0]) for s in stamps)
+    return produced / (end[0] - start[0]), (end[1] - start[1]) * 1000 / produced
 
 
 def prompt_cache(backend, repeats: int) -> tuple[float, float]:
@@ -173,7 +176,7 @@ def main() -> None:
 
     # Interleave the contenders round by round, so a busy machine slows them alike.
     backend = LlamaCppBackend(model_dir, threads=args.threads, slots=4)
-    runs: dict[str, list[float]] = {}
+    runs: dict[str, list[tuple[float, float]]] = {}
     contenders = {
         "direct-lowlevel": lambda: direct_lowlevel(gguf, args.threads, args.tokens),
         "direct-Llama": lambda: direct_llama(gguf, args.threads, args.tokens),
@@ -189,10 +192,17 @@ def main() -> None:
     finally:
         backend.close()
     # On a shared machine the best run is the least disturbed one; the median is shown too.
-    print(f"{'':24s} {'best':>8s} {'median':>8s}  tok/s")
-    for name, rates in runs.items():
+    # CPU ms/token (process time, all threads) is steadier than wall time under load;
+    # with --threads 1 it has no thread-pool spinning in it.
+    print(f"{'':24s} {'best':>7s} {'median':>7s} tok/s   CPU ms/token (median)")
+    for name, res in runs.items():
+        rates = [r for r, _ in res]
+        cpu = statistics.median(c for _, c in res)
         spread = ", ".join(f"{r:.1f}" for r in rates)
-        print(f"{name:24s} {max(rates):8.1f} {statistics.median(rates):8.1f}  (runs: {spread})")
+        print(
+            f"{name:24s} {max(rates):7.1f} {statistics.median(rates):7.1f}"
+            f"       {cpu:7.2f}   (runs: {spread})"
+        )
     print(f"TTFT 1000-token prompt, cold       {cold * 1000:8.1f} ms")
     print(f"TTFT same prompt + 10 tokens, warm {warm * 1000:8.1f} ms  ({cold / warm:.1f}x)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

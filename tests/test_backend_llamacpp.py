@@ -305,6 +305,34 @@ def test_slot_choice_prefers_longest_prefix(built, arch) -> None:
         b.close()
 
 
+def test_prefix_is_copied_from_a_running_request(built, arch) -> None:
+    b = _new(built, arch, slots=2, prompt_chunk=16)
+    cold = _new(built, arch, slots=1)
+    try:
+        base = _prompt(b, _long_text(), 60)
+        longer = base + _prompt(b, "    return fibonacci(n - 1)\n", 8)
+        want = _run(cold, longer, _greedy(8, ignore_eos=True))[0]
+        late: list[TokenStream] = []
+
+        def submit_late(_: TokenStream) -> None:  # runs while the first request generates
+            late.append(b.submit(GenerationRequest(longer, _greedy(8, ignore_eos=True))))
+
+        first = Hook(
+            GenerationRequest(base, _greedy(20, ignore_eos=True)), at=2, action=submit_late
+        )
+        b._enqueue(first)
+        assert len(list(first)) == 20
+        assert [s.token_id for s in late[0]] == want
+        # (>=: the first generated token may happen to equal longer[len(base)])
+        cached = late[0].cached_tokens
+        assert cached >= len(base)
+        assert b.stats()["prefix_copies"] == 1
+        assert b.stats()["prompt_tokens_evaluated"] == len(base) + len(longer) - cached
+    finally:
+        b.close()
+        cold.close()
+
+
 # -- finishing ------------------------------------------------------------------------
 def test_cancel_stops_within_one_step_and_others_continue(built, arch) -> None:
     b = _new(built, arch, slots=2)

@@ -12,9 +12,11 @@ New requests join the running batch at the next iteration.
 
 Prompt cache: each slot remembers the tokens whose KV it holds. A request
 takes the free slot sharing the longest common prefix with its prompt and only
-evaluates the rest; requests with an identical prompt that arrive while the
-first is still prefilling (``n > 1``) copy its KV with ``llama_memory_seq_cp``
-instead of evaluating it again.
+evaluates the rest. When a *running* request holds a longer prefix (at least
+``_MIN_COPY`` tokens more), its KV stream is copied into a free slot with
+``llama_memory_seq_cp`` instead; and requests with an identical prompt that
+arrive while the first is still prefilling (``n > 1``) wait for that prefill and
+then copy its KV and share its first logits, so the prompt is evaluated once.
 
 End of sequence: when the sampler picks an end-of-sequence token, the stream
 finishes with ``STOP`` and *no step is pushed* for it, so no text and no
@@ -100,6 +102,11 @@ class _ScoreJob:
     future: Future[list[Step | None]] = field(default_factory=Future)
 
 
+# Fewest prompt tokens worth copying another slot's KV stream for. The copy moves the
+# whole stream (n_ctx cells x layers), about the cost of evaluating a few tokens.
+_MIN_COPY = 16
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -169,7 +176,8 @@ class LlamaCppBackend(Backend):
         try:
             self._vocab = lib.llama_model_get_vocab(self._model)
             self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
-            trained = int(lib.llama_model_n_ctx_train(self._model))
+            # Some GGUFs omit the trained context; 2048 is llama.cpp's usual fallback.
+            trained = int(lib.llama_model_n_ctx_train(self._model)) or 2048
             per_slot = min(trained, context_length) if context_length else trained
             self._slots_n = slots
             self._chunk = prompt_chunk
@@ -221,6 +229,7 @@ class LlamaCppBackend(Backend):
                 "tokens_generated",
                 "cached_prompt_tokens",
                 "shared_prefills",
+                "prefix_copies",
                 "decode_errors",
             ),
             0,
@@ -308,9 +317,15 @@ class LlamaCppBackend(Backend):
                 self._sweep_pending_locked()
                 admitted = self._take_pending_locked()
                 job = self._jobs.popleft() if self._jobs and self._free else None
-            try:
-                for stream in admitted:
+            for stream in admitted:
+                try:
                     self._admit(stream)
+                except Exception as ex:  # e.g. parameters the sampler rejects
+                    log.exception("could not start a llama.cpp request")
+                    stream.fail(ex)
+                    with self._cond:
+                        self._free += 1
+            try:
                 if job is not None:
                     self._score(job)
                 self._drop_cancelled()
@@ -344,26 +359,47 @@ class LlamaCppBackend(Backend):
         """Bind a request to the free slot with the longest cached prefix and trim its KV."""
         req = stream.request
         prompt = list(req.prompt_ids) or ([self._bos] if self._bos >= 0 else [0])
+        sampler = SequenceSampler(req.params, self.vocab_size, self.eos_token_ids, prompt)
         free = [s for s in self._slots if not s.busy]
         slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.last_used))
+        shared = _common_prefix(slot.tokens, prompt)
+        donor = max(
+            (s for s in self._slots if s.busy),
+            key=lambda s: _common_prefix(s.tokens, prompt),
+            default=None,
+        )
+        leader = next(
+            (o for o in self._active if o.leader is None and o.todo and o.prompt == prompt), None
+        )
+        if leader is not None:
+            donor = None  # it will get the leader's whole KV once that prefill ends
+        if donor is not None and _common_prefix(donor.tokens, prompt) >= shared + _MIN_COPY:
+            # A running request holds a longer prefix: copy its KV stream into the least
+            # recently used free slot (a buffer copy, far cheaper than re-evaluating).
+            slot = min(free, key=lambda s: s.last_used)
+            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            self._lib.llama_memory_seq_cp(self._mem, donor.seq_id, slot.seq_id, -1, -1)
+            slot.tokens = list(donor.tokens)
+            shared = _common_prefix(slot.tokens, prompt)
+            self._counters["prefix_copies"] += 1
         # Keep at least the last prompt token to evaluate: its logits pick the first token.
-        reuse = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        reuse = min(shared, len(prompt) - 1)
         if reuse < len(slot.tokens):
-            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, reuse, -1)
+            if not self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, reuse, -1):
+                # Memories that cannot drop a suffix (recurrent/SWA) start the slot afresh.
+                self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                reuse = 0
             del slot.tokens[reuse:]
         slot.busy = True
         stream.cached_tokens = reuse
         self._counters["cached_prompt_tokens"] += reuse
-        sampler = SequenceSampler(req.params, self.vocab_size, self.eos_token_ids, prompt)
         a = _Active(stream, slot, sampler, prompt, prompt[reuse:], req.params.max_tokens)
         if a.max_tokens <= 0:
             self._release(a, FinishReason.LENGTH)
             return
-        for other in self._active:
-            if other.leader is None and other.todo and other.prompt == prompt:
-                a.leader = other
-                other.followers.append(a)
-                break
+        if leader is not None:
+            a.leader = leader
+            leader.followers.append(a)
         self._active.append(a)
 
     def _drop_cancelled(self) -> None:
