@@ -490,3 +490,34 @@ def test_stream_chat_include_usage(model: Model) -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_first_chunk_is_not_held_back() -> None:
+    b = FakeBackend(SCRIPT, step_delay=0.1)
+    try:
+        model = Model("fake", b)
+        t0 = time.monotonic()
+        s = model.stream(prompt="hello", max_tokens=5, temperature=0)
+        first = next(s)
+        ttft = time.monotonic() - t0
+        assert first["choices"][0]["text"] == " world"
+        # One decode round (0.1 s), not two: the lookahead starts after the first chunk.
+        assert ttft < 0.19
+        rest = list(s)
+        assert (
+            rest[-1]["choices"][0]["finish_reason"] == "length" and rest[-1]["choices"][0]["text"]
+        )
+    finally:
+        b.close()
+
+
+def test_one_token_then_eos_finishes_on_an_empty_chunk() -> None:
+    b = FakeBackend("x")
+    try:
+        chunks = list(Model("fake", b).stream(prompt="hello", max_tokens=5, temperature=0))
+        assert [(c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in chunks] == [
+            ("x", None),
+            ("", "stop"),
+        ]
+    finally:
+        b.close()

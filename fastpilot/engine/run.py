@@ -119,13 +119,18 @@ class Run:
     def deltas(self, *, lookahead: bool) -> Iterator[Delta]:
         """Yield each choice's deltas as generation proceeds; the finishing one last.
 
-        With ``lookahead`` a text delta is held until the choice's next event,
-        so ``finish_reason`` rides on the last text-bearing delta instead of an
-        empty one; this delays each delta by one decode step, except when the
-        end is known at once (max_tokens reached, stop string matched).
-        Cancels every outstanding backend stream on any exit.
+        With ``lookahead`` (streaming) a choice's text deltas after its first
+        are held until the choice's next event, so ``finish_reason`` rides on
+        the last text-bearing delta instead of an empty one. The first delta
+        goes out at once, so the time to first token is not delayed; the cost
+        is that a choice that ends by end-of-text right after its first delta
+        gets its ``finish_reason`` on an empty delta. Later deltas arrive one
+        decode step late, except when the end is known at once (max_tokens
+        reached, stop string matched). Cancels every outstanding backend
+        stream on any exit.
         """
         held: dict[int, Delta] = {}
+        sent: set[int] = set()  # choices that already emitted a delta
         try:
             if self.echo_text or self.echo_entries:
                 for i in range(self.req.n if self.prep.max_tokens == 0 else len(self.states)):
@@ -158,6 +163,7 @@ class Run:
                     if delta.finish_reason is not None or (delta.empty and lookahead):
                         delta = prev.merge(delta) if delta.finish_reason is not None else prev
                     else:
+                        sent.add(i)
                         yield prev
                 if delta.finish_reason is not None:
                     yield delta
@@ -165,9 +171,10 @@ class Run:
                     if live == 0:
                         return
                 elif not delta.empty:
-                    if lookahead:
+                    if lookahead and i in sent:
                         held[i] = delta
                     else:
+                        sent.add(i)
                         yield delta
         except FastpilotError:
             raise
