@@ -193,7 +193,9 @@ def test_hangup_frees_the_slot(server, when):
     wait_until(lambda: idle(backend), 2.0)
     assert time.monotonic() - t0 < 2.0
     new = backend.streams[before:]
-    assert len(new) == 1 and new[0].finish_reason == FinishReason.CANCELLED
+    # Hung up before the app ran: waitress may drop the request unseen (nothing to cancel).
+    assert len(new) == 1 or (when == "before prefill" and not new)
+    assert all(s.finish_reason == FinishReason.CANCELLED for s in new)
     assert backend.decode_steps - steps < 20
     assert_serves(server, "prefill")
 
