@@ -154,6 +154,9 @@ class Model:
         Validation, context errors and QueueFull are raised here, before the
         first chunk, so the server can still answer with a status code. The
         caller must exhaust or :meth:`CompletionStream.close` the stream.
+        Each choice's first chunk is sent at once; later chunks are held one
+        decode step so ``finish_reason`` rides on the last text chunk (see
+        :meth:`fastpilot.engine.run.Run.deltas`).
         """
         req = self._request(request, params)
         if req.best_of is not None and req.best_of > req.n:
