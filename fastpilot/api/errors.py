@@ -87,13 +87,13 @@ def public_error(ex: FastpilotError, request_id: str) -> dict[str, Any]:
     with the request id (the detail is in the log). Our own 503/504 messages
     and every 4xx are sent as they are.
     """
-    body = ex.to_dict()
+    message = ex.message
     if ex.status >= 500 and not isinstance(ex, (ModelLoading, Timeout)):
-        body["error"]["message"] = (
+        message = (
             f"the model failed while generating (request id {request_id}); "
             "the server log has the details"
         )
-    return body
+    return envelope(message, ex.type, ex.code, ex.param)
 
 
 def handle_http_error(
