@@ -7,6 +7,10 @@ exception raised inside the worker mid-generation (as a native library would).
 After every fault: the backend's slot is free, the next request works, and
 nothing the client saw holds a traceback or a server path.
 
+The mid-stream failure is injected twice: into the FakeBackend's worker, and
+into a real llama.cpp backend (a subclass whose ``llama_decode`` fails for one
+sequence), where the backend's own isolation must keep its batch-mates going.
+
 Already covered elsewhere, not repeated here: a hang-up mid-decode
 (tests/test_e2e_stream.py), the 504 deadline over the TestClient and the 429
 status code itself (tests/test_api.py), SIGTERM without requests in flight
@@ -305,6 +309,74 @@ def test_backend_exception_mid_stream(server):
         server, "POST", "/v1/completions", {**body, "prompt": "hello", "max_tokens": 5}
     )
     assert resp.status == 200 and json.loads(data)["usage"]["completion_tokens"] == 5
+
+
+class FailingDecodeLlama:
+    """Factory for a LlamaCppBackend subclass whose ``llama_decode`` fails for one request.
+
+    The victim is the sequence sampled with seed 666: once it has 3 tokens, every
+    decode that includes it reports status -3, as llama.cpp does when it cannot
+    fit a batch. The backend's own isolation retries each sequence alone, so only
+    the victim fails; the others in the same batch go on.
+    """
+
+    @staticmethod
+    def make(path, **kwargs):
+        from fastpilot.backends.llamacpp import LlamaCppBackend
+
+        class _Failing(LlamaCppBackend):
+            def _decode(self, entries):
+                if any(
+                    a.stream.request.params.seed == 666 and a.generated >= 3 for a, _ in entries
+                ):
+                    return -3  # nothing was decoded, so there is no KV state to roll back
+                return super()._decode(entries)
+
+        return _Failing(path, **kwargs)
+
+
+def test_native_decode_failure_mid_stream_real_llamacpp(tiny_gpt2_models):
+    from fastpilot.engine.model import Model
+    from fastpilot.models import Registry
+
+    backend = FailingDecodeLlama.make(str(tiny_gpt2_models["gguf-q8_0"]), threads=1, slots=4)
+    registry = Registry()
+    registry.add("tiny", Model("tiny", backend))
+    settings = Settings(port=0)
+    running = start_in_thread(create_app(settings, registry), settings)
+    try:
+        good = {"prompt": "import os\n", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+        _, want = request(running, "POST", "/v1/completions", good)
+        want_text = json.loads(want)["choices"][0]["text"]
+        results = {}
+
+        def run(name, body):
+            results[name] = request(running, "POST", "/v1/completions", body)
+
+        victim = {**good, "seed": 666, "temperature": 1.0, "stream": True}
+        threads = [threading.Thread(target=run, args=("victim", victim)),
+                   threading.Thread(target=run, args=("good", good))]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        resp, data = results["victim"]
+        text = data.decode()
+        assert resp.status == 200 and text.endswith("data: [DONE]\n\n")
+        events = [json.loads(b[6:]) for b in text.split("\n\n")[:-2]]
+        assert events[-1]["error"]["code"] == "backend_error"
+        assert "llama_decode" not in events[-1]["error"]["message"]  # native detail: log only
+        assert sum(len(e["choices"][0]["text"]) > 0 for e in events[:-1]) >= 1
+        # The request decoded alongside the failing one was not disturbed.
+        resp, data = results["good"]
+        assert resp.status == 200 and json.loads(data)["choices"][0]["text"] == want_text
+        wait_until(lambda: backend.stats()["busy_slots"] == 0, 2)
+        assert backend.stats()["decode_errors"] >= 1
+        resp, data = request(running, "POST", "/v1/completions", good)
+        assert resp.status == 200 and json.loads(data)["choices"][0]["text"] == want_text
+    finally:
+        running.stop()
+        registry.close_all()
 
 
 def test_deadline_mid_stream_frees_the_slot(server):
