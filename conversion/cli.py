@@ -136,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConversionError, FastpilotError) as ex:
         print(f"error: {ex.message}", file=sys.stderr)
         return 1
+    except OSError as ex:  # disk full, permission denied: the partial output is gone
+        print(f"error: {ex}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; partial outputs were removed", file=sys.stderr)
         return 130
