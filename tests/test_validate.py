@@ -332,3 +332,19 @@ def test_serve_refuses_a_corrupted_model_with_a_clear_message(gguf_dir):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "cannot load models" in out.stderr and "sha256 does not match" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_serve_flag_trusts_a_model_without_manifest(gguf_dir):
+    from tests.servers import ServeProcess
+
+    (gguf_dir / "fastpilot.json").unlink()
+    cmd = [sys.executable, "-m", "fastpilot.cli", "serve", "--port", "0",
+           "--model", f"plain={gguf_dir}", "--threads", "1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("FASTPILOT_TRUST_UNVERIFIED_MODELS", None)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert out.returncode == 1 and "--trust-unverified-models" in out.stderr
+    with ServeProcess(["--model", f"plain={gguf_dir}", "--threads", "1",
+                       "--trust-unverified-models"]) as server:  # fmt: skip
+        status, data = server.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert status == 200, data
