@@ -77,6 +77,7 @@ def direct_lowlevel(gguf: Path, threads: int, tokens: int) -> tuple[float, float
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 1024, 512, 512, 1
     cp.n_threads = cp.n_threads_batch = threads
     cp.no_perf = True
+    cp.flash_attn_type = 0  # as the backend does on CPU (and Llama's flash_attn=False)
     ctx = L.llama_init_from_model(model, cp)
     n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
     try:

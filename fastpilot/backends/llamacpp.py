@@ -132,6 +132,9 @@ class LlamaCppBackend(Backend):
         context_length: cap on the per-slot context (default: the model's trained context).
         prompt_chunk: prompt tokens evaluated per decode step, shared by all prefilling
             requests; bounds how much a long prompt delays the other streams' next token.
+        flash_attn: ``None`` (default) disables flash attention on CPU -- measured
+            ~1.5-2x slower per token at 1000 positions on an AVX2 EPYC -- and lets
+            llama.cpp decide when layers are offloaded to a GPU.
 
     Loading blocks (mmap + context allocation). The worker thread starts at once
     and is the only thread that touches the generation context.
@@ -149,6 +152,7 @@ class LlamaCppBackend(Backend):
         max_queue: int = 64,
         context_length: int | None = None,
         prompt_chunk: int = 256,
+        flash_attn: bool | None = None,
     ) -> None:
         if slots < 1 or prompt_chunk < 1 or max_queue < 0:
             raise ValueError("slots and prompt_chunk must be >= 1, max_queue >= 0")
@@ -189,6 +193,10 @@ class LlamaCppBackend(Backend):
             cparams.n_threads = cparams.n_threads_batch = self._threads
             cparams.kv_unified = False  # one KV stream per slot: attention only over its own cells
             cparams.no_perf = True
+            if flash_attn is None:
+                cparams.flash_attn_type = -1 if gpu_layers else 0  # AUTO / DISABLED
+            else:
+                cparams.flash_attn_type = 1 if flash_attn else 0
             self._ctx = lib.llama_init_from_model(self._model, cparams)
             if not self._ctx:
                 raise BackendError(f"llama.cpp could not create a context for {gguf}")
