@@ -152,7 +152,11 @@ def llama_server(binary: Path, mf: ModelFile, threads: int, slots: int, n_ctx: i
 
 
 def llama_cpp_python(mf: ModelFile, threads: int, n_ctx: int) -> Contender:
-    """llama-cpp-python's bundled FastAPI server (one sequence; requests are serialized)."""
+    """llama-cpp-python's bundled FastAPI server (one sequence; requests are serialized).
+
+    Started with ``--interrupt_requests False``: its default cancels the stream in flight
+    when another request arrives, so with concurrent clients most streams would end early.
+    """
     port = free_port()
     argv = (
         sys.executable,
@@ -168,6 +172,10 @@ def llama_cpp_python(mf: ModelFile, threads: int, n_ctx: int) -> Contender:
         str(threads),
         "--n_ctx",
         str(n_ctx),
+        # Its default (True) aborts the running stream whenever a new request arrives, which
+        # cuts concurrent streams short; off, requests queue and every stream completes.
+        "--interrupt_requests",
+        "False",
         "--host",
         "127.0.0.1",
         "--port",

@@ -453,7 +453,9 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
         "`finish_reason` and `[DONE]`.",
         f"- fastpilot `--slots {report['slots']}` and llama-server `--parallel {report['slots']}` "
         "`--cont-batching --cache-prompt --no-kv-unified -c n_ctx×slots`; llama-cpp-python server "
-        "`--n_ctx n_ctx` (one sequence, requests serialized by its lock); transformers baseline: "
+        "`--n_ctx n_ctx --interrupt_requests False` (one sequence, requests serialized by its "
+        "lock; its default interrupts the stream in flight on each new request); transformers "
+        "baseline: "
         "`benchmarks/hf_server.py`, float32, one request at a time, no prefix cache.",
         "",
     ]
