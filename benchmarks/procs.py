@@ -18,7 +18,14 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["Managed", "RssSampler", "free_port", "kill_all", "tree_rss_bytes"]
+__all__ = [
+    "CpuWatch",
+    "Managed",
+    "RssSampler",
+    "free_port",
+    "kill_all",
+    "tree_rss_bytes",
+]
 
 _LIVE: dict[int, subprocess.Popen] = {}
 _LOCK = threading.Lock()
@@ -74,6 +81,67 @@ def tree_rss_bytes(pid: int) -> int:
         total += _rss(p)
         stack.extend(_children(p))
     return total
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float:
+    """utime + stime of one process in seconds (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _tree_pids(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(_children(p))
+    return out
+
+
+def _system_busy() -> float:
+    """CPU seconds all cores spent not idle since boot (/proc/stat, idle+iowait excluded)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / _TICK
+
+
+class CpuWatch:
+    """How much CPU went to processes other than ours while a contender ran.
+
+    ``foreign_share`` = (system busy time - server tree CPU - harness CPU) / (wall * cores):
+    0 means the machine was ours alone; 0.3 means a third of all cores ran someone else's
+    work, and the contender's numbers are pessimistic by up to that much.
+    """
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.foreign_share: float | None = None
+
+    def _ours(self) -> float:
+        t = os.times()
+        own = t.user + t.system + t.children_user + t.children_system
+        return own + (sum(_proc_cpu(p) for p in _tree_pids(self.pid)) if self.pid else 0.0)
+
+    def __enter__(self) -> CpuWatch:
+        self._t0, self._busy0, self._ours0 = time.monotonic(), _system_busy(), self._ours()
+        return self
+
+    def stop(self) -> None:
+        """Take the end reading; call while the server still runs (its CPU is then readable)."""
+        wall = time.monotonic() - self._t0
+        busy = _system_busy() - self._busy0
+        ours = self._ours() - self._ours0
+        cores = os.cpu_count() or 1
+        self.foreign_share = max(0.0, busy - ours) / (wall * cores) if wall > 0 else None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.foreign_share is None:
+            self.stop()
 
 
 class RssSampler:

@@ -277,7 +277,8 @@ def _workload_table(report: dict, model: str) -> list[str]:
         "| contender | file | decode tok/s | typing e2e p50 / p95 ms | typing TTFT cold / cached "
         "p50 / p95 ms "
         "| typing tok/req | 4 editors e2e p50 / p95 ms | 4 ed. TTFT p50 / p95 ms | 4 ed. cut short "
-        "| 8 clients tok/s | 8 cl. e2e p50 / p95 ms | GET 64 e2e p50 ms | peak RSS MiB | start s |"
+        "| 8 clients tok/s | 8 cl. e2e p50 / p95 ms | GET 64 e2e p50 ms | peak RSS MiB | start s "
+        "| other CPU % |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in report["runs"]:
@@ -304,7 +305,7 @@ def _workload_table(report: dict, model: str) -> list[str]:
             f"| {_f(g('clients_8', 'agg_tps'))} | {_ms(g('clients_8', 'e2e_p50'))} / "
             f"{_ms(g('clients_8', 'e2e_p95'))} "
             f"| {_ms(g('browser', 'e2e_p50'))} | {_f(r.get('peak_rss'), 0, 1 / 2**20)} | "
-            f"{_f(r.get('startup_s'))} |"
+            f"{_f(r.get('startup_s'))} | {_f(r.get('foreign_cpu_share'), 0, 100)} |"
         )
     return lines
 
@@ -445,6 +446,9 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
         "samples "
         "of the summed VmRSS of the server's process tree, from launch to the end of its "
         "workloads.",
+        '- "other CPU %" is the share of all cores used by processes that are neither the '
+        "server nor the harness while that contender ran (from /proc/stat); above a few percent "
+        "the machine was shared and that row is pessimistic.",
         "- Each workload is bounded by a request count and a time cap checked before each new "
         "request; "
         "requests in flight always finish (the harness never cuts a stream).",

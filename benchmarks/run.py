@@ -28,7 +28,7 @@ from benchmarks import workloads as W
 from benchmarks.llama_server_build import ensure_llama_server
 from benchmarks.machine import bandwidth, machine_info
 from benchmarks.models import FORMATS, SPECS, ModelFile, prepare
-from benchmarks.procs import RssSampler, kill_all
+from benchmarks.procs import CpuWatch, RssSampler, kill_all
 from benchmarks.stats import summarize
 
 HERE = Path(__file__).resolve().parent
@@ -125,13 +125,19 @@ def run_floor(mf: ModelFile, threads: int, plan: Plan, work: Path) -> dict:
     p = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
-    with RssSampler(p.pid) as rss:
+    with RssSampler(p.pid) as rss, CpuWatch(None) as cpu:
         try:
             out, err = p.communicate(timeout=600)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, 9)
             out, err = p.communicate()
-    rec = {"kind": kind, "model": mf.model, "label": mf.label, "peak_rss": rss.peak}
+    rec = {
+        "kind": kind,
+        "model": mf.model,
+        "label": mf.label,
+        "peak_rss": rss.peak,
+        "foreign_cpu_share": cpu.foreign_share,
+    }
     if p.returncode != 0:
         rec["error"] = err.decode(errors="replace")[-1500:]
         return rec
@@ -166,7 +172,7 @@ def run_server(c: C.Contender, plan: Plan, sessions: dict, log_dir: Path, full: 
     srv = None
     try:
         srv = c.launch(log_dir)
-        with RssSampler(srv.pid) as rss:
+        with RssSampler(srv.pid) as rss, CpuWatch(srv.pid) as cpu:
             t0 = time.perf_counter()
             srv.wait_http(c.port, c.health, c.startup_timeout)
             rec["startup_s"] = time.perf_counter() - t0
@@ -196,7 +202,10 @@ def run_server(c: C.Contender, plan: Plan, sessions: dict, log_dir: Path, full: 
                     W.browser(c.call, c.port, plan.browser_requests, plan.browser_tokens, 60),
                     streamed=False,
                 )
+            cpu.stop()
         rec["peak_rss"] = rss.peak
+        rec["foreign_cpu_share"] = cpu.foreign_share
+        rec["loadavg_end"] = os.getloadavg()
         rec["alive_at_end"] = srv.alive()
     except Exception as ex:  # noqa: BLE001 - one contender failing must not end the run
         rec["error"] = f"{type(ex).__name__}: {ex}"[-3000:]
