@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.client import Call
@@ -51,6 +51,13 @@ class Contender:
     @property
     def key(self) -> str:
         return f"{self.name}[{self.backend}] {self.model} {self.label}"
+
+    def with_fresh_port(self) -> Contender:
+        """A copy listening on a port that is free now (queues are built long before launch)."""
+        port = free_port()
+        argv = list(self.argv)
+        argv[argv.index("--port") + 1] = str(port)
+        return replace(self, argv=tuple(argv), port=port)
 
     def launch(self, log_dir: Path) -> Managed:
         """Start the server (not yet waited for); the caller owns stopping it."""

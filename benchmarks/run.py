@@ -169,6 +169,7 @@ def run_server(c: C.Contender, plan: Plan, sessions: dict, log_dir: Path, full: 
         "workloads": {},
     }
     hf = c.name == "transformers"
+    c = c.with_fresh_port()
     srv = None
     try:
         srv = c.launch(log_dir)
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                     "floor -> "
                     f"{report['floors'][-1].get('decode_tps', report['floors'][-1].get('error'))}"
                 )
+        queue: list[tuple[C.Contender, bool, dict]] = []
         for model in plan.models:
             mfs = {f.label: f for f in files if f.model == model}
             if not mfs:
@@ -359,33 +361,29 @@ def main(argv: list[str] | None = None) -> int:
                 "files": [s.path for s in sessions["four"]],
             }
             n_ctx = SPECS[model].n_ctx
-            queue: list[tuple[C.Contender, bool]] = []
             for label, mf in mfs.items():
                 full = label in PRIMARY or plan.secondary_full
                 if "fastpilot" in want:
-                    queue.append((C.fastpilot(mf, args.threads, args.slots), full))
+                    queue.append((C.fastpilot(mf, args.threads, args.slots), full, sessions))
                 if mf.fmt == "gguf" and server_bin is not None:
-                    queue.append(
-                        (C.llama_server(server_bin, mf, args.threads, args.slots, n_ctx), full)
-                    )
+                    ls = C.llama_server(server_bin, mf, args.threads, args.slots, n_ctx)
+                    queue.append((ls, full, sessions))
                 if mf.fmt == "gguf" and label in PRIMARY and "llama-cpp-python" in want and lcp_ok:
-                    queue.append((C.llama_cpp_python(mf, args.threads, n_ctx), full))
+                    queue.append((C.llama_cpp_python(mf, args.threads, n_ctx), full, sessions))
             if "transformers" in want and not _have("torch", "transformers"):
                 report["notes"].append("transformers baseline skipped: torch/transformers missing")
             elif "transformers" in want:
                 hf_dir = next(iter(mfs.values())).hf_dir
-                queue.append((C.hf_baseline(hf_dir, model, args.threads), True))
-            # Primary files (every workload) before the decode-only secondaries, so that a
-            # run that hits --budget loses the least important rows.
-            queue.sort(key=lambda q: not q[1])
-            for c, full in queue:
-                if time.monotonic() - t_start > args.budget:
-                    report["notes"].append(
-                        f"{c.key}: skipped, run budget of {args.budget:.0f}s spent"
-                    )
-                    continue
-                log(f"--- {c.key} ({'all workloads' if full else 'decode + 8 clients'})")
-                report["runs"].append(run_server(c, plan, sessions, work, full))
+                queue.append((C.hf_baseline(hf_dir, model, args.threads), True, sessions))
+        # Primary files (every workload) of every model before the decode-only secondaries,
+        # so that a run that hits --budget loses the least important rows.
+        queue.sort(key=lambda q: not q[1])
+        for c, full, sessions in queue:
+            if time.monotonic() - t_start > args.budget:
+                report["notes"].append(f"{c.key}: skipped, run budget of {args.budget:.0f}s spent")
+                continue
+            log(f"--- {c.key} ({'all workloads' if full else 'decode + 8 clients'})")
+            report["runs"].append(run_server(c, plan, sessions, work, full))
     except KeyboardInterrupt:
         report["notes"].append("interrupted")
         raise
