@@ -95,6 +95,12 @@ def targets(report: dict) -> list[dict]:
                 _ms(b) + " ms",
                 r,
                 r is not None and r <= 1.0,
+                f"TTFT cold {_ms(_wl(fp, 'typing', 'ttft_cold_p50'))} vs "
+                f"{_ms(_wl(ls, 'typing', 'ttft_cold_p50'))} ms, cached p50 "
+                f"{_ms(_wl(fp, 'typing', 'ttft_cached_p50'))} vs "
+                f"{_ms(_wl(ls, 'typing', 'ttft_cached_p50'))} ms; decode "
+                f"{_f(_wl(fp, 'decode', 'decode_tps_p50'))} vs "
+                f"{_f(_wl(ls, 'decode', 'decode_tps_p50'))} tok/s",
             )
             c = _wl(fp, "typing", "ttft_cached_p50")
             add(
@@ -104,6 +110,8 @@ def targets(report: dict) -> list[dict]:
                 "50 ms",
                 _ratio(c, 0.05),
                 c is not None and c <= 0.05,
+                f"p95 {_ms(_wl(fp, 'typing', 'ttft_cached_p95'))} ms; llama-server p50 "
+                f"{_ms(_wl(ls, 'typing', 'ttft_cached_p50'))} ms",
             )
             a, b = _wl(fp, "four_editors", "e2e_p50"), _wl(ls, "four_editors", "e2e_p50")
             cut = _wl(fp, "four_editors", "cut_short")
@@ -115,6 +123,9 @@ def targets(report: dict) -> list[dict]:
                 _ms(b) + " ms",
                 r,
                 r is not None and r <= 1.0 and cut == 0,
+                f"TTFT p50 {_ms(_wl(fp, 'four_editors', 'ttft_p50'))} vs "
+                f"{_ms(_wl(ls, 'four_editors', 'ttft_p50'))} ms; requests "
+                f"{_wl(fp, 'four_editors', 'n')} vs {_wl(ls, 'four_editors', 'n')}",
             )
             a, b = _wl(fp, "clients_8", "agg_tps"), _wl(ls, "clients_8", "agg_tps")
             r = _ratio(a, b)
@@ -125,6 +136,10 @@ def targets(report: dict) -> list[dict]:
                 _f(b) + " tok/s",
                 r,
                 r is not None and r >= 0.9,
+                f"e2e p50 {_ms(_wl(fp, 'clients_8', 'e2e_p50'))} vs "
+                f"{_ms(_wl(ls, 'clients_8', 'e2e_p50'))} ms; 4 clients "
+                f"{_f(_wl(fp, 'clients_4', 'agg_tps'))} vs "
+                f"{_f(_wl(ls, 'clients_4', 'agg_tps'))} tok/s",
             )
             a, b = _wl(fp, "typing", "e2e_p50"), _wl(hf, "typing", "e2e_p50")
             r = _ratio(b, a)
@@ -162,6 +177,7 @@ def targets(report: dict) -> list[dict]:
                 _f(b) + " tok/s",
                 r,
                 r is not None and r >= 0.9,
+                f"{(1 / a - 1 / b) * 1000:+.1f} ms per token vs the library" if a and b else "",
             )
             size = next(
                 (
@@ -180,6 +196,7 @@ def targets(report: dict) -> list[dict]:
                 _f(bound) + " tok/s",
                 r,
                 r is not None and r >= 0.7,
+                f"library floor reaches {_f(_ratio(b, bound), 2)} of the bound" if b else "",
             )
         for fp, tag in ((fpl, "fastpilot[llamacpp] q4_k_m"), (fpc, "fastpilot[ct2] int8")):
             if fp is None or lcp is None:
@@ -193,6 +210,7 @@ def targets(report: dict) -> list[dict]:
                 _f(b, 0, 1 / 2**20, " MiB"),
                 _ratio(a, b),
                 ok,
+                f"difference {_f((a - b) if a and b else None, 0, 1 / 2**20)} MiB",
             )
     return rows
 
@@ -394,14 +412,14 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
         "",
         "## Targets",
         "",
-        "| model | target | fastpilot | peer / bound | ratio | met |",
-        "|---|---|---|---|---|---|",
+        "| model | target | fastpilot | peer / bound | ratio | met | measured context |",
+        "|---|---|---|---|---|---|---|",
     ]
     for t in targets(report):
         L.append(
             f"| {t['model']} | {t['target']} | {t['fastpilot']} | {t['peer']} | "
             f"{_f(t['ratio'], 2)} "
-            f"| {'yes' if t['met'] else '**no**'} |"
+            f"| {'yes' if t['met'] else '**no**'} | {t['note']} |"
         )
     L += ["", "## Decode speed against the memory-bandwidth bound", ""]
     L += [
