@@ -82,6 +82,24 @@ def _complete(root: Path) -> bool:
     return (root / "DONE").is_file()
 
 
+KEEP_CACHED = 3  # fingerprints always kept; each is ~60 MB
+KEEP_RECENT_S = 24 * 3600  # and any build used this recently (another run may hold it)
+
+
+def _prune(cache: Path, keep: Path) -> None:
+    """Drop builds beyond the 3 most recently used that no run touched in a day."""
+    import time
+
+    builds = sorted(
+        (d for d in cache.iterdir() if _complete(d) and d != keep),
+        key=lambda d: (d / "DONE").stat().st_mtime,
+        reverse=True,
+    )
+    for stale in builds[KEEP_CACHED - 1 :]:
+        if time.time() - (stale / "DONE").stat().st_mtime > KEEP_RECENT_S:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory holding every tiny model (cached across runs unless disabled)."""
@@ -93,6 +111,7 @@ def tiny_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = Path(setting) if setting else Path.home() / ".cache" / "fastpilot" / "test-models"
     final = cache / _fingerprint()
     if _complete(final):
+        (final / "DONE").touch()  # most recently used: survives pruning
         return final
     cache.mkdir(parents=True, exist_ok=True)
     # Build privately, then rename: concurrent test runs never see a half-built cache.
@@ -107,6 +126,7 @@ def tiny_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _prune(cache, final)
     return final
 
 
