@@ -202,12 +202,26 @@ class PickleStore(WeightStore):
             ) from ex
         self._tensors: dict[str, Any] = {}
         for path in files:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as ex:  # torch raises many types for corrupt/unsafe pickles
-                raise ConversionError(f"{path}: cannot load with weights_only=True ({ex})") from ex
+            state = self._load(torch, path)
             self._tensors.update(state)
         self._names = frozenset(self._tensors)
+
+    @staticmethod
+    def _load(torch: Any, path: Path) -> dict[str, Any]:
+        """torch.load with weights_only=True; memory-mapped when the file allows it."""
+        try:
+            # mmap needs the zip format (torch >= 1.6); old pickles fall back to a full read.
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as ex:
+                if "zip" not in str(ex).lower() and "mmap" not in str(ex).lower():
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as ex:  # torch raises many types for corrupt/unsafe pickles
+            raise ConversionError(
+                f"{path}: not loadable as a weights-only PyTorch checkpoint "
+                f"({type(ex).__name__}); it is corrupt or holds more than tensors"
+            ) from ex
 
     @property
     def names(self) -> frozenset[str]:

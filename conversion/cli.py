@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
         )
     except (ConversionError, FastpilotError) as ex:
-        print(f"error: {ex.message}", file=sys.stderr)
+        print(f"error: {' '.join(ex.message.splitlines())}", file=sys.stderr)
         return 1
     except OSError as ex:  # disk full, permission denied: the partial output is gone
         print(f"error: {ex}", file=sys.stderr)

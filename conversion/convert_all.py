@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{entry.name}: skipped: {ex.message}")
             continue
         except ConversionError as ex:
-            print(f"{entry.name}: FAILED: {ex.message}")
+            print(f"{entry.name}: FAILED: {' '.join(ex.message.splitlines())}")
             failed.append(entry.name)
             continue
         except Exception as ex:  # keep going: one broken model must not block the others

@@ -238,3 +238,11 @@ def test_pickle_without_torch_says_install_extra(
     with pytest.raises(ConversionError, match=r"torch"):
         convert(str(hf), "x", [Target("ct2", "int8")], models_dir=tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_corrupt_pickle_is_one_line(tiny_gpt2_hf: Path, tmp_path: Path) -> None:
+    hf = _copy_hf(tiny_gpt2_hf, tmp_path / "hf")
+    (hf / "model.safetensors").unlink()
+    (hf / "pytorch_model.bin").write_bytes(b"garbage, not a pickle")
+    proc = _cli(str(hf), "--name", "x", "--models-dir", str(tmp_path / "m"))
+    _assert_clean_failure(proc, "pytorch_model.bin", "weights-only")
