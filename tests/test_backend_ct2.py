@@ -23,39 +23,14 @@ PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 LONG = tinymodels.SNIPPETS[2] + tinymodels.SNIPPETS[3]  # > 2 prefix chunks of 16
 
 
-def _convert(hf: Path, out: Path, quantization: str) -> Path:
-    """Convert with the project's converter when present, else CT2's own."""
-    try:
-        from conversion.convert import Target, convert
-    except ImportError:
-        convert = None
-    if convert is not None:
-        convert(str(hf), "t", [Target("ct2", quantization)], out=out, force=True)
-        return out
-    import json
-
-    import ctranslate2
-
-    ctranslate2.converters.TransformersConverter(str(hf)).convert(
-        str(out), quantization=quantization, force=True
-    )
-    (out / "tokenizer.json").write_bytes((hf / "tokenizer.json").read_bytes())
-    eos = tinymodels.VOCAB_SIZE - 1
-    manifest = {"arch": "x", "context_length": tinymodels.N_CTX, "eos_token_ids": [eos]}
-    (out / "fastpilot.json").write_text(json.dumps(manifest))
-    return out
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ct2")
-    tok = tinymodels.build_tokenizer(root / "tok")
+def built(tiny_models: dict[str, dict[str, Path]]) -> dict[str, Path]:
+    """The shared tiny models (conftest.py), keyed ``<arch>-hf`` / ``<arch>-<quantization>``."""
     dirs: dict[str, Path] = {}
-    for arch, build in (("gpt2", tinymodels.build_gpt2), ("codegen", tinymodels.build_codegen)):
-        hf = build(tok, root / f"{arch}-hf")
-        dirs[f"{arch}-hf"] = hf
+    for arch in ("gpt2", "codegen"):
+        dirs[f"{arch}-hf"] = tiny_models[arch]["hf"]
         for q in ("float32", "int8"):
-            dirs[f"{arch}-{q}"] = _convert(hf, root / f"{arch}-ct2-{q}", q)
+            dirs[f"{arch}-{q}"] = tiny_models[arch][f"ct2-{q}"]
     return dirs
 
 
