@@ -9,6 +9,7 @@ needs roughly the model's float32 size in RAM on top of the loaded checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,18 +42,18 @@ class _Copier:
         return self._copies[key]
 
 
-def _set_linear(spec: object, linear: Linear, copy: _Copier) -> None:
+def _set_linear(spec: Any, linear: Linear, copy: _Copier) -> None:
     spec.weight = copy(linear.weight)  # (out, in), as CT2 expects
     if linear.bias is not None:
         spec.bias = copy(linear.bias)
 
 
-def _set_norm(spec: object, norm: Norm, copy: _Copier) -> None:
+def _set_norm(spec: Any, norm: Norm, copy: _Copier) -> None:
     spec.gamma = copy(norm.gamma)
     spec.beta = copy(norm.beta)
 
 
-def build_spec(model: DecoderModel, tokenizer: TokenizerData) -> object:
+def build_spec(model: DecoderModel, tokenizer: TokenizerData) -> Any:
     """Build and validate (but not quantize) the ctranslate2 spec for ``model``."""
     from ctranslate2.specs import common_spec, transformer_spec
 

@@ -65,7 +65,9 @@ class QueueFull(FastpilotError):
     type = "rate_limit_error"
     code = "queue_full"
 
-    def __init__(self, message: str = "the model's queue is full; retry shortly", *, retry_after: int = 1) -> None:
+    def __init__(
+        self, message: str = "the model's queue is full; retry shortly", *, retry_after: int = 1
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 

@@ -26,7 +26,8 @@ def test_import_fastpilot_is_light() -> None:
 
     code = (
         "import sys, fastpilot; fastpilot.__all__; "
-        "heavy = [m for m in ('numpy', 'torch', 'ctranslate2', 'llama_cpp', 'falcon', 'transformers') "
+        "heavy = [m for m in ('numpy', 'torch', 'ctranslate2', 'llama_cpp', 'falcon', "
+        "'transformers') "
         "if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -198,7 +198,7 @@ def test_logprobs_object(model: Model) -> None:
     text = text_of(out)
     assert "".join(lp["tokens"]) == text
     for tok, val, top, off in zip(
-        lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], lp["text_offset"]
+        lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], lp["text_offset"], strict=False
     ):
         assert text[off:].startswith(tok)
         assert top[tok] == val  # the chosen token, same number
@@ -219,7 +219,7 @@ def test_echo_with_logprobs_first_is_null(model: Model, backend: FakeBackend) ->
     scored = backend.prompt_logprobs(prompt_ids, 1)
     assert lp["token_logprobs"][1] == pytest.approx(scored[1].logprob)
     assert lp["text_offset"] == [0, 5, 11, 17]
-    for tok, off in zip(lp["tokens"], lp["text_offset"]):
+    for tok, off in zip(lp["tokens"], lp["text_offset"], strict=False):
         assert text[off:].startswith(tok)
 
 

@@ -166,7 +166,10 @@ class TokenStream:
 
 @dataclass(frozen=True, slots=True)
 class FimTemplate:
-    """Fill-in-the-middle prompt layout: ``prefix_token + prefix + suffix_token + suffix + middle_token``."""
+    """Fill-in-the-middle prompt layout.
+
+    Rendered as ``prefix_token + prefix + suffix_token + suffix + middle_token``.
+    """
 
     prefix: str
     suffix: str
@@ -236,5 +239,5 @@ class Backend(abc.ABC):
         """Counters for /metrics (queue depth, busy slots, decode steps ...)."""
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Stop the worker and free the model. Idempotent."""

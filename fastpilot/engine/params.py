@@ -112,16 +112,26 @@ class CompletionRequest:
         top_k = _int(get("top_k"), "top_k", 0, lo=0, hi=1 << 20)
         n = _int(get("n"), "n", 1, lo=1, hi=lim.max_n)
         best_of_raw = get("best_of")
-        best_of = None if best_of_raw is None else _int(best_of_raw, "best_of", n, lo=1, hi=lim.max_best_of)
+        best_of = (
+            None
+            if best_of_raw is None
+            else _int(best_of_raw, "best_of", n, lo=1, hi=lim.max_best_of)
+        )
         if best_of is not None and best_of < n:
-            raise InvalidRequest(f"best_of ({best_of}) must be greater than or equal to n ({n})", param="best_of")
+            raise InvalidRequest(
+                f"best_of ({best_of}) must be greater than or equal to n ({n})", param="best_of"
+            )
         echo = _bool(get("echo"), "echo", False)
         stop = _stop(get("stop"), lim)
         logprobs_raw = get("logprobs")
         logprobs = None
         if logprobs_raw is not None and logprobs_raw is not False:
             # The chat API sends logprobs: true; treat it as "the chosen token only".
-            logprobs = 0 if logprobs_raw is True else _int(logprobs_raw, "logprobs", 0, lo=0, hi=lim.max_logprobs)
+            logprobs = (
+                0
+                if logprobs_raw is True
+                else _int(logprobs_raw, "logprobs", 0, lo=0, hi=lim.max_logprobs)
+            )
         logit_bias = _logit_bias(get("logit_bias"), lim)
         presence = _float(get("presence_penalty"), "presence_penalty", 0.0, lo=-2.0, hi=2.0)
         frequency = _float(get("frequency_penalty"), "frequency_penalty", 0.0, lo=-2.0, hi=2.0)
@@ -129,7 +139,9 @@ class CompletionRequest:
         min_tokens = _int(get("min_tokens"), "min_tokens", 0, lo=0, hi=lim.max_tokens)
         ignore_eos = _bool(get("ignore_eos"), "ignore_eos", False)
         seed_raw = get("seed")
-        seed = None if seed_raw is None else _int(seed_raw, "seed", 0, lo=-(1 << 63), hi=(1 << 64) - 1)
+        seed = (
+            None if seed_raw is None else _int(seed_raw, "seed", 0, lo=-(1 << 63), hi=(1 << 64) - 1)
+        )
         user = _opt_str(get("user"), "user")
         stream = _bool(get("stream"), "stream", False)
         include_usage = False
@@ -142,9 +154,17 @@ class CompletionRequest:
             raise InvalidRequest("best_of cannot be used with stream", param="best_of")
         mode = context_mode
         if "truncate" in data:
-            mode = ContextMode.TRUNCATE if _bool(get("truncate"), "truncate", False) else ContextMode.ERROR
+            mode = (
+                ContextMode.TRUNCATE
+                if _bool(get("truncate"), "truncate", False)
+                else ContextMode.ERROR
+            )
         timeout_raw = get("timeout")
-        timeout = None if timeout_raw is None else _float(timeout_raw, "timeout", 0.0, lo=0.001, hi=86400.0)
+        timeout = (
+            None
+            if timeout_raw is None
+            else _float(timeout_raw, "timeout", 0.0, lo=0.001, hi=86400.0)
+        )
         return cls(
             prompt=prompt,
             suffix=suffix,
@@ -192,7 +212,9 @@ def _int(value: Any, param: str, default: int, *, lo: int, hi: int) -> int:
         try:
             value = int(value.strip())
         except ValueError:
-            raise InvalidRequest(f"{param} must be an integer, got {value[:40]!r}", param=param) from None
+            raise InvalidRequest(
+                f"{param} must be an integer, got {value[:40]!r}", param=param
+            ) from None
     if not isinstance(value, int):
         raise InvalidRequest(f"{param} must be an integer, got {_type_name(value)}", param=param)
     if not lo <= value <= hi:
@@ -209,12 +231,16 @@ def _float(value: Any, param: str, default: float, *, lo: float, hi: float) -> f
         try:
             value = float(value.strip())
         except ValueError:
-            raise InvalidRequest(f"{param} must be a number, got {value[:40]!r}", param=param) from None
+            raise InvalidRequest(
+                f"{param} must be a number, got {value[:40]!r}", param=param
+            ) from None
     if not isinstance(value, (int, float)):
         raise InvalidRequest(f"{param} must be a number, got {_type_name(value)}", param=param)
     value = float(value)
     if not math.isfinite(value) or not lo <= value <= hi:
-        raise InvalidRequest(f"{param} must be between {lo:g} and {hi:g}, got {value!r}", param=param)
+        raise InvalidRequest(
+            f"{param} must be between {lo:g} and {hi:g}, got {value!r}", param=param
+        )
     return value
 
 
@@ -263,7 +289,9 @@ def _prompt(value: Any) -> str | tuple[int, ...]:
         )
     if value is None:
         return ""
-    raise InvalidRequest(f"prompt must be a string or token ids, got {_type_name(value)}", param="prompt")
+    raise InvalidRequest(
+        f"prompt must be a string or token ids, got {_type_name(value)}", param="prompt"
+    )
 
 
 def _stop(value: Any, lim: Limits) -> tuple[str, ...]:
@@ -276,7 +304,9 @@ def _stop(value: Any, lim: Limits) -> tuple[str, ...]:
     if len(items) > lim.max_stop:
         raise InvalidRequest(f"stop may hold at most {lim.max_stop} strings", param="stop")
     if any(len(s) > lim.max_stop_length for s in items):
-        raise InvalidRequest(f"each stop string may be at most {lim.max_stop_length} characters", param="stop")
+        raise InvalidRequest(
+            f"each stop string may be at most {lim.max_stop_length} characters", param="stop"
+        )
     return tuple(dict.fromkeys(items))
 
 
@@ -284,16 +314,24 @@ def _logit_bias(value: Any, lim: Limits) -> tuple[tuple[int, float], ...]:
     if value is None:
         return ()
     if not isinstance(value, Mapping):
-        raise InvalidRequest("logit_bias must be an object mapping token ids to numbers", param="logit_bias")
+        raise InvalidRequest(
+            "logit_bias must be an object mapping token ids to numbers", param="logit_bias"
+        )
     if len(value) > lim.max_logit_bias:
-        raise InvalidRequest(f"logit_bias may hold at most {lim.max_logit_bias} entries", param="logit_bias")
+        raise InvalidRequest(
+            f"logit_bias may hold at most {lim.max_logit_bias} entries", param="logit_bias"
+        )
     out: dict[int, float] = {}
     for key, bias in value.items():
         try:
             tok = int(key)
         except (TypeError, ValueError):
-            raise InvalidRequest(f"logit_bias keys must be token ids, got {str(key)[:40]!r}", param="logit_bias") from None
+            raise InvalidRequest(
+                f"logit_bias keys must be token ids, got {str(key)[:40]!r}", param="logit_bias"
+            ) from None
         if tok < 0:
-            raise InvalidRequest("logit_bias keys must be non-negative token ids", param="logit_bias")
+            raise InvalidRequest(
+                "logit_bias keys must be non-negative token ids", param="logit_bias"
+            )
         out[tok] = _float(bias, "logit_bias", 0.0, lo=-100.0, hi=100.0)
     return tuple(sorted(out.items()))
