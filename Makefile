@@ -45,7 +45,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check fastpilot conversion tests benchmarks
 	$(BIN)/ruff format --check fastpilot conversion tests benchmarks
-	$(BIN)/mypy fastpilot
+	$(BIN)/mypy fastpilot conversion
 
 clean-models:
 	rm -rf models
