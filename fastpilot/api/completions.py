@@ -20,7 +20,7 @@ import numpy as np
 
 from fastpilot.api.middleware import RequestRecord
 from fastpilot.api.parsing import json_body, query_mapping, query_pairs
-from fastpilot.api.resolve import ModelResolver
+from fastpilot.api.resolve import ModelBodyResource, ModelResolver, model_name
 from fastpilot.api.sse import EventStream
 from fastpilot.engine.params import CompletionRequest, ContextMode, Limits
 from fastpilot.errors import BackendError, InvalidRequest
@@ -119,7 +119,7 @@ class Completions:
     def _run(
         self, req: falcon.Request, resp: falcon.Response, data: dict[str, Any], engine: str | None
     ) -> None:
-        name = engine if engine is not None else _model_name(data)
+        name = engine if engine is not None else model_name(data)
         model = self._resolver.get(name)
         record = _record(req)
         record.model = model.name
@@ -136,32 +136,17 @@ class Completions:
         resp.media = result
 
 
-def _model_name(data: Mapping[str, Any]) -> str | None:
-    name = data.get("model")
-    if name is None:
-        return None
-    if not isinstance(name, str):
-        raise InvalidRequest("model must be a string", param="model")
-    return name
-
-
 def _chat_params(data: Mapping[str, Any]) -> dict[str, Any]:
     """Body fields for ``Model.chat`` (validated there against the model's limits)."""
     return {k: v for k, v in data.items() if k not in ("messages", "model")}
 
 
-class Chat:
+class Chat(ModelBodyResource):
     """``POST /v1/chat/completions``: role-tagged prompt for base models, same sampling."""
 
-    def __init__(self, resolver: ModelResolver, max_body: int) -> None:
-        self._resolver = resolver
-        self._max_body = max_body
-
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        data = json_body(req, self._max_body)
-        model = self._resolver.get(_model_name(data))
+        data, model = self._body_and_model(req)
         record = _record(req)
-        record.model = model.name
         messages = data.get("messages")
         params = _chat_params(data)
         stream = params.get("stream")
@@ -174,18 +159,12 @@ class Chat:
         resp.media = result
 
 
-class Ask:
+class Ask(ModelBodyResource):
     """``POST /ask``: ``{messages}`` -> ``{reply, usage}``."""
 
-    def __init__(self, resolver: ModelResolver, max_body: int) -> None:
-        self._resolver = resolver
-        self._max_body = max_body
-
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        data = json_body(req, self._max_body)
-        model = self._resolver.get(_model_name(data))
+        data, model = self._body_and_model(req)
         record = _record(req)
-        record.model = model.name
         params = _chat_params(data)
         params.pop("stream", None)
         result = model.ask(data.get("messages"), **params)
@@ -193,19 +172,16 @@ class Ask:
         resp.media = result
 
 
-class Embeddings:
+class Embeddings(ModelBodyResource):
     """``POST /v1/embeddings``: ``input`` as a string, a list of strings or token ids."""
 
     def __init__(self, resolver: ModelResolver, max_body: int, max_inputs: int = 256) -> None:
-        self._resolver = resolver
-        self._max_body = max_body
+        super().__init__(resolver, max_body)
         self._max_inputs = max_inputs
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        data = json_body(req, self._max_body)
-        model = self._resolver.get(_model_name(data))
+        data, model = self._body_and_model(req)
         record = _record(req)
-        record.model = model.name
         texts = _embedding_inputs(data.get("input"), model.detokenize, self._max_inputs)
         fmt = data.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):

@@ -9,8 +9,7 @@ from typing import Any
 import falcon
 
 from fastpilot.api.metrics import CONTENT_TYPE, Metrics
-from fastpilot.api.parsing import json_body
-from fastpilot.api.resolve import ModelResolver
+from fastpilot.api.resolve import ModelBodyResource, ModelResolver
 from fastpilot.errors import InvalidRequest, ModelLoading
 
 OWNER = "fastpilot"
@@ -95,19 +94,11 @@ def _text_field(data: dict[str, Any]) -> str:
     )
 
 
-class Tokenize:
+class Tokenize(ModelBodyResource):
     """``POST /v1/tokenize``: exact ids and count with the model's own tokenizer."""
 
-    def __init__(self, resolver: ModelResolver, max_body: int) -> None:
-        self._resolver = resolver
-        self._max_body = max_body
-
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        data = json_body(req, self._max_body)
-        model = self._resolver.get(
-            data.get("model") if isinstance(data.get("model"), str) else None
-        )
-        req.context.record.model = model.name
+        data, model = self._body_and_model(req)
         ids = list(model.tokenize(_text_field(data)))
         resp.media = {
             "model": model.name,
@@ -117,19 +108,11 @@ class Tokenize:
         }
 
 
-class Detokenize:
+class Detokenize(ModelBodyResource):
     """``POST /v1/detokenize``: ``{tokens: [ids]}`` -> ``{text}``."""
 
-    def __init__(self, resolver: ModelResolver, max_body: int) -> None:
-        self._resolver = resolver
-        self._max_body = max_body
-
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        data = json_body(req, self._max_body)
-        model = self._resolver.get(
-            data.get("model") if isinstance(data.get("model"), str) else None
-        )
-        req.context.record.model = model.name
+        data, model = self._body_and_model(req)
         ids = data.get("tokens")
         if not isinstance(ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in ids

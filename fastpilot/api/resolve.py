@@ -8,9 +8,13 @@ generation route answers 503 ``model_loading``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from fastpilot.errors import ModelLoading, UnknownModel
+import falcon
+
+from fastpilot.api.parsing import json_body
+from fastpilot.errors import InvalidRequest, ModelLoading, UnknownModel
 
 
 class ModelResolver:
@@ -49,3 +53,28 @@ class ModelResolver:
             except UnknownModel:  # closed between names() and get()
                 continue
         return out
+
+
+def model_name(data: Mapping[str, Any]) -> str | None:
+    """The body's ``model`` field (``None`` when absent: the default model)."""
+    name = data.get("model")
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise InvalidRequest("model must be a string", param="model")
+    return name
+
+
+class ModelBodyResource:
+    """Base of the POST resources whose JSON body names the model to use."""
+
+    def __init__(self, resolver: ModelResolver, max_body: int) -> None:
+        self._resolver = resolver
+        self._max_body = max_body
+
+    def _body_and_model(self, req: falcon.Request) -> tuple[dict[str, Any], Any]:
+        """Read the body (capped), resolve its model and note it in the access record."""
+        data = json_body(req, self._max_body)
+        model = self._resolver.get(model_name(data))
+        req.context.record.model = model.name
+        return data, model
