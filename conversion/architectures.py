@@ -86,6 +86,21 @@ class ArchitectureLoader(ABC):
             )
         return _ACTIVATIONS[name]
 
+    def hyper(self, n_head: int, n_embd: int, **extra: Any) -> Hyper:
+        """Hyper-parameters read the same way for every GPT-2-family config.json."""
+        return Hyper(
+            arch=self.model_type,
+            n_layer=int(self.cfg("n_layer")),
+            n_head=n_head,
+            n_embd=n_embd,
+            n_ff=int(self.cfg("n_inner", default=4 * n_embd)),
+            n_ctx=int(self.cfg("n_positions", "n_ctx")),
+            vocab_size=int(self.cfg("vocab_size")),
+            layer_norm_eps=float(self.cfg("layer_norm_epsilon", default=1e-5)),
+            activation=self.activation(),
+            **extra,
+        )
+
     def norm(self, prefix: str, n_embd: int) -> Norm:
         return Norm(
             self.tensor(f"{prefix}.weight", (n_embd,)), self.tensor(f"{prefix}.bias", (n_embd,))
@@ -150,17 +165,7 @@ class GPT2Loader(ArchitectureLoader):
             raise ConversionError(
                 f"config.json: n_embd {n_embd} is not divisible by n_head {n_head}"
             )
-        hp = Hyper(
-            arch=self.model_type,
-            n_layer=int(self.cfg("n_layer")),
-            n_head=n_head,
-            n_embd=n_embd,
-            n_ff=int(self.cfg("n_inner", default=4 * n_embd)),
-            n_ctx=int(self.cfg("n_positions", "n_ctx")),
-            vocab_size=int(self.cfg("vocab_size")),
-            layer_norm_eps=float(self.cfg("layer_norm_epsilon", default=1e-5)),
-            activation=self.activation(),
-        )
+        hp = self.hyper(n_head, n_embd)
         # The original gpt2 repos store names without the "transformer." prefix.
         names = self.checkpoint.weights.names
         p = "transformer." if "transformer.wte.weight" in names else ""
@@ -256,18 +261,7 @@ class CodeGenLoader(ArchitectureLoader):
             raise ConversionError(
                 f"config.json: rotary_dim {rotary_dim} must be even and <= {head_dim}"
             )
-        hp = Hyper(
-            arch=self.model_type,
-            n_layer=int(self.cfg("n_layer")),
-            n_head=n_head,
-            n_embd=n_embd,
-            n_ff=int(self.cfg("n_inner", default=4 * n_embd)),
-            n_ctx=int(self.cfg("n_positions", "n_ctx")),
-            vocab_size=int(self.cfg("vocab_size")),
-            layer_norm_eps=float(self.cfg("layer_norm_epsilon", default=1e-5)),
-            activation=self.activation(),
-            rotary_dim=rotary_dim,
-        )
+        hp = self.hyper(n_head, n_embd, rotary_dim=rotary_dim)
         E, F = hp.n_embd, hp.n_ff
         names = self.checkpoint.weights.names
 
