@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -279,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, default=1800, help="seconds; later contenders are skipped past it"
     )
     args = ap.parse_args(argv)
+
+    def _term(signum, frame):  # SIGTERM must run the finally blocks that kill our servers
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _term)
     plan = QUICK if args.quick else FULL
     if args.models:
         plan = Plan(**{**asdict(plan), "models": tuple(args.models.split(","))})
@@ -339,17 +345,10 @@ def main(argv: list[str] | None = None) -> int:
                 "without rebuilding: pip install fastapi uvicorn sse-starlette "
                 "'starlette-context<0.4' pydantic-settings PyYAML"
             )
-        if "floors" in want:
-            for mf in files:
-                if mf.label not in PRIMARY and args.quick:
-                    continue
-                log(f"floor {mf.model} {mf.label}")
-                report["floors"].append(run_floor(mf, args.threads, plan, work))
-                log(
-                    "floor -> "
-                    f"{report['floors'][-1].get('decode_tps', report['floors'][-1].get('error'))}"
-                )
-        queue: list[tuple[C.Contender, bool, dict]] = []
+        # Items: (server contender | model file for its in-process floor, full, sessions).
+        # A file's floor runs right before fastpilot on that file, so that the HTTP-overhead
+        # ratio compares measurements taken minutes apart, not half an hour apart.
+        queue: list[tuple[C.Contender | ModelFile, bool, dict]] = []
         for model in plan.models:
             mfs = {f.label: f for f in files if f.model == model}
             if not mfs:
@@ -363,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             n_ctx = SPECS[model].n_ctx
             for label, mf in mfs.items():
                 full = label in PRIMARY or plan.secondary_full
+                if "floors" in want:
+                    queue.append((mf, full, sessions))
                 if "fastpilot" in want:
                     queue.append((C.fastpilot(mf, args.threads, args.slots), full, sessions))
                 if mf.fmt == "gguf" and server_bin is not None:
@@ -379,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         # so that a run that hits --budget loses the least important rows.
         queue.sort(key=lambda q: not q[1])
         for c, full, sessions in queue:
+            if isinstance(c, ModelFile):
+                log(f"--- floor {c.model} {c.label}")
+                report["floors"].append(run_floor(c, args.threads, plan, work))
+                fl = report["floors"][-1]
+                log(f"floor -> {fl.get('decode_tps', fl.get('error'))}")
+                continue
             if time.monotonic() - t_start > args.budget:
                 report["notes"].append(f"{c.key}: skipped, run budget of {args.budget:.0f}s spent")
                 continue
