@@ -7,7 +7,8 @@ waitress settings chosen for streaming completions (all in :class:`Settings`):
   generation slot busy plus a few for /health, listings and queued requests.
   Requests beyond that wait in waitress's own queue, before the model's.
 - ``channel_timeout`` (300 s): idle keep-alive connections are closed after it;
-  a stream that is producing tokens is never idle.
+  a stream that is producing tokens is never idle. ``cleanup_interval`` (how
+  often waitress looks for idle channels) follows it: at most half of it.
 - ``connection_limit`` (200): open sockets beyond it wait in the listen backlog.
 - ``max_request_body_size``: twice ``--max-body-bytes``. The app refuses
   bodies over the cap itself with the JSON 413 envelope; waitress's limit is
@@ -49,6 +50,9 @@ def waitress_options(settings: Settings, n_models: int) -> dict[str, Any]:
     return {
         "threads": settings.waitress_thread_count(n_models),
         "channel_timeout": settings.channel_timeout,
+        # waitress looks for idle channels every cleanup_interval (30 s by default), so
+        # an idle connection could outlive channel_timeout by that much.
+        "cleanup_interval": max(1, min(30, int(settings.channel_timeout // 2) or 1)),
         "connection_limit": settings.connection_limit,
         "max_request_body_size": 2 * settings.max_body_bytes,
         "channel_request_lookahead": 1,

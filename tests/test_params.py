@@ -124,3 +124,10 @@ def test_sampling_offsets_seed_per_sequence() -> None:
 def test_chat_style_logprobs_true() -> None:
     assert CompletionRequest.from_dict({"logprobs": True}).logprobs == 0
     assert CompletionRequest.from_dict({"logprobs": False}).logprobs is None
+
+
+def test_omitted_max_tokens_never_exceeds_the_server_cap():
+    from fastpilot.engine.params import CompletionRequest, Limits
+
+    assert CompletionRequest.from_dict({"prompt": "x"}).max_tokens == 16
+    assert CompletionRequest.from_dict({"prompt": "x"}, limits=Limits(max_tokens=8)).max_tokens == 8

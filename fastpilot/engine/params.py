@@ -104,7 +104,10 @@ class CompletionRequest:
 
         prompt = _prompt(get("prompt", ""))
         suffix = _opt_str(get("suffix"), "suffix")
-        max_tokens = _int(get("max_tokens"), "max_tokens", 16, lo=0, hi=lim.max_tokens)
+        # An omitted max_tokens means 16 (OpenAI), never more than the server cap.
+        max_tokens = _int(
+            get("max_tokens"), "max_tokens", min(16, lim.max_tokens), lo=0, hi=lim.max_tokens
+        )
         temperature = _float(get("temperature"), "temperature", 1.0, lo=0.0, hi=2.0)
         top_p = _float(get("top_p"), "top_p", 1.0, lo=0.0, hi=1.0)
         if top_p == 0.0:
