@@ -58,6 +58,7 @@ def test_playground_streams_a_completion(browser):
         page.goto(running.url + "/")
         page.wait_for_function("document.querySelector('#model').options.length > 0")
         assert page.eval_on_selector("#keyrow", "e => e.hidden") is True
+        assert not page.is_visible("#keyrow")  # hidden for real, not just flagged
         page.fill("#prompt", "hello")
         page.fill("#temperature", "0")
         page.fill("#max_tokens", "40")
@@ -91,6 +92,7 @@ def test_playground_asks_for_the_key(browser):
         page = browser.new_page(bypass_csp=True)
         page.goto(running.url + "/")
         page.wait_for_selector("#keyrow:not([hidden])")
+        assert page.is_visible("#keyrow")
         page.fill("#key", "pg-key")
         page.dispatch_event("#key", "change")
         page.wait_for_function("document.querySelector('#model').options.length > 0")
