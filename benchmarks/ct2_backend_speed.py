@@ -30,28 +30,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks import random_gpt2
+
 
 def build(root: Path) -> Path:
     """Build and convert the model under ``root``; reuse it when already there."""
-    out = root / "ct2-int8"
-    if (out / "fastpilot.json").is_file():
-        return out
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from conversion.convert import Target, convert
-    from tests import tinymodels
-
-    tok = tinymodels.build_tokenizer(root / "tok")
-    eos = tinymodels.VOCAB_SIZE - 1
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos)).eval()
-    hf = root / "hf"
-    model.save_pretrained(hf)
-    for p in tok.iterdir():
-        (hf / p.name).write_bytes(p.read_bytes())
-    convert(str(hf), "gpt2-117m", [Target("ct2", "int8")], out=out, force=True)
-    return out
+    return random_gpt2.build(root, "ct2", "int8")
 
 
 def timed(fn: Callable[[], list[float]], repeats: int) -> tuple[float, float, float]:

@@ -37,30 +37,14 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import random_gpt2
+
 PROMPT_LEN = 16
 
 
 def build(root: Path) -> Path:
     """Build and convert the model under ``root``; reuse it when already there."""
-    out = root / "gguf-q4_k_m"
-    if (out / "fastpilot.json").is_file():
-        return out
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from conversion.convert import Target, convert
-    from tests import tinymodels
-
-    tok = tinymodels.build_tokenizer(root / "tok")
-    eos = tinymodels.VOCAB_SIZE - 1
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos)).eval()
-    hf = root / "hf"
-    model.save_pretrained(hf)
-    for p in tok.iterdir():
-        (hf / p.name).write_bytes(p.read_bytes())
-    convert(str(hf), "gpt2-117m", [Target("gguf", "q4_k_m")], out=out, force=True)
-    return out
+    return random_gpt2.build(root, "gguf", "q4_k_m")
 
 
 def prompt_ids(n: int, seed: int = 0) -> list[int]:
