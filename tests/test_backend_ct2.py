@@ -18,6 +18,7 @@ from fastpilot.backends.base import FinishReason, GenerationRequest, SamplingPar
 from fastpilot.engine.sampling import log_softmax
 from fastpilot.errors import NotSupported, QueueFull
 from tests import tinymodels
+from tests.reference import Ref
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 LONG = tinymodels.SNIPPETS[2] + tinymodels.SNIPPETS[3]  # > 2 prefix chunks of 16
@@ -32,21 +33,6 @@ def built(tiny_models: dict[str, dict[str, Path]]) -> dict[str, Path]:
         for q in ("float32", "int8"):
             dirs[f"{arch}-{q}"] = tiny_models[arch][f"ct2-{q}"]
     return dirs
-
-
-class Ref:
-    """Reference next-token logits from transformers, memoised per sequence."""
-
-    def __init__(self, hf_dir: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        with self.torch.no_grad():
-            return self.model(self.torch.tensor([ids])).logits[0, -1].numpy()
 
 
 @pytest.fixture(scope="module", params=["gpt2", "codegen"])

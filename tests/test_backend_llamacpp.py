@@ -20,6 +20,7 @@ from fastpilot.backends.base import FinishReason, GenerationRequest, SamplingPar
 from fastpilot.engine.sampling import log_softmax
 from fastpilot.errors import BackendError, ContextLengthExceeded, InvalidRequest, QueueFull
 from tests import tinymodels
+from tests.reference import Ref
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,43 +36,6 @@ def built(tiny_models: dict[str, dict[str, Path]]) -> dict[str, Path]:
         for arch in ("gpt2", "codegen")
         for key, src in (("hf", "hf"), ("f32", "gguf-f32"), ("q4_k_m", "gguf-q4_k_m"))
     }
-
-
-class Ref:
-    """Reference next-token logits from transformers."""
-
-    def __init__(self, hf_dir: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-
-    def all_logits(self, ids: list[int]) -> np.ndarray:
-        """(len(ids), vocab) logits at every position."""
-        with self.torch.no_grad():
-            return self.model(self.torch.tensor([ids])).logits[0].numpy()
-
-    def greedy(
-        self, ids: list[int], n: int, ban: int | None = None
-    ) -> tuple[list[int], list[float]]:
-        """Argmax continuation of ``n`` tokens and each token's logprob (``ban`` gets -inf)."""
-        seq, toks, lps = list(ids), [], []
-        for _ in range(n):
-            x = self.all_logits(seq)[-1].astype(np.float64)
-            if ban is not None:
-                x[ban] = -np.inf
-            lp = log_softmax(x)
-            t = int(np.argmax(lp))
-            toks.append(t)
-            lps.append(float(lp[t]))
-            seq.append(t)
-        return toks, lps
-
-    def embedding(self, ids: list[int]) -> np.ndarray:
-        with self.torch.no_grad():
-            out = self.model(self.torch.tensor([ids]), output_hidden_states=True)
-        return out.hidden_states[-1][0].mean(0).numpy()  # GPT-2/CodeGen: after the final norm
 
 
 @pytest.fixture(scope="module", params=["gpt2", "codegen"])
