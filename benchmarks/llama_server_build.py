@@ -2,7 +2,7 @@
 
 The peer must run the same llama.cpp as fastpilot's llamacpp backend, so it is compiled
 from the vendored tree of the exact llama-cpp-python release the venv uses, with the
-same CPU flags (``GGML_NATIVE=ON``), in ``~/.cache/fastpilot/llama-server`` (outside the
+same CPU flags (``GGML_NATIVE=ON``, AMX compiled out as the Makefile does), in ``~/.cache/fastpilot/llama-server`` (outside the
 repository), and reused by every later run. The build takes tens of minutes on two
 cores; it runs at low priority (``nice``).
 """
@@ -32,6 +32,8 @@ CMAKE_ARGS = (
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_OPENSSL=OFF",
 )
+# The Makefile's reason: ggml's AMX matmul segfaults in this release on Q4_K_M models.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if os.uname().machine == "x86_64" else ""
 
 
 def server_path() -> Path:
@@ -56,8 +58,14 @@ def _building_elsewhere() -> bool:
 def _run(argv: list[str], log, cwd: Path | None = None) -> None:
     log.write(f"$ {' '.join(argv)}\n".encode())
     log.flush()
+    env = dict(os.environ, CFLAGS=NO_AMX, CXXFLAGS=NO_AMX)
     subprocess.run(
-        ["nice", "-n", "10", *argv], stdout=log, stderr=subprocess.STDOUT, cwd=cwd, check=True
+        ["nice", "-n", "10", *argv],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        check=True,
+        env=env,
     )
 
 

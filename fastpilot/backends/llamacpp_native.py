@@ -57,6 +57,12 @@ def load_library() -> Any:
             _log_callback = llama_cpp.llama_log_callback(_on_log)
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
+            if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+                _native_log.warning(
+                    "this llama.cpp build uses AMX, whose matmul crashes the process on "
+                    "Q4_K models in llama-cpp-python 0.3.36; rebuild it without AMX "
+                    "(`make install` does: CFLAGS/CXXFLAGS=-mno-amx-tile -mno-amx-int8)"
+                )
             _lib = llama_cpp
     return _lib
 
