@@ -2,9 +2,9 @@
 
 The peer must run the same llama.cpp as fastpilot's llamacpp backend, so it is compiled
 from the vendored tree of the exact llama-cpp-python release the venv uses, with the
-same CPU flags (``GGML_NATIVE=ON``, AMX compiled out as the Makefile does), in ``~/.cache/fastpilot/llama-server`` (outside the
-repository), and reused by every later run. The build takes tens of minutes on two
-cores; it runs at low priority (``nice``).
+same CPU flags (``GGML_NATIVE=ON``, AMX compiled out as the Makefile does), in
+``~/.cache/fastpilot/llama-server`` (outside the repository), and reused by every later
+run. The build takes tens of minutes on two cores; it runs at low priority (``nice``).
 """
 
 from __future__ import annotations

@@ -297,6 +297,57 @@ def test_prefix_is_copied_from_a_running_request(built, arch) -> None:
         cold.close()
 
 
+def test_runs_counts_maximal_runs_of_consecutive_ids() -> None:
+    from fastpilot.backends.llamacpp import _runs
+
+    assert _runs(set()) == 0
+    assert _runs({0, 1, 2, 3}) == 1
+    assert _runs({0, 2, 3}) == 2
+    assert _runs({0, 2, 4}) == 3
+
+
+def test_batches_are_in_slot_order_and_busy_slots_stay_contiguous(built, arch) -> None:
+    """llama.cpp evaluates one graph per run of consecutive sequence ids in the batch
+    (non-unified KV), so the backend orders every batch by slot and, when no slot holds
+    a useful prefix, picks the free slot that keeps the busy ones contiguous."""
+    b = _new(built, arch, slots=4, prompt_chunk=16)
+    seen: list[list[int]] = []
+    decode = b._decode
+
+    def recording(entries):  # runs in the worker thread
+        seen.append([a.slot.seq_id for a, _ in entries])
+        return decode(entries)
+
+    b._decode = recording
+    try:
+        snippets = [s for s in tinymodels.SNIPPETS if len(b.tokenize(s)) >= 6][:4]
+        prompts = [_prompt(b, s, 6) for s in snippets]
+        params = _greedy(400, ignore_eos=True)
+        running = [b.submit(GenerationRequest(p, params)) for p in prompts[:3]]
+        its = [iter(s) for s in running]
+        for it in its:
+            next(it)  # all three hold a slot now: 0, 1 and 2
+        slot_of = {id(a.stream): a.slot.seq_id for a in list(b._active)}
+        assert sorted(slot_of[id(s)] for s in running) == [0, 1, 2]
+        middle = next(s for s in running if slot_of[id(s)] == 1)
+        middle.cancel()
+        deadline = time.monotonic() + 10
+        while b.stats()["busy_slots"] != 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # Slot 3 was never used (least recently used); slot 1 keeps {0, 1, 2} one run.
+        late = b.submit(GenerationRequest(prompts[3], params))
+        it_late = iter(late)
+        next(it_late)
+        late_slot = next(a.slot.seq_id for a in list(b._active) if a.stream is late)
+        assert late_slot == 1
+        for s in [*running, late]:
+            s.cancel()
+        assert all(ids == sorted(ids) for ids in seen)
+        assert any(len(ids) == 3 for ids in seen)
+    finally:
+        b.close()
+
+
 # -- finishing ------------------------------------------------------------------------
 def test_cancel_stops_within_one_step_and_others_continue(built, arch) -> None:
     b = _new(built, arch, slots=2)

@@ -115,6 +115,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def _runs(ids: set[int]) -> int:
+    """Maximal runs of consecutive integers in ``ids`` ({0, 1, 3} has two)."""
+    return sum(1 for i in ids if i - 1 not in ids)
+
+
 class LlamaCppBackend(Backend):
     """A GGUF model served by llama.cpp with continuous batching and a prompt cache.
 
@@ -229,9 +234,10 @@ class LlamaCppBackend(Backend):
         self._active: list[_Active] = []
         self._closed = False
         self._embed_lock = threading.Lock()
-        self._counters = dict.fromkeys(
+        self._counters: dict[str, float] = dict.fromkeys(
             (
                 "decode_steps",
+                "decode_seconds",  # wall time inside llama_decode (the rest is Python's)
                 "tokens_evaluated",
                 "prompt_tokens_evaluated",
                 "tokens_generated",
@@ -369,7 +375,20 @@ class LlamaCppBackend(Backend):
         prompt = list(req.prompt_ids) or ([self._bos] if self._bos >= 0 else [0])
         sampler = SequenceSampler(req.params, self.vocab_size, self.eos_token_ids, prompt)
         free = [s for s in self._slots if not s.busy]
-        slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.last_used))
+        busy_ids = {s.seq_id for s in self._slots if s.busy}
+
+        def rank(s: _Slot) -> tuple[int, int, float]:
+            # A cached prefix worth having wins; otherwise keep the busy sequence ids
+            # contiguous (each run of consecutive ids is one more graph pass per step,
+            # see _step), then least recently used.
+            shared = _common_prefix(s.tokens, prompt)
+            return (
+                shared if shared >= _MIN_COPY else 0,
+                -_runs(busy_ids | {s.seq_id}),
+                -s.last_used,
+            )
+
+        slot = max(free, key=rank)
         shared = _common_prefix(slot.tokens, prompt)
         donor = max(
             (s for s in self._slots if s.busy),
@@ -429,6 +448,11 @@ class LlamaCppBackend(Backend):
                 entries.append((a, chunk))
         if not entries:
             return
+        # With one KV stream per sequence llama.cpp splits a batch into ubatches of
+        # *consecutive, increasing* sequence ids (llama_batch_allocr::split_equal with
+        # sequential=true), one graph evaluation each: 4 sequences in admission order
+        # [2, 0, 3, 1] cost four weight passes, in slot order [0, 1, 2, 3] one.
+        entries.sort(key=lambda e: e[0].slot.seq_id)
         rc = self._decode(entries)
         if rc == 0:
             self._after_decode(entries)
@@ -450,7 +474,9 @@ class LlamaCppBackend(Backend):
             # Logits are needed for a generated token, or for the last prompt token.
             wants = a.next_token >= 0 or len(toks) == len(a.todo)
             batch.add(toks, len(a.slot.tokens), a.slot.seq_id, wants)
+        t0 = time.perf_counter()
         rc = int(self._lib.llama_decode(self._ctx, batch.ready()))
+        self._counters["decode_seconds"] += time.perf_counter() - t0
         self._counters["decode_steps"] += 1
         if rc != 0:
             # A failed decode may leave some ubatches in memory: roll every sequence back.
