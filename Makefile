@@ -53,6 +53,7 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 bench: install
+	$(BIN)/pip install -q -e ".[dev,bench]"
 	$(BIN)/python -m benchmarks.run
 
 lint: install

@@ -481,7 +481,30 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
         "`benchmarks/hf_server.py`, float32, one request at a time, no prefix cache.",
         "",
     ]
+    L += _hand_written(report)
     md_path.write_text("\n".join(L) + "\n", encoding="utf-8")
+
+
+ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
+
+
+def _hand_written(report: dict) -> list[str]:
+    """``benchmarks/ANALYSIS.md`` (profiles, fixes, verdicts, GPU) carried into every report.
+
+    The analysis is written by people about a particular run; a regenerated report keeps
+    it verbatim under a heading that says which run this report is, so a reader can tell
+    when the prose and the tables above it come from different runs.
+    """
+    if not ANALYSIS.is_file():
+        return []
+    text = ANALYSIS.read_text(encoding="utf-8").strip()
+    return [
+        f"<!-- carried verbatim from benchmarks/ANALYSIS.md; the tables above are run "
+        f"{report['stamp']} -->",
+        "",
+        text,
+        "",
+    ]
 
 
 if __name__ == "__main__":
