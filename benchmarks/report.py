@@ -465,7 +465,8 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
         "of the summed VmRSS of the server's process tree, from launch to the end of its "
         "workloads.",
         '- "other CPU %" is the share of all cores used by processes that are neither the '
-        "server nor the harness while that contender ran (from /proc/stat); above a few percent "
+        "server nor the harness while that contender ran (from /proc/stat), hypervisor steal "
+        "time included (a VM's neighbours show up here); above a few percent "
         "the machine was shared and that row is pessimistic.",
         "- Each workload is bounded by a request count and a time cap checked before each new "
         "request; "
