@@ -299,12 +299,17 @@ def test_close_cancels_the_running_request(built: dict[str, Path], monkeypatch) 
     from fastpilot.errors import BackendError
 
     b = CTranslate2Backend(built["gpt2-float32"], threads=1)
-    release = threading.Event()
-    _hook_put(monkeypatch, {"run": lambda stream, n: release.wait(10)})
+    release, entered = threading.Event(), threading.Event()
+
+    def hold(stream: TokenStream, n: int) -> None:  # the worker parks after the 1st step
+        entered.set()
+        release.wait(10)
+
+    _hook_put(monkeypatch, {"run": hold})
     params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
     running = b.submit(GenerationRequest(b.tokenize(PROMPT), params, request_id="run"))
-    while b.stats()["active"] == 0:
-        time.sleep(0.005)
+    # "active" alone is too early: close() could cancel before the first step is put.
+    assert entered.wait(30)
     waiting = b.submit(GenerationRequest(b.tokenize(PROMPT), params))
     closer = threading.Thread(target=b.close)
     closer.start()
