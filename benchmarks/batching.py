@@ -59,6 +59,17 @@ def _report(
     print(json.dumps(rec), flush=True)
 
 
+def _run_threads(target, n: int) -> float:  # type: ignore[no-untyped-def]
+    """Run ``target(i)`` for i in 0..n-1 on n threads at once; the wall seconds."""
+    t0 = time.perf_counter()
+    ths = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def _backend_stat(port: int, key: str) -> float:
     """A ``fastpilot_model_<key>`` gauge from the server's /metrics."""
     import http.client
@@ -181,13 +192,7 @@ def engine(directory: Path, n: int, tokens: int, threads: int) -> None:
                 if chunk.get("choices"):
                     counts[i] += 1
 
-        t0 = time.perf_counter()
-        ths = [threading.Thread(target=consume, args=(i,)) for i in range(n)]
-        for t in ths:
-            t.start()
-        for t in ths:
-            t.join()
-        elapsed = time.perf_counter() - t0
+        elapsed = _run_threads(consume, n)
         _report("engine", n, tokens, elapsed, tokens)
     finally:
         model.close()
@@ -245,13 +250,7 @@ def http(
             }
             results[i] = send(port, Call("POST", "/v1/completions", body, True))
 
-        t0 = time.perf_counter()
-        ths = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for t in ths:
-            t.start()
-        for t in ths:
-            t.join()
-        elapsed = time.perf_counter() - t0
+        elapsed = _run_threads(one, n)
         if spy is not None:
             spy.send_signal(2)
             spy.wait(30)
