@@ -152,7 +152,22 @@ class Settings:
     max_tokens: int = field(
         default=4096, metadata=_opt("Cap on max_tokens per request.", kind="int")
     )
-    max_n: int = field(default=16, metadata=_opt("Cap on n and best_of per request.", kind="int"))
+    max_n: int = field(
+        default=16,
+        metadata=_opt(
+            "Cap on the sequences of one request: n and best_of, times the number of "
+            "prompts when several are sent.",
+            kind="int",
+        ),
+    )
+    max_stop: int = field(
+        default=32,
+        metadata=_opt(
+            "Cap on stop strings per request (more is a 400 naming stop). They are "
+            "matched in one pass whatever their number.",
+            kind="int",
+        ),
+    )
     timeout: float = field(
         default=600.0,
         metadata=_opt(
@@ -189,7 +204,12 @@ class Settings:
     @property
     def limits(self) -> Limits:
         """The per-request caps the validator enforces."""
-        return Limits(max_n=self.max_n, max_best_of=self.max_n, max_tokens=self.max_tokens)
+        return Limits(
+            max_n=self.max_n,
+            max_best_of=self.max_n,
+            max_tokens=self.max_tokens,
+            max_stop=self.max_stop,
+        )
 
     @property
     def is_loopback(self) -> bool:
@@ -233,7 +253,7 @@ class Settings:
                 "this address could use the server. Give --api-key KEY (or --api-key-file FILE), "
                 "bind --host 127.0.0.1, or pass --insecure-public if you really mean it."
             )
-        for name in ("slots", "max_queue", "max_body_bytes", "max_tokens", "max_n"):
+        for name in ("slots", "max_queue", "max_body_bytes", "max_tokens", "max_n", "max_stop"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
         if self.timeout <= 0:

@@ -22,6 +22,7 @@ from fastpilot.api.middleware import RequestRecord
 from fastpilot.api.parsing import json_body, query_mapping, query_pairs
 from fastpilot.api.resolve import ModelBodyResource, ModelResolver, model_name
 from fastpilot.api.sse import EventStream
+from fastpilot.engine.coerce import coerce_bool
 from fastpilot.engine.params import CompletionRequest, ContextMode, Limits
 from fastpilot.errors import BackendError, InvalidRequest
 
@@ -124,7 +125,7 @@ class Completions:
         record = _record(req)
         record.model = model.name
         request = CompletionRequest.from_dict(data, limits=self._limits, context_mode=self._mode)
-        if isinstance(request.prompt, str):
+        if isinstance(request.prompt, str) and len(request.prompts) == 1:
             record.prompt_text = request.prompt
         if request.stream:
             stream_response(req, resp, model.stream(request))
@@ -149,8 +150,8 @@ class Chat(ModelBodyResource):
         record = _record(req)
         messages = data.get("messages")
         params = _chat_params(data)
-        stream = params.get("stream")
-        if stream is True or (isinstance(stream, str) and stream.lower() == "true"):
+        # The same reading of "stream" as every other route ("stream": 1 streams).
+        if coerce_bool(params.get("stream"), "stream", False):
             stream_response(req, resp, model.stream_chat(messages, **params))
             return
         result = model.chat(messages, **params)

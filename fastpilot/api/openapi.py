@@ -16,6 +16,8 @@ from typing import Any
 
 import falcon
 
+from fastpilot.engine.params import wire_schema
+
 _REF = "#/components/schemas/"
 
 
@@ -34,50 +36,28 @@ _ERROR_RESPONSE = {
     "content": _json(_ref("Error")),
 }
 
-_INT_OR_STR = {"type": ["integer", "string"]}
-_NUM_OR_STR = {"type": ["number", "string"]}
-_BOOL_OR_STR = {"type": ["boolean", "string"]}
-
-# Completion fields (see CompletionRequest.from_dict); strings are coerced ("true", "0.2").
+# Completion fields: generated from CompletionRequest's own field declarations, so the
+# schema lists exactly what the parser reads (tests/test_openapi.py checks both ways).
 _COMPLETION_FIELDS: dict[str, dict[str, Any]] = {
     "model": {"type": "string", "description": "Engine name; unknown names use the default."},
-    "prompt": {
-        "description": "Text, or token ids.",
-        "anyOf": [
-            {"type": "string"},
-            {"type": "array", "items": {"type": "string"}, "maxItems": 1},
-            {"type": "array", "items": {"type": "integer"}},
-        ],
+    **wire_schema(),
+}
+# Chat reads the same fields except these (the prompt is the rendered messages) ...
+_NOT_IN_CHAT = ("prompt", "suffix", "echo", "best_of")
+# ... and these of its own (Model._chat_request maps them onto the completion fields).
+_CHAT_FIELDS: dict[str, dict[str, Any]] = {
+    "max_completion_tokens": {
+        "type": ["integer", "string", "null"],
+        "description": "Chat's name for max_tokens.",
     },
-    "suffix": {"type": ["string", "null"], "description": "FIM suffix (ignored without FIM)."},
-    "max_tokens": {**_INT_OR_STR, "description": "Tokens to generate (0 scores the prompt)."},
-    "temperature": {**_NUM_OR_STR, "description": "0 is greedy; up to 2."},
-    "top_p": _NUM_OR_STR,
-    "top_k": _INT_OR_STR,
-    "n": _INT_OR_STR,
-    "best_of": _INT_OR_STR,
-    "echo": _BOOL_OR_STR,
-    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "logprobs": {"type": ["integer", "boolean", "string", "null"]},
-    "logit_bias": {"type": "object", "additionalProperties": {"type": "number"}},
-    "presence_penalty": _NUM_OR_STR,
-    "frequency_penalty": _NUM_OR_STR,
-    "repetition_penalty": _NUM_OR_STR,
-    "min_tokens": _INT_OR_STR,
-    "ignore_eos": _BOOL_OR_STR,
-    "seed": _INT_OR_STR,
-    "user": {"type": "string"},
-    "stream": _BOOL_OR_STR,
-    "stream_options": {
-        "type": "object",
-        "properties": {"include_usage": {"type": "boolean"}},
+    "top_logprobs": {
+        "type": ["integer", "string", "null"],
+        "description": "Alternatives per token when logprobs is true.",
     },
-    "truncate": {**_BOOL_OR_STR, "description": "Left-truncate a prompt that does not fit."},
-    "timeout": {**_NUM_OR_STR, "description": "Deadline in seconds (504 past it)."},
 }
 
 # The GET form: the same fields as query parameters (JSON text for objects).
-_QUERY_FIELDS = [k for k in _COMPLETION_FIELDS if k != "prompt"] + ["prompt"]
+_QUERY_FIELDS = list(_COMPLETION_FIELDS)
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -134,7 +114,8 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["messages"],
         "properties": {
             "messages": {"type": "array", "items": _ref("Message")},
-            **{k: v for k, v in _COMPLETION_FIELDS.items() if k not in ("prompt", "suffix")},
+            **{k: v for k, v in _COMPLETION_FIELDS.items() if k not in _NOT_IN_CHAT},
+            **_CHAT_FIELDS,
         },
     },
     "AskReply": {
@@ -241,7 +222,7 @@ def _query_params() -> list[dict[str, Any]]:
     out = []
     for name in _QUERY_FIELDS:
         schema: dict[str, Any] = {"type": "string"}
-        if name in ("logit_bias", "stream_options"):
+        if name in ("logit_bias", "stream_options", "extra"):
             schema = {"type": "string", "description": "JSON text"}
         out.append({"name": name, "in": "query", "required": False, "schema": schema})
     return out

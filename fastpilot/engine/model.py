@@ -29,7 +29,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastpilot.backends.base import Backend, BackendInfo
+from fastpilot.engine import batch
 from fastpilot.engine import chat as chatfmt
+from fastpilot.engine.coerce import coerce_bool, coerce_int
 from fastpilot.engine.params import CompletionRequest, Limits
 from fastpilot.engine.run import Completion, CompletionStream, Run
 from fastpilot.errors import InvalidRequest
@@ -138,17 +140,23 @@ class Model:
 
         Blocks the calling thread until every sequence finished. ``best_of``
         sequences are generated together and the ``n`` with the highest
-        cumulative logprob are returned, best first. Raises
-        :class:`FastpilotError` subclasses (InvalidRequest,
-        ContextLengthExceeded, QueueFull, Timeout, BackendError).
+        cumulative logprob are returned, best first. Several prompts are
+        submitted together and answered as ``choices[i * n + j]`` (see
+        :mod:`fastpilot.engine.batch`). Raises :class:`FastpilotError`
+        subclasses (InvalidRequest, ContextLengthExceeded, QueueFull, Timeout,
+        BackendError).
         """
         req = self._request(request, params)
-        run = Run(self, req, stops=req.stop, chat=False)
-        return run.complete()
+        if len(req.prompts) > 1:
+            return batch.complete(batch.start_runs(req, self._completion_run), req.n)
+        return self._completion_run(req).complete()
+
+    def _completion_run(self, req: CompletionRequest) -> Run:
+        return Run(self, req, stops=req.stop, chat=False)
 
     def stream(
         self, request: CompletionRequest | None = None, /, **params: Any
-    ) -> CompletionStream:
+    ) -> CompletionStream | batch.BatchStream:
         """Start a completion and return its chunk iterator.
 
         Validation, context errors and QueueFull are raised here, before the
@@ -161,7 +169,10 @@ class Model:
         req = self._request(request, params)
         if req.best_of is not None and req.best_of > req.n:
             raise InvalidRequest("best_of cannot be used with stream", param="best_of")
-        return CompletionStream(Run(self, req, stops=req.stop, chat=False))
+        if len(req.prompts) > 1:
+            runs = batch.start_runs(req, self._completion_run)
+            return batch.BatchStream(runs, req.n, include_usage=req.include_usage)
+        return CompletionStream(self._completion_run(req))
 
     # -- chat ---------------------------------------------------------------------------
     def _chat_request(self, messages: Any, params: dict[str, Any]) -> CompletionRequest:
@@ -172,10 +183,13 @@ class Model:
         if "max_completion_tokens" in p:
             p["max_tokens"] = p.pop("max_completion_tokens")
         p.setdefault("max_tokens", min(256, self.limits.max_tokens))
-        want = p.pop("logprobs", None)
-        top = p.pop("top_logprobs", None)
-        if want not in (None, False, "false", "False", "0", 0):
-            p["logprobs"] = top if top is not None else 0
+        # Chat's logprobs is a boolean; top_logprobs says how many alternatives.
+        want = coerce_bool(p.pop("logprobs", None), "logprobs", False)
+        top = coerce_int(
+            p.pop("top_logprobs", None), "top_logprobs", 0, lo=0, hi=self.limits.max_logprobs
+        )
+        if want:
+            p["logprobs"] = top
         p["prompt"] = chatfmt.render_plain(msgs)
         return CompletionRequest.from_dict(p, limits=self.limits)
 

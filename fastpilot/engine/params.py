@@ -1,22 +1,36 @@
-"""The typed completion request and its validation, shared by the HTTP API and the library API.
+"""The typed completion request: the one place that lists the request's fields.
 
-The API layer turns a JSON body or a query string into a plain mapping
-(coercing ``"true"``/``"false"`` and numbers); :meth:`CompletionRequest.from_dict`
-validates every field against :class:`Limits` and raises
-:class:`fastpilot.errors.InvalidRequest` naming the offending ``param``.
-Unknown keys are ignored (Copilot sends ``nwo``, ``extra``, ``feature_flags``).
+Each field of :class:`CompletionRequest` carries its wire name, type, limits and
+description in its metadata (:func:`_f`). From that one declaration come:
+
+- the parser, :meth:`CompletionRequest.from_dict`, which reads every field
+  through the coercion function of its type (:mod:`fastpilot.engine.coerce`),
+  for JSON bodies and query strings alike, and raises
+  :class:`fastpilot.errors.InvalidRequest` naming the offending ``param``;
+- the backend's :class:`~fastpilot.backends.base.SamplingParams`, derived by
+  field name in :meth:`CompletionRequest.sampling` (no copy by hand);
+- the OpenAPI description of the request body, :func:`wire_schema`.
+
+Unknown keys are ignored (Copilot sends ``nwo``, ``feature_flags``);
+``extra`` is kept, and its ``trim_by_indentation`` / ``next_indent`` become
+the ``n_indent`` editor stop.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from fastpilot.backends.base import SamplingParams
+from fastpilot.engine.coerce import coerce_bool, coerce_float, coerce_int, coerce_str
+from fastpilot.engine.editor_stops import LineLimits
 from fastpilot.errors import InvalidRequest
+
+# One prompt: text, or token ids.
+Prompt = str | tuple[int, ...]
 
 
 class ContextMode(str, Enum):
@@ -26,67 +40,194 @@ class ContextMode(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Caps on what one request may ask for (settings can change them)."""
+    """Caps on what one request may ask for (settings can change them).
+
+    ``max_n`` also caps the sequences of a whole request: prompts x
+    ``max(n, best_of)``.
+    """
 
     max_n: int = 16
     max_best_of: int = 16
     max_tokens: int = 4096
     max_logprobs: int = 5
-    max_stop: int = 4
+    max_stop: int = 32
     max_stop_length: int = 256
     max_logit_bias: int = 1024
 
 
+class Kind(str, Enum):
+    """How a field is read off the wire; the value is its JSON-schema type."""
+
+    INT = "integer"
+    FLOAT = "number"
+    BOOL = "boolean"
+    STR = "string"
+    CUSTOM = "custom"  # read by its own function below (lists, objects, mixed types)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """How one request field is read. ``hi`` may name a :class:`Limits` attribute."""
+
+    kind: Kind
+    doc: str
+    wire: str | None  # the JSON key it is read from; None: derived from another field
+    lo: float | None = None
+    hi: float | str | None = None
+    schema: Mapping[str, Any] | None = None  # JSON schema of a CUSTOM field
+
+
+def _f(
+    default: Any,
+    kind: Kind,
+    doc: str,
+    *,
+    wire: str | None = "",
+    lo: float | None = None,
+    hi: float | str | None = None,
+    schema: Mapping[str, Any] | None = None,
+) -> Any:
+    """A request field: its default and how it is read (``wire=""`` means its own name)."""
+    spec = FieldSpec(kind, doc, wire, lo, hi, schema)
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"spec": spec})
+    return field(default=default, metadata={"spec": spec})
+
+
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "integer"}},
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+    ]
+}
+_STOP_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+
+
 @dataclass(frozen=True, slots=True)
 class CompletionRequest:
-    """One completion request, validated. ``prompt`` is text or token ids."""
+    """One completion request, validated; ``prompt`` is ``prompts[0]``.
 
-    prompt: str | tuple[int, ...] = ""
-    suffix: str | None = None
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    best_of: int | None = None
-    echo: bool = False
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    seed: int | None = None
-    user: str | None = None
-    stream: bool = False
-    include_usage: bool = False
-    context_mode: ContextMode = ContextMode.TRUNCATE
-    timeout: float | None = None  # seconds; None means the server default
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    A request with several prompts is run as one request per prompt (see
+    :meth:`for_prompt`); choice ``j`` of prompt ``i`` is ``choices[i * n + j]``.
+    """
+
+    prompt: Prompt = _f(
+        "",
+        Kind.CUSTOM,
+        "Text or token ids; a list of texts or of token-id lists runs several prompts.",
+        schema=_PROMPT_SCHEMA,
+    )
+    prompts: tuple[Prompt, ...] = _f(("",), Kind.CUSTOM, "Every prompt, in order.", wire=None)
+    suffix: str | None = _f(None, Kind.STR, "FIM suffix (ignored without FIM).")
+    max_tokens: int = _f(
+        16, Kind.INT, "Tokens to generate (0 scores the prompt).", lo=0, hi="max_tokens"
+    )
+    temperature: float = _f(1.0, Kind.FLOAT, "0 is greedy; up to 2.", lo=0.0, hi=2.0)
+    top_p: float = _f(1.0, Kind.FLOAT, "Nucleus sampling mass.", lo=0.0, hi=1.0)
+    top_k: int = _f(0, Kind.INT, "Keep the k most likely tokens (0: all).", lo=0, hi=1 << 20)
+    n: int = _f(1, Kind.INT, "Choices per prompt.", lo=1, hi="max_n")
+    best_of: int | None = _f(
+        None, Kind.INT, "Sequences to generate, the n best returned.", lo=1, hi="max_best_of"
+    )
+    echo: bool = _f(False, Kind.BOOL, "Return the prompt before the completion.")
+    stop: tuple[str, ...] = _f(
+        (), Kind.CUSTOM, "Stop strings (up to --max-stop).", schema=_STOP_SCHEMA
+    )
+    logprobs: int | None = _f(
+        None,
+        Kind.CUSTOM,
+        "Top alternatives per token (0..5); true means the chosen token only.",
+        schema={"type": ["integer", "boolean", "string", "null"]},
+    )
+    logit_bias: tuple[tuple[int, float], ...] = _f(
+        (),
+        Kind.CUSTOM,
+        "Token id -> additive bias (-100 bans).",
+        schema={"type": "object", "additionalProperties": {"type": ["number", "string"]}},
+    )
+    presence_penalty: float = _f(0.0, Kind.FLOAT, "OpenAI presence penalty.", lo=-2.0, hi=2.0)
+    frequency_penalty: float = _f(0.0, Kind.FLOAT, "OpenAI frequency penalty.", lo=-2.0, hi=2.0)
+    repetition_penalty: float = _f(
+        1.0, Kind.FLOAT, "Multiplicative (CTRL) repetition penalty.", lo=0.01, hi=10.0
+    )
+    min_tokens: int = _f(
+        0, Kind.INT, "End-of-text is banned before this many tokens.", lo=0, hi="max_tokens"
+    )
+    ignore_eos: bool = _f(False, Kind.BOOL, "Generate past end-of-text.")
+    seed: int | None = _f(
+        None, Kind.INT, "Same seed, same request: same text.", lo=-(1 << 63), hi=(1 << 64) - 1
+    )
+    user: str | None = _f(None, Kind.STR, "End-user id (logged only).")
+    stream: bool = _f(False, Kind.BOOL, "Server-Sent Events.")
+    include_usage: bool = _f(
+        False,
+        Kind.CUSTOM,
+        "stream_options.include_usage: a last event with the usage.",
+        wire="stream_options",
+        schema={
+            "type": "object",
+            "properties": {"include_usage": {"type": ["boolean", "integer", "string"]}},
+        },
+    )
+    context_mode: ContextMode = _f(
+        ContextMode.TRUNCATE,
+        Kind.CUSTOM,
+        "Left-truncate a prompt that does not fit.",
+        wire="truncate",
+        schema={"type": ["boolean", "integer", "string"]},
+    )
+    timeout: float | None = _f(
+        None, Kind.FLOAT, "Deadline in seconds (504 past it).", lo=0.001, hi=86400.0
+    )
+    n_indent: int = _f(
+        0,
+        Kind.INT,
+        "Editor stop: a new line indented less than this many columns ends the text "
+        "(that line is not returned).",
+        lo=0,
+        hi=1 << 16,
+    )
+    t_max_predict_ms: float = _f(
+        0.0,
+        Kind.FLOAT,
+        "Editor stop: past this many milliseconds, the text ends at the next newline.",
+        lo=0.0,
+        hi=86_400_000.0,
+    )
+    extra: Mapping[str, Any] = _f(
+        {},
+        Kind.CUSTOM,
+        "Copilot's extra: trim_by_indentation with next_indent ends the text at the end "
+        "of the block (a line indented next_indent columns or less).",
+        schema={"type": "object"},
+    )
 
     def sampling(self, index: int = 0) -> SamplingParams:
-        """SamplingParams for the ``index``-th sequence (seed offset per sequence)."""
-        seed = None if self.seed is None else (self.seed + index) & 0x7FFFFFFF
-        return SamplingParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_tokens=self.min_tokens,
-            logprobs=self.logprobs or 0,
-            logit_bias=self.logit_bias,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            seed=seed,
-            ignore_eos=self.ignore_eos,
-        )
+        """SamplingParams for the ``index``-th sequence: the request's fields of the same name.
+
+        Only the seed (offset per sequence, so ``n`` samples differ) and
+        ``logprobs`` (None means 0) are computed.
+        """
+        values = {name: getattr(self, name) for name in _SAMPLING_FIELDS}
+        values["seed"] = None if self.seed is None else (self.seed + index) & 0x7FFFFFFF
+        values["logprobs"] = self.logprobs or 0
+        return SamplingParams(**values)
 
     @property
     def num_sequences(self) -> int:
+        """Sequences generated per prompt."""
         return max(self.n, self.best_of or self.n)
+
+    @property
+    def line_limits(self) -> LineLimits:
+        return LineLimits(self.n_indent, self.t_max_predict_ms)
+
+    def for_prompt(self, i: int) -> CompletionRequest:
+        """This request with only its ``i``-th prompt, and no usage event of its own."""
+        p = self.prompts[i]
+        return dataclasses.replace(self, prompt=p, prompts=(p,), include_usage=False)
 
     @classmethod
     def from_dict(
@@ -96,204 +237,136 @@ class CompletionRequest:
         limits: Limits | None = None,
         context_mode: ContextMode = ContextMode.TRUNCATE,
     ) -> CompletionRequest:
-        """Validate a decoded request body. Raises InvalidRequest naming the param."""
+        """Validate a decoded request body or query mapping. Raises InvalidRequest naming the param."""
         lim = limits or Limits()
         if not isinstance(data, Mapping):
             raise InvalidRequest("the request body must be a JSON object", param=None)
-        get = data.get
-
-        prompt = _prompt(get("prompt", ""))
-        suffix = _opt_str(get("suffix"), "suffix")
-        # An omitted max_tokens means 16 (OpenAI), never more than the server cap.
-        max_tokens = _int(
-            get("max_tokens"), "max_tokens", min(16, lim.max_tokens), lo=0, hi=lim.max_tokens
-        )
-        temperature = _float(get("temperature"), "temperature", 1.0, lo=0.0, hi=2.0)
-        top_p = _float(get("top_p"), "top_p", 1.0, lo=0.0, hi=1.0)
-        if top_p == 0.0:
-            top_p = 1e-9  # OpenAI accepts 0: keep only the single most likely token
-        top_k = _int(get("top_k"), "top_k", 0, lo=0, hi=1 << 20)
-        n = _int(get("n"), "n", 1, lo=1, hi=lim.max_n)
-        best_of_raw = get("best_of")
-        best_of = (
-            None
-            if best_of_raw is None
-            else _int(best_of_raw, "best_of", n, lo=1, hi=lim.max_best_of)
-        )
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            spec: FieldSpec = f.metadata["spec"]
+            if spec.kind is Kind.CUSTOM:
+                continue
+            assert spec.wire is not None
+            name = spec.wire or f.name
+            raw = data.get(name)
+            if spec.kind is Kind.BOOL:
+                values[f.name] = coerce_bool(raw, name, f.default)
+            elif spec.kind is Kind.STR:
+                values[f.name] = coerce_str(raw, name, f.default)
+            else:
+                hi = getattr(lim, spec.hi) if isinstance(spec.hi, str) else spec.hi
+                assert spec.lo is not None and hi is not None
+                if spec.kind is Kind.INT:
+                    # An omitted max_tokens means 16 (OpenAI), never more than the server cap.
+                    default = min(f.default, hi) if f.default is not None else None
+                    values[f.name] = coerce_int(raw, name, default, lo=int(spec.lo), hi=int(hi))
+                else:
+                    values[f.name] = coerce_float(raw, name, f.default, lo=spec.lo, hi=hi)
+        if values["top_p"] == 0.0:
+            values["top_p"] = 1e-9  # OpenAI accepts 0: keep only the single most likely token
+        n, best_of = values["n"], values["best_of"]
         if best_of is not None and best_of < n:
             raise InvalidRequest(
                 f"best_of ({best_of}) must be greater than or equal to n ({n})", param="best_of"
             )
-        echo = _bool(get("echo"), "echo", False)
-        stop = _stop(get("stop"), lim)
-        logprobs_raw = get("logprobs")
-        logprobs = None
-        if logprobs_raw is not None and logprobs_raw is not False:
-            # The chat API sends logprobs: true; treat it as "the chosen token only".
-            logprobs = (
-                0
-                if logprobs_raw is True
-                else _int(logprobs_raw, "logprobs", 0, lo=0, hi=lim.max_logprobs)
-            )
-        logit_bias = _logit_bias(get("logit_bias"), lim)
-        presence = _float(get("presence_penalty"), "presence_penalty", 0.0, lo=-2.0, hi=2.0)
-        frequency = _float(get("frequency_penalty"), "frequency_penalty", 0.0, lo=-2.0, hi=2.0)
-        repetition = _float(get("repetition_penalty"), "repetition_penalty", 1.0, lo=0.01, hi=10.0)
-        min_tokens = _int(get("min_tokens"), "min_tokens", 0, lo=0, hi=lim.max_tokens)
-        ignore_eos = _bool(get("ignore_eos"), "ignore_eos", False)
-        seed_raw = get("seed")
-        seed = (
-            None if seed_raw is None else _int(seed_raw, "seed", 0, lo=-(1 << 63), hi=(1 << 64) - 1)
-        )
-        user = _opt_str(get("user"), "user")
-        stream = _bool(get("stream"), "stream", False)
-        include_usage = False
-        opts = get("stream_options")
-        if opts is not None:
-            if not isinstance(opts, Mapping):
-                raise InvalidRequest("stream_options must be an object", param="stream_options")
-            include_usage = _bool(opts.get("include_usage"), "stream_options.include_usage", False)
-        if stream and best_of is not None and best_of > n:
+        if values["stream"] and best_of is not None and best_of > n:
             raise InvalidRequest("best_of cannot be used with stream", param="best_of")
-        mode = context_mode
-        if "truncate" in data:
-            mode = (
-                ContextMode.TRUNCATE
-                if _bool(get("truncate"), "truncate", False)
-                else ContextMode.ERROR
-            )
-        timeout_raw = get("timeout")
-        timeout = (
-            None
-            if timeout_raw is None
-            else _float(timeout_raw, "timeout", 0.0, lo=0.001, hi=86400.0)
+        prompts = _prompts(data.get("prompt"))
+        _check_sequences(len(prompts), max(n, best_of or n), lim)
+        extra = data.get("extra")
+        extra = extra if isinstance(extra, Mapping) else {}
+        values.update(
+            prompt=prompts[0],
+            prompts=prompts,
+            stop=_stop(data.get("stop"), lim),
+            logprobs=_logprobs(data.get("logprobs"), lim),
+            logit_bias=_logit_bias(data.get("logit_bias"), lim),
+            include_usage=_include_usage(data.get("stream_options")),
+            context_mode=_context_mode(data, context_mode),
+            extra=extra,
+            n_indent=max(values["n_indent"], _block_indent(extra)),
         )
-        return cls(
-            prompt=prompt,
-            suffix=suffix,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            n=n,
-            best_of=best_of,
-            echo=echo,
-            stop=stop,
-            logprobs=logprobs,
-            logit_bias=logit_bias,
-            presence_penalty=presence,
-            frequency_penalty=frequency,
-            repetition_penalty=repetition,
-            min_tokens=min_tokens,
-            ignore_eos=ignore_eos,
-            seed=seed,
-            user=user,
-            stream=stream,
-            include_usage=include_usage,
-            context_mode=mode,
-            timeout=timeout,
-        )
+        return cls(**values)
 
 
-# -- field validators ------------------------------------------------------------------
+# SamplingParams fields are the request fields of the same names (checked by the tests).
+_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
 
 
-def _type_name(value: object) -> str:
-    return type(value).__name__
+def wire_fields() -> dict[str, FieldSpec]:
+    """Every JSON key the parser reads, with its spec, in declaration order."""
+    out: dict[str, FieldSpec] = {}
+    for f in fields(CompletionRequest):
+        spec: FieldSpec = f.metadata["spec"]
+        if spec.wire is not None:
+            out[spec.wire or f.name] = spec
+    return out
 
 
-def _int(value: Any, param: str, default: int, *, lo: int, hi: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        raise InvalidRequest(f"{param} must be an integer, not a boolean", param=param)
-    if isinstance(value, float):
-        if not math.isfinite(value) or value != int(value):
-            raise InvalidRequest(f"{param} must be an integer, got {value!r}", param=param)
-        value = int(value)
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise InvalidRequest(
-                f"{param} must be an integer, got {value[:40]!r}", param=param
-            ) from None
-    if not isinstance(value, int):
-        raise InvalidRequest(f"{param} must be an integer, got {_type_name(value)}", param=param)
-    if not lo <= value <= hi:
-        raise InvalidRequest(f"{param} must be between {lo} and {hi}, got {value}", param=param)
-    return value
+def wire_schema() -> dict[str, dict[str, Any]]:
+    """The JSON schema of every key :meth:`CompletionRequest.from_dict` reads.
+
+    Typed fields also accept their string spelling (query strings, ``"0.2"``).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in wire_fields().items():
+        if spec.kind is Kind.CUSTOM:
+            schema = dict(spec.schema or {})
+        elif spec.kind is Kind.STR:
+            schema = {"type": ["string", "null"]}
+        elif spec.kind is Kind.BOOL:
+            schema = {"type": ["boolean", "integer", "string", "null"]}
+        else:
+            schema = {"type": [spec.kind.value, "string", "null"]}
+        out[name] = {**schema, "description": spec.doc}
+    return out
 
 
-def _float(value: Any, param: str, default: float, *, lo: float, hi: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        raise InvalidRequest(f"{param} must be a number, not a boolean", param=param)
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise InvalidRequest(
-                f"{param} must be a number, got {value[:40]!r}", param=param
-            ) from None
-    if not isinstance(value, (int, float)):
-        raise InvalidRequest(f"{param} must be a number, got {_type_name(value)}", param=param)
-    value = float(value)
-    if not math.isfinite(value) or not lo <= value <= hi:
+# -- the fields with their own readers ---------------------------------------------------
+
+
+def _check_sequences(prompts: int, per_prompt: int, lim: Limits) -> None:
+    if prompts > 1 and prompts * per_prompt > lim.max_n:
         raise InvalidRequest(
-            f"{param} must be between {lo:g} and {hi:g}, got {value!r}", param=param
-        )
-    return value
-
-
-def _bool(value: Any, param: str, default: bool) -> bool:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off", ""):
-            return False
-    raise InvalidRequest(f"{param} must be a boolean, got {str(value)[:40]!r}", param=param)
-
-
-def _opt_str(value: Any, param: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{param} must be a string, got {_type_name(value)}", param=param)
-    return value
-
-
-def _prompt(value: Any) -> str | tuple[int, ...]:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        if len(value) == 1 and isinstance(value[0], str):
-            return value[0]
-        if len(value) == 1 and isinstance(value[0], list):
-            value = value[0]
-        if value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-            if any(t < 0 for t in value):
-                raise InvalidRequest("prompt token ids must be non-negative", param="prompt")
-            return tuple(value)
-        if not value:
-            return ""
-        raise InvalidRequest(
-            "prompt must be a string, a list with one string, or a list of token ids "
-            "(batches of several prompts are not supported; send one request each)",
+            f"{prompts} prompts x {per_prompt} sequences each is {prompts * per_prompt} "
+            f"sequences; this server runs at most {lim.max_n} per request (--max-n counts "
+            "prompts x n); send fewer prompts per request",
             param="prompt",
         )
-    if value is None:
-        return ""
+
+
+def _one_prompt(value: Any) -> Prompt | None:
+    """A text or a non-empty list of non-negative token ids; None for anything else."""
+    if isinstance(value, str):
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    ):
+        if any(t < 0 for t in value):
+            raise InvalidRequest("prompt token ids must be non-negative", param="prompt")
+        return tuple(value)
+    return None
+
+
+def _prompts(value: Any) -> tuple[Prompt, ...]:
+    """``prompt`` as one or more prompts; a flat list of ints is one prompt."""
+    if value is None or value == []:
+        return ("",)
+    one = _one_prompt(value)
+    if one is not None:
+        return (one,)
+    if isinstance(value, list):
+        items = [_one_prompt(v) for v in value]
+        if all(p is not None for p in items):
+            return tuple(p for p in items if p is not None)
+        raise InvalidRequest(
+            "prompt must be a string, token ids, or a list of strings or of token-id lists",
+            param="prompt",
+        )
     raise InvalidRequest(
-        f"prompt must be a string or token ids, got {_type_name(value)}", param="prompt"
+        f"prompt must be a string or token ids, got {type(value).__name__}", param="prompt"
     )
 
 
@@ -303,14 +376,26 @@ def _stop(value: Any, lim: Limits) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
         raise InvalidRequest("stop must be a string or a list of strings", param="stop")
-    items = [s for s in items if s]
+    items = list(dict.fromkeys(s for s in items if s))
     if len(items) > lim.max_stop:
-        raise InvalidRequest(f"stop may hold at most {lim.max_stop} strings", param="stop")
+        raise InvalidRequest(
+            f"stop may hold at most {lim.max_stop} strings, got {len(items)} "
+            "(the server's --max-stop)",
+            param="stop",
+        )
     if any(len(s) > lim.max_stop_length for s in items):
         raise InvalidRequest(
             f"each stop string may be at most {lim.max_stop_length} characters", param="stop"
         )
-    return tuple(dict.fromkeys(items))
+    return tuple(items)
+
+
+def _logprobs(value: Any, lim: Limits) -> int | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return 0  # the chat API's logprobs: true means "the chosen token only"
+    return coerce_int(value, "logprobs", 0, lo=0, hi=lim.max_logprobs)
 
 
 def _logit_bias(value: Any, lim: Limits) -> tuple[tuple[int, float], ...]:
@@ -336,5 +421,28 @@ def _logit_bias(value: Any, lim: Limits) -> tuple[tuple[int, float], ...]:
             raise InvalidRequest(
                 "logit_bias keys must be non-negative token ids", param="logit_bias"
             )
-        out[tok] = _float(bias, "logit_bias", 0.0, lo=-100.0, hi=100.0)
+        out[tok] = coerce_float(bias, "logit_bias", 0.0, lo=-100.0, hi=100.0)
     return tuple(sorted(out.items()))
+
+
+def _include_usage(opts: Any) -> bool:
+    if opts is None:
+        return False
+    if not isinstance(opts, Mapping):
+        raise InvalidRequest("stream_options must be an object", param="stream_options")
+    return coerce_bool(opts.get("include_usage"), "stream_options.include_usage", False)
+
+
+def _context_mode(data: Mapping[str, Any], default: ContextMode) -> ContextMode:
+    truncate = coerce_bool(data.get("truncate"), "truncate", None)
+    if truncate is None:
+        return default
+    return ContextMode.TRUNCATE if truncate else ContextMode.ERROR
+
+
+def _block_indent(extra: Mapping[str, Any]) -> int:
+    """Copilot's block trimming as an ``n_indent``: the block ends at a line indented
+    ``next_indent`` columns or less (the indentation of the code after the cursor)."""
+    if not coerce_bool(extra.get("trim_by_indentation"), "extra.trim_by_indentation", False):
+        return 0
+    return coerce_int(extra.get("next_indent"), "extra.next_indent", 0, lo=0, hi=1 << 16) + 1

@@ -85,6 +85,7 @@ class Run:
                         max_tokens=self.prep.max_tokens,
                         want_logprobs=self.want_logprobs,
                         base_offset=len(self.echo_text),
+                        lines=req.line_limits,
                     )
                 )
         except BaseException:
@@ -265,7 +266,7 @@ class Run:
         if self.chat:
             return {
                 "index": index,
-                "message": {"role": "assistant", "content": text.lstrip()},
+                "message": {"role": "assistant", "content": text},
                 "logprobs": logprobs,
                 "finish_reason": reason,
             }
@@ -372,11 +373,7 @@ class CompletionStream:
             for d in run.deltas(lookahead=True):
                 lp = run.shape_logprobs(d.entries) if run.want_logprobs else None
                 if run.chat:
-                    text = d.text
-                    if d.index not in started:
-                        text = text.lstrip()
-                        if not text and d.finish_reason is None:
-                            continue  # only leading whitespace so far
+                    text = d.text  # exactly as generated: leading whitespace included
                     delta: dict[str, Any] = {"content": text} if text else {}
                     if d.index not in started:
                         delta = {"role": "assistant", "content": text}

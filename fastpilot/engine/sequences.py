@@ -1,7 +1,8 @@
 """Per-sequence bookkeeping: steps in, text deltas and logprob entries out.
 
 One :class:`SequenceState` follows one backend stream: it detokenizes
-incrementally, applies the stop strings, attributes each token to the text it
+incrementally, applies the stop strings and the editor stops
+(:mod:`fastpilot.engine.editor_stops`), attributes each token to the text it
 produced (for ``logprobs`` and ``text_offset``) and decides the OpenAI
 ``finish_reason``. :func:`merge_streams` interleaves several streams of one
 request so that ``n > 1`` choices progress together.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from fastpilot.backends.base import FinishReason, Step, TokenStream
 from fastpilot.engine.detok import IncrementalDetokenizer
+from fastpilot.engine.editor_stops import LineLimits, LineStops
 from fastpilot.engine.stops import StopMatcher
 from fastpilot.errors import BackendError, FastpilotError, Timeout
 
@@ -55,6 +57,7 @@ class SequenceState:
 
     ``base_offset`` is the length of the text already in the choice (the
     echoed prompt), so ``text_offset`` values index the full returned text.
+    ``lines`` are the editor stops; ``clock`` times ``t_max_predict_ms``.
     """
 
     def __init__(
@@ -68,11 +71,14 @@ class SequenceState:
         max_tokens: int,
         want_logprobs: bool,
         base_offset: int = 0,
+        lines: LineLimits = LineLimits(),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.index = index
         self.stream = stream
         self.detok = IncrementalDetokenizer(token_bytes)
         self.stops = StopMatcher(stops)
+        self.lines = LineStops(lines, clock=clock)
         self.eos = frozenset() if stream.request.params.ignore_eos else eos_token_ids
         self.max_tokens = max_tokens
         self.want_logprobs = want_logprobs
@@ -84,6 +90,7 @@ class SequenceState:
         self.emitted = 0  # characters emitted so far
         self._pending: list[TokenEntry] = []  # tokens whose text is not emitted yet
         self._saw_eos = False
+        self._cut = False  # a stop string or an editor stop ended the text
 
     @property
     def finished(self) -> bool:
@@ -105,7 +112,7 @@ class SequenceState:
             )
         piece = self.detok.feed(step.token_id)
         self.text_len += len(piece)
-        text, stopped = self.stops.feed(piece)
+        text, stopped = self._filter(piece)
         if stopped:
             return self._finish("stop", text=text, cancel=True)
         if self.generated >= self.max_tokens:
@@ -129,17 +136,31 @@ class SequenceState:
     def _finish(self, reason: str, *, text: str = "", cancel: bool = False) -> Delta:
         if cancel:
             self.stream.cancel()  # stop the backend at once: nothing more is needed
-        if reason != "stop" or self.stops.matched is None:
-            # Natural end: release what the detokenizer and the matcher held.
-            tail, stopped = self.stops.feed(self.detok.flush())
+        if not self._cut:
+            # Natural end: release what the detokenizer and the matchers held.
+            tail, stopped = self._filter(self.detok.flush(), final=True)
             text += tail
-            if not stopped:
-                text += self.stops.flush()
-            elif reason == "length":
+            if stopped:
                 reason = "stop"
         self.finish_reason = reason
         delta = self._emit(text, final=True)
         return Delta(self.index, delta.text, delta.entries, reason)
+
+    def _filter(self, piece: str, *, final: bool = False) -> tuple[str, bool]:
+        """Pass decoded text through the stop strings, then the editor stops.
+
+        Returns ``(text to emit, cut)``; ``cut`` means either ended the text.
+        ``final`` releases what both hold (the text ends here anyway).
+        """
+        text, stopped = self.stops.feed(piece)
+        if final and not stopped:
+            text += self.stops.flush()
+            stopped = self.stops.matched is not None
+        text, cut = self.lines.feed(text)
+        if (stopped or final) and not cut:
+            text += self.lines.flush()  # indentation held for a line that never came
+        self._cut = stopped or cut
+        return text, self._cut
 
     def _emit(self, text: str, *, final: bool = False) -> Delta:
         self.emitted += len(text)
@@ -150,7 +171,7 @@ class SequenceState:
         k = 0
         while k < len(self._pending) and self._pending[k].offset < self.emitted:
             k += 1
-        if final and self.stops.matched is None:
+        if final and not self._cut:
             k = len(self._pending)
         out = self._pending[:k]
         del self._pending[:k]

@@ -1,0 +1,167 @@
+"""Several prompts in one completion request, as OpenAI runs them.
+
+``prompt`` may be a list of texts or of token-id lists (LangChain's
+``generate([...])``, openai-node, lm-evaluation-harness with ``batch_size`` >
+1). Each prompt becomes one :class:`~fastpilot.engine.run.Run`; every run is
+created -- so every sequence of every prompt is submitted to the backend --
+before any is read, so the backend batches them all. The answer is OpenAI's:
+choice ``j`` of prompt ``i`` is ``choices[i * n + j]`` (streamed events carry
+that ``index``), ``usage`` is the sum over the prompts, and ``echo`` and
+``logprobs`` apply to each prompt's own choices. A failure of any prompt
+(context too long, queue full, deadline) fails the whole request and cancels
+every sequence already submitted.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+from fastpilot.engine.params import CompletionRequest
+from fastpilot.engine.run import Completion, CompletionStream, Run
+from fastpilot.errors import BackendError, FastpilotError
+
+
+def start_runs(req: CompletionRequest, new_run: Callable[[CompletionRequest], Run]) -> list[Run]:
+    """One run per prompt, all submitted; on any failure every started run is cancelled."""
+    runs: list[Run] = []
+    try:
+        for i in range(len(req.prompts)):
+            runs.append(new_run(req.for_prompt(i)))
+    except BaseException:
+        for run in runs:
+            run.finish(error=True)
+        raise
+    return runs
+
+
+def sum_usage(usages: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Usage of a multi-prompt request: every count summed over the prompts."""
+    prompt = sum(u["prompt_tokens"] for u in usages)
+    completion = sum(u["completion_tokens"] for u in usages)
+    cached = sum(u.get("prompt_tokens_details", {}).get("cached_tokens", 0) for u in usages)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def complete(runs: Sequence[Run], n: int) -> Completion:
+    """Read every run to its end (they generate concurrently) and join their choices."""
+    results: list[Completion] = []
+    try:
+        for run in runs:
+            results.append(run.complete())
+    finally:
+        for run in runs:
+            run.finish(error=len(results) < len(runs))
+    choices = []
+    for i, result in enumerate(results):
+        for choice in result["choices"]:
+            choices.append({**choice, "index": i * n + choice["index"]})
+    first = results[0]
+    out = Completion(
+        id=first["id"],
+        object=first["object"],
+        created=first["created"],
+        model=first["model"],
+        choices=choices,
+        usage=sum_usage([r["usage"] for r in results]),
+    )
+    out.fim_used = any(r.fim_used for r in results)
+    out.suffix_ignored = any(r.suffix_ignored for r in results)
+    out.truncated = sum(r.truncated for r in results)
+    return out
+
+
+_END = object()
+
+
+class BatchStream:
+    """The chunks of several prompts' streams as one stream, indices remapped to ``i * n + j``.
+
+    Behaves like :class:`CompletionStream` (same attributes, ``close()`` from
+    any thread, ``usage()``). Each prompt's stream is read by a daemon thread
+    into one queue, so the chunks leave in the order they are made.
+    """
+
+    def __init__(self, runs: Sequence[Run], n: int, *, include_usage: bool) -> None:
+        self._streams = [CompletionStream(run) for run in runs]
+        first = self._streams[0]
+        self.id = first.id
+        self.created = first.created
+        self.fim_used = any(s.fim_used for s in self._streams)
+        self.suffix_ignored = any(s.suffix_ignored for s in self._streams)
+        self.truncated = sum(s.truncated for s in self._streams)
+        self.prompt_tokens = sum(s.prompt_tokens for s in self._streams)
+        self._model = runs[0].model.name
+        self._n = n
+        self._include_usage = include_usage
+        self._closed = False
+        self._chunks = self._generate()
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Cancel every prompt's sequences and end the iteration; idempotent."""
+        self._closed = True
+        for stream in self._streams:
+            stream.close()
+        try:
+            self._chunks.close()
+        except ValueError:
+            pass  # being iterated in another thread: it ends at its next chunk
+
+    cancel = close
+
+    def usage(self) -> dict[str, Any]:
+        """Usage so far, summed over the prompts (complete once the iteration ended)."""
+        return sum_usage([s.usage() for s in self._streams])
+
+    def _generate(self) -> Generator[dict[str, Any], None, None]:
+        events: queue.SimpleQueue[tuple[int, object]] = queue.SimpleQueue()
+
+        def pump(i: int, stream: CompletionStream) -> None:
+            try:
+                for chunk in stream:
+                    events.put((i, chunk))
+            except BaseException as ex:  # noqa: BLE001 - handed to the consumer thread
+                events.put((i, ex))
+            else:
+                events.put((i, _END))
+
+        for i, stream in enumerate(self._streams):
+            threading.Thread(
+                target=pump, args=(i, stream), name=f"fastpilot-prompt-{i}", daemon=True
+            ).start()
+        live = len(self._streams)
+        try:
+            while live:
+                i, item = events.get()
+                if item is _END:
+                    live -= 1
+                elif isinstance(item, BaseException):
+                    if isinstance(item, FastpilotError):
+                        raise item
+                    raise BackendError(f"generation failed: {item}") from item
+                else:
+                    assert isinstance(item, dict)
+                    choices = [{**c, "index": i * self._n + c["index"]} for c in item["choices"]]
+                    chunk = {**item, "id": self.id, "created": self.created, "choices": choices}
+                    if self._include_usage:
+                        chunk["usage"] = None  # as for one prompt: only the last event has it
+                    yield chunk
+        finally:
+            for stream in self._streams:
+                stream.close()
+        if self._include_usage and not self._closed:
+            base = {"id": self.id, "object": "text_completion", "created": self.created}
+            yield {**base, "model": self._model, "choices": [], "usage": self.usage()}
