@@ -187,16 +187,17 @@ def test_chat_ask_embeddings(api):
         "/v1/chat/completions", json={"messages": msgs, "max_tokens": 40, "temperature": 0}
     )
     assert r.status_code == 200
-    assert r.json["choices"][0]["message"]["content"] == SCRIPT.lstrip()
+    # Exactly as generated: the script's leading space is the model's, not noise.
+    assert r.json["choices"][0]["message"]["content"] == SCRIPT
     r = api.simulate_post(
         "/v1/chat/completions",
         json={"messages": msgs, "max_tokens": 40, "temperature": 0, "stream": True},
     )
     events = sse_events(r.content)
     assert events[0]["object"] == "chat.completion.chunk"
-    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == SCRIPT.lstrip()
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == SCRIPT
     r = api.simulate_post("/ask", json={"messages": msgs, "max_tokens": 40, "temperature": 0})
-    assert r.json["reply"] == SCRIPT.lstrip()
+    assert r.json["reply"] == SCRIPT
     assert r.json["usage"]["completion_tokens"] > 0
     err = error_of(api.simulate_post("/v1/chat/completions", json={"messages": "hi"}), 400)
     assert err["param"] == "messages"
@@ -273,7 +274,7 @@ def test_playground_page(api):
         ({"prompt": 5}, "prompt"),
         ({"prompt": "x", "n": 17}, "n"),
         ({"prompt": "x", "logprobs": 6}, "logprobs"),
-        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "x", "stop": [f"s{i}" for i in range(33)]}, "stop"),
         ({"prompt": "x", "echo": "maybe"}, "echo"),
         ({"prompt": "x", "model": 3}, "model"),
     ],
@@ -582,5 +583,77 @@ def test_deadline_is_504_before_output_and_error_event_after():
         events = sse_events(r.content)
         assert joined_text(events[:-1])  # text made before the deadline was sent
         assert events[-1]["error"]["code"] == "timeout"
+    finally:
+        registry.close_all()
+
+
+# -- one reading of each field on every route -------------------------------------------
+
+
+@pytest.mark.parametrize("flag", [1, "1", "true", "True", True])
+def test_stream_spellings_stream_on_chat_and_completions(api, flag):
+    msgs = [{"role": "user", "content": "hi"}]
+    for path, body in (
+        ("/v1/chat/completions", {"messages": msgs}),
+        ("/v1/completions", {"prompt": "hello"}),
+        ("/v1/engines/fake/completions", {"prompt": "hello"}),
+    ):
+        r = api.simulate_post(path, json={**body, "max_tokens": 4, "stream": flag})
+        assert r.status_code == 200, (path, r.text)
+        assert r.headers["content-type"].startswith("text/event-stream"), path
+        assert sse_events(r.content)
+
+
+@pytest.mark.parametrize("flag", [0, "0", "false", False])
+def test_stream_off_spellings_answer_json_on_chat(api, flag):
+    msgs = [{"role": "user", "content": "hi"}]
+    r = api.simulate_post(
+        "/v1/chat/completions", json={"messages": msgs, "max_tokens": 4, "stream": flag}
+    )
+    assert r.status_code == 200 and r.json["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/ask", "/v1/completions"])
+def test_bad_boolean_is_400_on_every_route(api, path):
+    body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "x", "echo": "maybe"}
+    if path != "/v1/completions":
+        body["ignore_eos"] = body.pop("echo")
+    err = error_of(api.simulate_post(path, json=body), 400)
+    assert err["param"] in ("echo", "ignore_eos")
+
+
+def test_chat_content_keeps_whitespace_equal_to_its_logprob_tokens(api):
+    msgs = [{"role": "user", "content": "hi"}]
+    body = {"messages": msgs, "max_tokens": 40, "temperature": 0, "logprobs": True}
+    r = api.simulate_post("/v1/chat/completions", json=body)
+    choice = r.json["choices"][0]
+    tokens = "".join(t["token"] for t in choice["logprobs"]["content"])
+    assert choice["message"]["content"] == tokens == SCRIPT
+    assert tokens.startswith(" ") and tokens.endswith("\n")
+    r = api.simulate_post("/v1/chat/completions", json={**body, "stream": 1})
+    events = sse_events(r.content)
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    lp_tokens = "".join(
+        t["token"] for e in events if e["choices"][0]["logprobs"]
+        for t in e["choices"][0]["logprobs"]["content"]
+    )
+    assert streamed == lp_tokens == SCRIPT
+
+
+def test_max_stop_setting_is_a_flag_and_caps_requests():
+    from fastpilot.settings import load_settings
+
+    assert load_settings([], {}).limits.max_stop == 32
+    assert load_settings(["--max-stop", "40"], {}).limits.max_stop == 40
+    c, _backend, registry = client(Settings(max_stop=2))
+    try:
+        r = c.simulate_post("/v1/completions", json={"prompt": "x", "stop": ["a", "b", "c"]})
+        err = error_of(r, 400)
+        assert err["param"] == "stop" and "at most 2" in err["message"]
+        r = c.simulate_post(
+            "/v1/completions",
+            json={"prompt": "hello", "stop": ["def", "\n\n"], "temperature": 0, "max_tokens": 40},
+        )
+        assert r.json["choices"][0]["text"] == " world"
     finally:
         registry.close_all()

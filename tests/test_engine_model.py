@@ -401,12 +401,12 @@ def test_chat_and_stream_chat(model: Model) -> None:
     out = model.chat(msgs, temperature=0, max_tokens=50)
     assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
     msg = out["choices"][0]["message"]
-    assert msg == {"role": "assistant", "content": SCRIPT.lstrip()}
+    assert msg == {"role": "assistant", "content": SCRIPT}
     chunks = list(model.stream_chat(msgs, temperature=0, max_tokens=50))
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text == SCRIPT.lstrip()
+    assert text == SCRIPT
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     reply = model.ask(msgs, temperature=0, max_tokens=3)
     assert reply["reply"] == "world\n\ndef" and reply["usage"]["completion_tokens"] == 3

@@ -27,17 +27,15 @@ from hypothesis import strategies as st
 from fastpilot.api.errors import ApiError
 from fastpilot.api.parsing import MAX_JSON_DEPTH, json_body, loads_untrusted, query_mapping
 from fastpilot.engine.chat import validate_messages
-from fastpilot.engine.params import CompletionRequest, ContextMode, Limits
+from fastpilot.engine.params import CompletionRequest, ContextMode, Limits, wire_fields
 from fastpilot.errors import InvalidRequest
 from fastpilot.settings import Settings
 from tests.test_api_support import client
 
+# Every field the completion parser reads (from its own declaration), plus other routes'.
 FIELDS = [
-    "prompt", "suffix", "max_tokens", "temperature", "top_p", "top_k", "n", "best_of",
-    "echo", "stop", "logprobs", "logit_bias", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "min_tokens", "ignore_eos", "seed", "user", "stream",
-    "stream_options", "truncate", "timeout", "model", "messages", "input", "tokens",
-    "encoding_format",
+    *wire_fields(), "model", "messages", "input", "tokens", "encoding_format",
+    "max_completion_tokens", "top_logprobs",
 ]  # fmt: skip
 LIMITS = Limits(max_n=4, max_best_of=4, max_tokens=8)
 
@@ -92,7 +90,9 @@ def test_completion_request_raises_only_invalid_request(data, mode):
     assert len(req.stop) <= LIMITS.max_stop and all(isinstance(s, str) for s in req.stop)
     assert req.logprobs is None or 0 <= req.logprobs <= LIMITS.max_logprobs
     assert all(isinstance(t, int) and math.isfinite(b) for t, b in req.logit_bias)
-    assert isinstance(req.prompt, (str, tuple))
+    assert isinstance(req.prompt, (str, tuple)) and req.prompt == req.prompts[0]
+    assert len(req.prompts) * req.num_sequences <= LIMITS.max_n or len(req.prompts) == 1
+    assert req.n_indent >= 0 and req.t_max_predict_ms >= 0
 
 
 @settings(max_examples=120, deadline=None)

@@ -117,3 +117,42 @@ def test_real_responses_match_their_schemas(api):
     assert not _validator(doc, "Completion").is_valid(
         {"id": "x", "object": "t", "created": 1, "model": "m", "choices": []}
     )
+
+
+class RecordingBody(dict):
+    """A request body that records every key the parser looks up."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+
+def test_schema_and_parser_list_the_same_fields():
+    from fastpilot.engine.params import CompletionRequest
+
+    body = RecordingBody({"prompt": "x"})
+    CompletionRequest.from_dict(body)
+    doc = build_document()
+    documented = set(doc["components"]["schemas"]["CompletionRequest"]["properties"])
+    # "model" is read by the resolver before the parser runs; everything else by the parser.
+    assert documented - {"model"} == body.read
+    assert {"n_indent", "t_max_predict_ms", "extra", "stop", "truncate"} <= body.read
+    # The GET form documents the same names as query parameters.
+    for path in ("/v1/completions", "/v1/engines/{engine}/completions"):
+        params = doc["paths"][path]["get"]["parameters"]
+        assert {p["name"] for p in params if p["in"] == "query"} == documented
+    chat = set(doc["components"]["schemas"]["ChatRequest"]["properties"])
+    assert documented - chat == {"prompt", "suffix", "echo", "best_of"}
+    assert chat - documented == {"messages", "max_completion_tokens", "top_logprobs"}

@@ -58,7 +58,7 @@ def test_defaults_and_unknown_keys_ignored() -> None:
         ({"best_of": 3, "stream": True}, "best_of"),
         ({"echo": "maybe"}, "echo"),
         ({"stop": 5}, "stop"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [f"s{i}" for i in range(33)]}, "stop"),
         ({"stop": ["x" * 300]}, "stop"),
         ({"logprobs": 9}, "logprobs"),
         ({"logit_bias": [1]}, "logit_bias"),
@@ -70,7 +70,10 @@ def test_defaults_and_unknown_keys_ignored() -> None:
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"prompt": 5}, "prompt"),
         ({"prompt": [1, -2]}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ["a", 1]}, "prompt"),
+        ({"prompt": "x", "n_indent": -1}, "n_indent"),
+        ({"t_max_predict_ms": "soon"}, "t_max_predict_ms"),
+        ({"extra": {"trim_by_indentation": "maybe"}}, "extra.trim_by_indentation"),
         ({"suffix": 3}, "suffix"),
         ({"stream_options": "x"}, "stream_options"),
         ({"stream_options": {"include_usage": "perhaps"}}, "stream_options.include_usage"),
@@ -131,3 +134,72 @@ def test_omitted_max_tokens_never_exceeds_the_server_cap():
 
     assert CompletionRequest.from_dict({"prompt": "x"}).max_tokens == 16
     assert CompletionRequest.from_dict({"prompt": "x"}, limits=Limits(max_tokens=8)).max_tokens == 8
+
+
+def test_sampling_params_are_the_request_fields_of_the_same_name() -> None:
+    import dataclasses
+
+    from fastpilot.backends.base import SamplingParams
+
+    # Same defaults: a field added to SamplingParams without a request field (or with
+    # another default) fails here instead of being copied by hand.
+    assert CompletionRequest().sampling() == SamplingParams()
+    req = CompletionRequest.from_dict(
+        {
+            "max_tokens": 7,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "top_k": 3,
+            "min_tokens": 2,
+            "logprobs": 4,
+            "logit_bias": {"5": 1},
+            "presence_penalty": 0.1,
+            "frequency_penalty": 0.2,
+            "repetition_penalty": 1.3,
+            "seed": 1,
+            "ignore_eos": True,
+        }
+    )
+    got = req.sampling(0)
+    for f in dataclasses.fields(SamplingParams):
+        assert getattr(got, f.name) == getattr(req, f.name), f.name
+
+
+def test_many_stop_strings_and_the_cap() -> None:
+    stops = [f"s{i}" for i in range(32)]
+    assert CompletionRequest.from_dict({"stop": stops}).stop == tuple(stops)
+    with pytest.raises(InvalidRequest) as err:
+        CompletionRequest.from_dict({"stop": stops[:5]}, limits=Limits(max_stop=4))
+    assert err.value.param == "stop" and "--max-stop" in err.value.message
+
+
+def test_several_prompts() -> None:
+    req = CompletionRequest.from_dict({"prompt": ["a", "b"], "n": 2})
+    assert req.prompts == ("a", "b") and req.prompt == "a"
+    assert req.for_prompt(1).prompts == ("b",) and req.for_prompt(1).prompt == "b"
+    req = CompletionRequest.from_dict({"prompt": [[1, 2], [3]]})
+    assert req.prompts == ((1, 2), (3,))
+    with pytest.raises(InvalidRequest) as err:
+        CompletionRequest.from_dict({"prompt": ["a"] * 5, "n": 4})
+    assert err.value.param == "prompt" and "--max-n" in err.value.message
+
+
+def test_copilot_block_trimming_becomes_n_indent() -> None:
+    extra = {"language": "python", "next_indent": 4, "trim_by_indentation": True}
+    assert CompletionRequest.from_dict({"extra": extra}).n_indent == 5
+    extra["trim_by_indentation"] = False
+    assert CompletionRequest.from_dict({"extra": extra}).n_indent == 0
+    req = CompletionRequest.from_dict({"n_indent": "2", "t_max_predict_ms": "250"})
+    assert (req.n_indent, req.t_max_predict_ms) == (2, 250.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(True, True), (1, True), ("1", True), ("TRUE", True), (" yes", True), ("on", True),
+     (False, False), (0, False), ("0", False), ("false", False), ("", False), ("off", False)],
+)
+def test_one_boolean_reading(value, expected) -> None:
+    from fastpilot.engine.coerce import coerce_bool
+
+    assert coerce_bool(value, "stream", None) is expected
+    assert CompletionRequest.from_dict({"stream": value}).stream is expected

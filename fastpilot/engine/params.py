@@ -445,4 +445,6 @@ def _block_indent(extra: Mapping[str, Any]) -> int:
     ``next_indent`` columns or less (the indentation of the code after the cursor)."""
     if not coerce_bool(extra.get("trim_by_indentation"), "extra.trim_by_indentation", False):
         return 0
-    return coerce_int(extra.get("next_indent"), "extra.next_indent", 0, lo=0, hi=1 << 16) + 1
+    # A negative next_indent (no code after the cursor) means the same as 0.
+    indent = coerce_int(extra.get("next_indent"), "extra.next_indent", 0, lo=-(1 << 16), hi=1 << 16)
+    return max(0, indent) + 1
