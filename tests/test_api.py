@@ -634,7 +634,9 @@ def test_chat_content_keeps_whitespace_equal_to_its_logprob_tokens(api):
     events = sse_events(r.content)
     streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
     lp_tokens = "".join(
-        t["token"] for e in events if e["choices"][0]["logprobs"]
+        t["token"]
+        for e in events
+        if e["choices"][0]["logprobs"]
         for t in e["choices"][0]["logprobs"]["content"]
     )
     assert streamed == lp_tokens == SCRIPT

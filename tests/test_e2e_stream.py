@@ -222,7 +222,9 @@ def test_copilot_style_client(server):
     assert resp.getheader("x-request-id") == "copilot-1"
     assert int(resp.getheader("openai-processing-ms")) >= 0
     texts, events = _copilot_parse(data)
-    assert texts == {0: SCRIPT, 1: SCRIPT, 2: SCRIPT}
+    # trim_by_indentation with next_indent 0: the block ends before "def" at column 0.
+    block = " world\n"
+    assert texts == {0: block, 1: block, 2: block}
     assert all(e["id"] and e["created"] > 0 for e in events)
     lps = [c["logprobs"] for e in events for c in e["choices"] if c["logprobs"]]
     assert lps and all(x < 0 for lp in lps for x in lp["token_logprobs"])
@@ -381,7 +383,13 @@ BAD = [
     ("wrong type", "/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
     ("n over cap", "/v1/completions", {"prompt": "x", "n": 99}, 400, "n"),
     ("logprobs 6", "/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
-    ("5 stops", "/v1/completions", {"prompt": "x", "stop": list("abcde")}, 400, "stop"),
+    (
+        "33 stops",
+        "/v1/completions",
+        {"prompt": "x", "stop": [f"s{i}" for i in range(33)]},
+        400,
+        "stop",
+    ),
     ("context too long", "/v1/completions", {"prompt": "x" * 300, "max_tokens": 4}, 400, "prompt"),
     ("bad messages", "/v1/chat/completions", {"messages": [{"role": "robot"}]}, 400, "messages"),
 ]

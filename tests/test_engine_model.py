@@ -409,7 +409,7 @@ def test_chat_and_stream_chat(model: Model) -> None:
     assert text == SCRIPT
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     reply = model.ask(msgs, temperature=0, max_tokens=3)
-    assert reply["reply"] == "world\n\ndef" and reply["usage"]["completion_tokens"] == 3
+    assert reply["reply"] == " world\n\ndef" and reply["usage"]["completion_tokens"] == 3
     with pytest.raises(InvalidRequest) as err:
         model.chat([{"role": "user", "content": None}])
     assert err.value.param == "messages"
@@ -419,7 +419,7 @@ def test_chat_stops_at_the_next_user_turn() -> None:
     b = FakeBackend(" Sure.\nUser: more")
     try:
         out = Model("fake", b).chat([{"role": "user", "content": "hi"}], temperature=0)
-        assert out["choices"][0]["message"]["content"] == "Sure."
+        assert out["choices"][0]["message"]["content"] == " Sure."
         assert out["choices"][0]["finish_reason"] == "stop"
     finally:
         b.close()

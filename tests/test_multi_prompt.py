@@ -56,9 +56,7 @@ def test_choices_are_indexed_prompt_major_and_equal_single_requests(api, path, b
         for key in usage:
             usage[key] += one["usage"][key]
     if body.get("echo"):
-        assert all(
-            out["choices"][i * n].get("text").startswith(p) for i, p in enumerate(PROMPTS)
-        )
+        assert all(out["choices"][i * n].get("text").startswith(p) for i, p in enumerate(PROMPTS))
     assert out["usage"]["prompt_tokens"] == usage["prompt_tokens"]
     assert out["usage"]["completion_tokens"] == usage["completion_tokens"]
     assert out["usage"]["total_tokens"] == sum(usage.values())

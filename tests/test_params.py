@@ -195,8 +195,20 @@ def test_copilot_block_trimming_becomes_n_indent() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(True, True), (1, True), ("1", True), ("TRUE", True), (" yes", True), ("on", True),
-     (False, False), (0, False), ("0", False), ("false", False), ("", False), ("off", False)],
+    [
+        (True, True),
+        (1, True),
+        ("1", True),
+        ("TRUE", True),
+        (" yes", True),
+        ("on", True),
+        (False, False),
+        (0, False),
+        ("0", False),
+        ("false", False),
+        ("", False),
+        ("off", False),
+    ],
 )
 def test_one_boolean_reading(value, expected) -> None:
     from fastpilot.engine.coerce import coerce_bool

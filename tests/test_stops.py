@@ -80,7 +80,6 @@ def cuts(text: str, rng: random.Random) -> list[str]:
 
 
 def test_continue_stop_list_across_token_boundaries():
-    text = 'def add(a, b):\n    return a + b\n\ndef sub(a, b):\n'
     # "\n\n" starts at the end of the first function; the "\ndef" after it starts later.
     pieces = ["def", " add", "(a,", " b):\n", "    return", " a + b", "\n", "\nde", "f sub"]
     assert run(CONTINUE_STOPS, pieces) == ("def add(a, b):\n    return a + b", "\n\n")

@@ -34,6 +34,9 @@ class LineLimits:
         return self.n_indent > 0 or self.t_max_predict_ms > 0
 
 
+NO_LINE_LIMITS = LineLimits()
+
+
 class LineStops:
     """Apply :class:`LineLimits` to a sequence's text. Not thread-safe: one per sequence.
 
@@ -43,9 +46,7 @@ class LineStops:
 
     __slots__ = ("limits", "_clock", "_started", "_expired", "_held", "_holding", "stopped")
 
-    def __init__(
-        self, limits: LineLimits, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, limits: LineLimits, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self._clock = clock
         self._started: float | None = None  # when the first text arrived

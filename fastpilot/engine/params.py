@@ -237,7 +237,7 @@ class CompletionRequest:
         limits: Limits | None = None,
         context_mode: ContextMode = ContextMode.TRUNCATE,
     ) -> CompletionRequest:
-        """Validate a decoded request body or query mapping. Raises InvalidRequest naming the param."""
+        """Validate a decoded body or query mapping; raises InvalidRequest naming the param."""
         lim = limits or Limits()
         if not isinstance(data, Mapping):
             raise InvalidRequest("the request body must be a JSON object", param=None)
@@ -258,7 +258,9 @@ class CompletionRequest:
                 assert spec.lo is not None and hi is not None
                 if spec.kind is Kind.INT:
                     # An omitted max_tokens means 16 (OpenAI), never more than the server cap.
-                    default = min(f.default, hi) if f.default is not None else None
+                    default: Any = f.default
+                    if isinstance(default, int):
+                        default = min(default, int(hi))
                     values[f.name] = coerce_int(raw, name, default, lo=int(spec.lo), hi=int(hi))
                 else:
                     values[f.name] = coerce_float(raw, name, f.default, lo=spec.lo, hi=hi)
@@ -359,7 +361,8 @@ def _prompts(value: Any) -> tuple[Prompt, ...]:
         return (one,)
     if isinstance(value, list):
         items = [_one_prompt(v) for v in value]
-        if all(p is not None for p in items):
+        # OpenAI's forms: a list of strings, or a list of token-id lists (not a mix).
+        if all(isinstance(p, str) for p in items) or all(isinstance(p, tuple) for p in items):
             return tuple(p for p in items if p is not None)
         raise InvalidRequest(
             "prompt must be a string, token ids, or a list of strings or of token-id lists",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from fastpilot.backends.base import FinishReason, Step, TokenStream
 from fastpilot.engine.detok import IncrementalDetokenizer
-from fastpilot.engine.editor_stops import LineLimits, LineStops
+from fastpilot.engine.editor_stops import NO_LINE_LIMITS, LineLimits, LineStops
 from fastpilot.engine.stops import StopMatcher
 from fastpilot.errors import BackendError, FastpilotError, Timeout
 
@@ -71,7 +71,7 @@ class SequenceState:
         max_tokens: int,
         want_logprobs: bool,
         base_offset: int = 0,
-        lines: LineLimits = LineLimits(),
+        lines: LineLimits = NO_LINE_LIMITS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.index = index
