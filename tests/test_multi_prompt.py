@@ -37,6 +37,9 @@ def single(api, path: str, prompt, **body):
     [
         {"temperature": 0, "max_tokens": 12, "echo": True, "logprobs": 2},
         {"temperature": 1.0, "seed": 7, "max_tokens": 10},
+        # lm-evaluation-harness scoring: the prompts' own logprobs, nothing generated.
+        {"temperature": 0, "max_tokens": 0, "echo": True, "logprobs": 1},
+        {"temperature": 1.0, "seed": 3, "max_tokens": 6, "best_of": 3},
     ],
 )
 def test_choices_are_indexed_prompt_major_and_equal_single_requests(api, path, body):
