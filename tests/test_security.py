@@ -225,7 +225,11 @@ BAD_INPUTS = [
     ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": "ten"}'),
     ("POST", "/v1/completions", b'{"prompt": "x", "n": 1e400}'),
     ("POST", "/v1/completions", b'{"prompt": "x", "logit_bias": {"abc": 1}}'),
-    ("POST", "/v1/completions", b'{"prompt": "x", "stop": ["a","b","c","d","e"]}'),
+    (
+        "POST",
+        "/v1/completions",
+        b'{"prompt": "x", "stop": %s}' % json.dumps(list(map(str, range(33)))).encode(),
+    ),
     ("POST", "/v1/completions", b'{"prompt": "' + b"x" * 400 + b'", "max_tokens": 4}'),
     ("POST", "/v1/completions", b"[" * 5000),
     ("POST", "/v1/completions", b'{"prompt": "\\ud800"}'),
