@@ -156,3 +156,19 @@ def test_schema_and_parser_list_the_same_fields():
     chat = set(doc["components"]["schemas"]["ChatRequest"]["properties"])
     assert documented - chat == {"prompt", "suffix", "echo", "best_of"}
     assert chat - documented == {"messages", "max_completion_tokens", "top_logprobs"}
+
+
+@pytest.mark.parametrize("schema", ["CompletionRequest", "ChatRequest"])
+def test_every_documented_field_is_read_and_named_in_its_error(api, schema):
+    """A value no field accepts is refused naming each documented field: the parser reads it."""
+    doc = build_document()
+    names = set(doc["components"]["schemas"][schema]["properties"])
+    path = "/v1/completions" if schema == "CompletionRequest" else "/v1/chat/completions"
+    base: dict[str, Any] = {"prompt": "x"}
+    if schema == "ChatRequest":
+        base = {"messages": [{"role": "user", "content": "x"}]}
+    # extra is Copilot's own object: a non-object is ignored, not refused.
+    for name in sorted(names - {"extra"}):
+        r = api.simulate_post(path, json={**base, name: [[[]]]})
+        assert r.status_code == 400, (name, r.text)
+        assert r.json["error"]["param"] == name, (name, r.json)

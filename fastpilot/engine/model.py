@@ -180,8 +180,11 @@ class Model:
         p = dict(params)
         for key in ("echo", "suffix", "best_of", "prompt"):
             p.pop(key, None)
-        if "max_completion_tokens" in p:
-            p["max_tokens"] = p.pop("max_completion_tokens")
+        newer = p.pop("max_completion_tokens", None)  # chat's newer name for max_tokens
+        if newer is not None:
+            p["max_tokens"] = coerce_int(
+                newer, "max_completion_tokens", 0, lo=0, hi=self.limits.max_tokens
+            )
         p.setdefault("max_tokens", min(256, self.limits.max_tokens))
         # Chat's logprobs is a boolean; top_logprobs says how many alternatives.
         want = coerce_bool(p.pop("logprobs", None), "logprobs", False)
