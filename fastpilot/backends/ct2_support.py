@@ -128,3 +128,36 @@ def load_tokenizer(path: Path) -> Any:
         return Tokenizer.from_file(str(path))
     except Exception as ex:  # tokenizers raises a bare Exception on a bad file
         raise ModelFileError(f"cannot load {path}: {ex}") from ex
+
+
+class StepLogits:
+    """Hand each batch index its own logits row from CTranslate2's step callback.
+
+    CTranslate2 4.8.5 gives the first callback of a decoding step (the lowest
+    batch index still running) the ``(active, vocab)`` logits of every example
+    still running, in batch-index order, and the later callbacks of the same
+    step an empty view (``numpy.asarray`` on it raises). When every prompt of the
+    batch has the same length, the callbacks of one step arrive in increasing
+    batch index, so the rows are handed out in arrival order until the next
+    non-empty matrix starts a new step (checked against one-example runs,
+    including batches where an earlier or a later example stopped first). With
+    unequal prompts CT2 feeds the longer ones' extra tokens by constrained
+    decoding and the rows no longer follow the callbacks: the backend batches
+    only equal-length prompts when it reads logits.
+    """
+
+    __slots__ = ("_pending", "_vocab")
+
+    def __init__(self, vocab_size: int) -> None:
+        self._vocab = vocab_size
+        self._pending: collections.deque[np.ndarray] = collections.deque()
+
+    def row(self, logits: Any) -> np.ndarray:
+        """Return this callback's ``(vocab,)`` float32 logits."""
+        if len(logits.shape) and logits.shape[0]:
+            rows = np.asarray(logits, dtype=np.float32).reshape(-1, self._vocab)
+            self._pending = collections.deque(rows[1:])
+            return rows[0]
+        if not self._pending:
+            raise RuntimeError("CTranslate2 gave a step callback no logits row")
+        return self._pending.popleft()

@@ -62,6 +62,7 @@ from fastpilot.backends.base import (
 )
 from fastpilot.backends.ct2_support import (
     PrefixPlanner,
+    StepLogits,
     load_tokenizer,
     read_json,
     read_vocabulary,
@@ -95,6 +96,12 @@ class _Job:
     static: tuple[int, ...]
     key: _Key | None  # None: the stepwise path
     emitted: int = 0
+
+
+def _wants_logits(job: _Job) -> bool:
+    """True when the native path must read this job's logits (temperature or logprobs)."""
+    assert job.key is not None
+    return job.key.temperature != 1.0 or bool(job.stream.request.params.logprobs)
 
 
 class CTranslate2Backend(Backend):
@@ -293,8 +300,11 @@ class CTranslate2Backend(Backend):
             rest = len(full) - len(prefix)
             if rest < 1 or job.key != head.key:
                 continue
-            # min_length counts decode steps, which include a longer prompt's fed tokens
-            tolerance = 0 if head.key.min_length else LENGTH_TOLERANCE
+            # min_length counts decode steps, which include a longer prompt's fed tokens;
+            # and per-example logits rows are only laid out by batch index when every
+            # prompt has the same length (see StepLogits).
+            exact = head.key.min_length or _wants_logits(head) or _wants_logits(job)
+            tolerance = 0 if exact else LENGTH_TOLERANCE
             if abs(rest - len(head.start)) > tolerance:
                 continue
             self._pending.remove(job)
@@ -340,9 +350,10 @@ class CTranslate2Backend(Backend):
             return
         jobs = [j for j, _ in live]
         limits = [n for _, n in live]
-        want_logits = key.temperature != 1.0 or any(j.stream.request.params.logprobs for j in jobs)
+        want_logits = any(_wants_logits(j) for j in jobs)
         temp = key.temperature
         eos = self.eos_token_ids
+        rows = StepLogits(self.vocab_size)
 
         def on_step(res: Any) -> bool:
             job = jobs[res.batch_id]
@@ -359,9 +370,9 @@ class CTranslate2Backend(Backend):
                 return True
             k = stream.request.params.logprobs
             if want_logits:
-                # (1, vocab) logits after CT2's masks (bans, min_length), before temperature
+                # (vocab,) logits after CT2's masks (bans, min_length), before temperature
                 with np.errstate(over="ignore"):  # masked logits are -FLT_MAX: / T -> -inf
-                    lp = log_softmax(np.asarray(res.logits, dtype=np.float32).reshape(-1) / temp)
+                    lp = log_softmax(rows.row(res.logits) / temp)
                 step = Step(token, float(lp[token]), top_entries(lp, k))
             else:
                 step = Step(token, float(res.log_prob))  # log_softmax at T=1 of the same logits
