@@ -57,9 +57,7 @@ def token_id(live, model: str, text: str) -> int:
 @pytest.mark.parametrize("model", MODELS)
 def test_openai_client_several_prompts_equal_single_requests(client, model):
     n = 2
-    # CT2 fails any batch of two or more sequences that asks for logprobs (a backend
-    # bug, reported separately: numpy refuses CT2's batched logits); logprobs on GGUF.
-    logprobs = 1 if model == "gguf" else None
+    logprobs = 1
     out = client.completions.create(
         model=model, prompt=PROMPTS, n=n, max_tokens=8, temperature=0, logprobs=logprobs
     )
@@ -72,8 +70,10 @@ def test_openai_client_several_prompts_equal_single_requests(client, model):
         for j in range(n):
             got, want = out.choices[i * n + j], one.choices[j]
             assert got.text == want.text and got.finish_reason == want.finish_reason
-            if logprobs:
-                assert got.logprobs.tokens == want.logprobs.tokens
+            assert got.logprobs.tokens == want.logprobs.tokens
+            assert got.logprobs.token_logprobs == pytest.approx(
+                want.logprobs.token_logprobs, abs=1e-4
+            )
         prompt_tokens += one.usage.prompt_tokens
         completion_tokens += one.usage.completion_tokens
     assert out.usage.prompt_tokens == prompt_tokens
