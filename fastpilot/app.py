@@ -17,7 +17,7 @@ from typing import Any
 
 import falcon
 
-from fastpilot.api import completions, info, openapi
+from fastpilot.api import completions, infill, info, openapi
 from fastpilot.api.errors import install_error_handlers
 from fastpilot.api.metrics import Metrics
 from fastpilot.api.middleware import Guard, RequestLog
@@ -84,6 +84,7 @@ def create_app(
     app.add_route("/v1/chat/completions", completions.Chat(resolver, body))
     app.add_route("/ask", completions.Ask(resolver, body))
     app.add_route("/v1/embeddings", completions.Embeddings(resolver, body))
+    app.add_route("/infill", infill.Infill(resolver, limits, body))
 
     app.add_route("/v1/models", info.Listing(resolver, created, engines=False))
     app.add_route("/v1/engines", info.Listing(resolver, created, engines=True))

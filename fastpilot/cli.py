@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--model", help="model/engine name (with --url) or model dir/engine name (in-process)"
     )
+    comp.add_argument(
+        "--suffix",
+        default=None,
+        help="text after the cursor: fill in the middle between PROMPT and it "
+        "(models that cannot infill ignore it, with a warning)",
+    )
     comp.add_argument("--max-tokens", type=int, default=64)
     comp.add_argument("--temperature", type=float, default=0.0)
     comp.add_argument("--top-p", type=float, default=None)
@@ -98,6 +104,8 @@ def _body(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
     }
+    if getattr(args, "suffix", None):
+        body["suffix"] = args.suffix
     if args.top_p is not None:
         body["top_p"] = args.top_p
     if args.stop:
@@ -107,6 +115,9 @@ def _body(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
     if args.model and args.url:
         body["model"] = args.model
     return body
+
+
+_SUFFIX_IGNORED = "fastpilot: warning: this model cannot fill in the middle; --suffix was ignored"
 
 
 def sse_data(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
@@ -141,6 +152,8 @@ def remote_completion(url: str, body: dict[str, Any], api_key: str | None, out: 
     try:
         conn.request("POST", path, body=json.dumps(body), headers=headers)
         resp = conn.getresponse()
+        if resp.getheader("x-fastpilot-suffix") == "ignored":
+            print(_SUFFIX_IGNORED, file=sys.stderr)
         if resp.status != 200:
             data = resp.read().decode("utf-8", "replace")
             try:
@@ -199,6 +212,8 @@ def complete(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"fastpilot: cannot load {target}: {ex}", file=sys.stderr)
         return 1
     try:
+        if body.get("suffix") and not model.supports_fim:
+            print(_SUFFIX_IGNORED, file=sys.stderr)
         if args.stream:
             stream = model.stream(**body)
             try:

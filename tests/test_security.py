@@ -25,6 +25,7 @@ import pytest
 from fastpilot.app import create_app
 from fastpilot.serve import start_in_thread
 from fastpilot.settings import Settings
+from fastpilot.backends.base import FimTemplate
 from tests.fakes import FakeBackend
 from tests.test_api_support import make_registry
 from tests.test_openapi import app_routes
@@ -41,12 +42,14 @@ BODIES = {
     "/v1/embeddings": {"input": "x"},
     "/v1/tokenize": {"prompt": "x"},
     "/v1/detokenize": {"tokens": [104]},
+    "/infill": {"input_prefix": "x", "input_suffix": "y", "n_predict": 1},
 }
 
 
 @pytest.fixture(scope="module")
 def keyed():
-    registry = make_registry(("fake", FakeBackend()))
+    # A FIM template, so /infill answers 200 with the right key.
+    registry = make_registry(("fake", FakeBackend(fim=FimTemplate("<PRE>", "<SUF>", "<MID>"))))
     app = create_app(Settings(api_key=KEYS), registry)
     yield falcon.testing.TestClient(app, headers={"Host": "127.0.0.1:5000"})
     registry.close_all()

@@ -190,6 +190,48 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["text"],
         "properties": {"model": {"type": "string"}, "text": {"type": "string"}},
     },
+    # llama.cpp server's /infill (fastpilot/api/infill.py says what each field does).
+    "InfillRequest": {
+        "type": "object",
+        "properties": {
+            "model": {"type": "string"},
+            "input_prefix": {"type": "string"},
+            "input_suffix": {"type": "string"},
+            "input_extra": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"filename": {"type": "string"}, "text": {"type": "string"}},
+                },
+            },
+            "prompt": {"type": "string", "description": "Text after input_prefix."},
+            "n_predict": {"type": "integer", "description": "-1: no limit; 0: warm up only."},
+            "temperature": {"type": "number"},
+            "top_k": {"type": "integer"},
+            "top_p": {"type": "number"},
+            "stop": {"type": ["string", "array"], "items": {"type": "string"}},
+            "seed": {"type": "integer"},
+            "stream": {"type": "boolean"},
+            "cache_prompt": {"type": "boolean"},
+            "id_slot": {"type": "integer"},
+            "samplers": {"type": "array", "items": {"type": "string"}},
+            "response_fields": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "Infill": {
+        "type": "object",
+        "description": "All fields, or those response_fields names (keyed by their path).",
+        "properties": {
+            "content": {"type": "string"},
+            "stop": {"type": "boolean"},
+            "model": {"type": "string"},
+            "tokens_predicted": {"type": "integer"},
+            "tokens_evaluated": {"type": "integer"},
+            "tokens_cached": {"type": "integer"},
+            "truncated": {"type": "boolean"},
+            "timings": {"type": "object"},
+        },
+    },
 }
 
 
@@ -281,6 +323,20 @@ def build_document(version: str = "0.1.0") -> dict[str, Any]:
         },
         "/v1/engines/{engine}": {
             "get": _op("One engine (unknown names: the default)", _ok("Model"), params=engine)
+        },
+        "/infill": {
+            "post": _op(
+                "Fill in the middle, llama.cpp server's shape (models without FIM: 400)",
+                {
+                    "description": "the infill; with stream=true, one `data: {json}` per "
+                    "event, the last with stop=true (no [DONE])",
+                    "content": {
+                        **_json(_ref("Infill")),
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                body="InfillRequest",
+            )
         },
         "/v1/tokenize": {
             "post": _op(

@@ -64,6 +64,7 @@ class EventStream:
         on_close: called once when the body is closed, with a short note
             (``"done"``, ``"client gone"``, ``"error"``).
         request_id: for the generic error message.
+        end: the last event (``[DONE]``; empty for llama.cpp-style streams, which have none).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class EventStream:
         on_chunk: Callable[[dict[str, Any]], None] | None = None,
         on_close: Callable[[str], None] | None = None,
         request_id: str = "",
+        end: bytes = DONE,
     ) -> None:
         self._source = source
         self._cancel = cancel if cancel is not None else getattr(source, "close", None)
@@ -82,6 +84,7 @@ class EventStream:
         self._on_chunk = on_chunk
         self._on_close = on_close
         self._request_id = request_id
+        self._end = end
         self._completed = False
         self._failed = False
         self._closed = False
@@ -105,7 +108,8 @@ class EventStream:
                 log.error("request %s: stream failed: %s", self._request_id, ex, exc_info=ex)
             yield error_event(ex, self._request_id)
         self._completed = True
-        yield DONE
+        if self._end:
+            yield self._end
 
     def _frame(self, chunk: dict[str, Any]) -> bytes:
         if self._on_chunk is not None:

@@ -17,12 +17,15 @@ import abc
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fastpilot.errors import BackendError, NotSupported
+
+if TYPE_CHECKING:
+    from fastpilot.backends.fim_tokens import FimTokenIds
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +209,10 @@ class Backend(abc.ABC):
     vocab_size: int
     eos_token_ids: frozenset[int]
     fim: FimTemplate | None = None
+    # How the model infills when ``fim`` does not say: the manifest's raw "fim" entry
+    # and a GGUF's own FIM token ids; read by fastpilot.engine.fim.fim_format.
+    fim_spec: Mapping[str, Any] | None = None
+    fim_tokens: FimTokenIds | None = None
     info: BackendInfo
 
     @abc.abstractmethod

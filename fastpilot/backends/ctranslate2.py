@@ -166,6 +166,7 @@ class CTranslate2Backend(Backend):
             bos = self._vocab_index.get(str(config.get("bos_token", "")))
         self._bos = int(bos) if bos is not None else min(self.eos_token_ids, default=0)
         fim = manifest.get("fim")
+        self.fim_spec = fim if isinstance(fim, dict) else None  # read by engine/fim.py
         if isinstance(fim, dict) and {"prefix", "suffix", "middle"} <= fim.keys():
             self.fim = FimTemplate(fim["prefix"], fim["suffix"], fim["middle"])
 

@@ -50,6 +50,7 @@ from fastpilot.backends.base import (
     Step,
     TokenStream,
 )
+from fastpilot.backends.fim_tokens import read_fim_tokens
 from fastpilot.backends.llamacpp_native import (
     Embedder,
     NativeBatch,
@@ -209,6 +210,7 @@ class LlamaCppBackend(Backend):
             self._mem = lib.llama_get_memory(self._ctx)
             self._batch = NativeBatch(lib, prompt_chunk + slots)
             self._load_vocab(manifest)
+            self.fim_tokens = read_fim_tokens(lib, self._vocab)  # engine/fim.py renders them
         except BaseException:
             self._free_native()
             raise
@@ -264,20 +266,23 @@ class LlamaCppBackend(Backend):
         self._bos = int(lib.llama_vocab_bos(vocab))
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids from the GGUF's vocabulary; no BOS, special tokens parsed as text.
+        """Token ids from the GGUF's vocabulary; no BOS, special tokens written as text parsed.
+
+        ``"<|endoftext|>"`` or ``"<|fim_prefix|>"`` in ``text`` become those control
+        tokens (``parse_special``), as llama-server and HF tokenizers do.
 
         Thread-safe (llama.cpp's tokenizer API is), callable while the worker decodes.
         """
         data = text.encode("utf-8")
         cap = len(data) + 8
         out = (ctypes.c_int32 * cap)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), out, cap, False, False)
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), out, cap, False, True)
         if n < 0:
             if n == -(2**31):
                 raise InvalidRequest("text too long to tokenize", param="prompt")
             cap = -n
             out = (ctypes.c_int32 * cap)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), out, cap, False, False)
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), out, cap, False, True)
         return list(out[:n])
 
     def token_bytes(self, token_id: int) -> bytes:

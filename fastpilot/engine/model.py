@@ -31,6 +31,7 @@ from typing import Any
 from fastpilot.backends.base import Backend, BackendInfo
 from fastpilot.engine import batch
 from fastpilot.engine import chat as chatfmt
+from fastpilot.engine.fim import FimFormat, fim_format
 from fastpilot.engine.coerce import coerce_bool, coerce_int
 from fastpilot.engine.params import CompletionRequest, Limits
 from fastpilot.engine.run import Completion, CompletionStream, Run
@@ -81,8 +82,13 @@ class Model:
         return int(self.backend.context_length)
 
     @property
+    def fim_format(self) -> FimFormat:
+        """How this model fills in the middle (``FimStyle.CANNOT`` when it cannot)."""
+        return fim_format(self.backend)
+
+    @property
     def supports_fim(self) -> bool:
-        return self.backend.fim is not None
+        return self.fim_format.can_infill
 
     @property
     def info(self) -> BackendInfo:

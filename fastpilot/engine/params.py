@@ -27,6 +27,7 @@ from typing import Any
 from fastpilot.backends.base import SamplingParams
 from fastpilot.engine.coerce import coerce_bool, coerce_float, coerce_int, coerce_str
 from fastpilot.engine.editor_stops import LineLimits
+from fastpilot.engine.fim import ContextFile
 from fastpilot.errors import InvalidRequest
 
 # One prompt: text, or token ids.
@@ -202,6 +203,13 @@ class CompletionRequest:
         "Copilot's extra: trim_by_indentation with next_indent ends the text at the end "
         "of the block (a line indented next_indent columns or less).",
         schema={"type": "object"},
+    )
+    # Set by /infill and the library, never read off the wire (fastpilot/engine/fim.py).
+    infill: bool = _f(
+        False, Kind.CUSTOM, "Fill in the middle even with an empty suffix.", wire=None
+    )
+    context_files: tuple[ContextFile, ...] = _f(
+        (), Kind.CUSTOM, "Repository context before the infill (input_extra).", wire=None
     )
 
     def sampling(self, index: int = 0) -> SamplingParams:

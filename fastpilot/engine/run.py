@@ -81,7 +81,7 @@ class Run:
                         stream,
                         token_bytes=backend.token_bytes,
                         stops=self.stops,
-                        eos_token_ids=frozenset(backend.eos_token_ids),
+                        eos_token_ids=frozenset(backend.eos_token_ids) | self.prep.stop_token_ids,
                         max_tokens=self.prep.max_tokens,
                         want_logprobs=self.want_logprobs,
                         base_offset=len(self.echo_text),
