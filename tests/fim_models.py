@@ -213,6 +213,9 @@ class Reference:
         import llama_cpp
 
         self.lib = lib = llama_cpp
+        # Quiet llama.cpp's load chatter; keep the callback alive as long as this object.
+        self._quiet = lib.llama_log_callback(lambda level, text, user: None)
+        lib.llama_log_set(self._quiet, None)
         lib.llama_backend_init()
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = 0
@@ -259,7 +262,8 @@ class Reference:
         ctx = lib.llama_init_from_model(self.model, cp)
         try:
             out: list[int] = []
-            batch = lib.llama_batch_get_one((lib.llama_token * len(ids))(*ids), len(ids))
+            buf = (lib.llama_token * len(ids))(*ids)  # referenced until decoded
+            batch = lib.llama_batch_get_one(buf, len(ids))
             for _ in range(n):
                 assert lib.llama_decode(ctx, batch) == 0
                 logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), (self.n_vocab,))
@@ -267,8 +271,8 @@ class Reference:
                 out.append(tok)
                 if lib.llama_vocab_is_eog(self.vocab, tok):
                     return out, True
-                one = (lib.llama_token * 1)(tok)
-                batch = lib.llama_batch_get_one(one, 1)
+                buf = (lib.llama_token * 1)(tok)
+                batch = lib.llama_batch_get_one(buf, 1)
             return out, False
         finally:
             lib.llama_free(ctx)
