@@ -14,13 +14,16 @@ on both backends (tiny GPT-2).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fastpilot.loader import load
 from tests.fim_models import FimModel, Reference, build_fim_models
-from tests.servers import ServeProcess
+from tests.servers import ROOT, ServeProcess
 from tests.tinymodels import EOT, SNIPPETS
 
 PREFIX = "def fibonacci(n):\n    if n < 2:\n        return n\n    "
@@ -182,3 +185,29 @@ def test_endoftext_in_prompt_is_the_special_token(tiny_gpt2_models: dict[str, Pa
         assert as_text["usage"]["prompt_tokens"] == 1 + len(model.tokenize("def"))
     finally:
         model.close()
+
+
+def test_cli_complete_with_suffix_equals_llama_cpp(fim_models: dict[str, FimModel]):
+    model = fim_models["qwen2"]
+    ref = Reference(model.path)
+    try:
+        _, out, ended = expected(ref, PREFIX, SUFFIX)
+        want = ref.text(out[:-1] if ended else out)
+    finally:
+        ref.close()
+    cmd = [sys.executable, "-m", "fastpilot.cli", "complete", PREFIX, "--suffix", SUFFIX,
+           "--model", str(model.path), "--max-tokens", str(N), "--threads", "1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FASTPILOT_TRUST_UNVERIFIED_MODELS": "1"}
+    done = subprocess.run(cmd, capture_output=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.decode("utf-8", "replace") == want + "\n"
+    assert b"was ignored" not in done.stderr
+
+
+def test_cli_warns_when_the_model_cannot_infill(tiny_gpt2_models: dict[str, Path]):
+    cmd = [sys.executable, "-m", "fastpilot.cli", "complete", "def f(", "--suffix", "x)",
+           "--model", str(tiny_gpt2_models["gguf-f32"]), "--max-tokens", "4"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, capture_output=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert b"cannot fill in the middle; --suffix was ignored" in done.stderr
