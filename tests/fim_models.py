@@ -93,9 +93,7 @@ def _vocab(tok, special: tuple[str, ...]) -> tuple[list[str], list[int], list[st
     tokens = [""] * len(vocab)
     for text, idx in vocab.items():
         tokens[idx] = text
-    kinds = [
-        int(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL) for t in tokens
-    ]
+    kinds = [int(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL) for t in tokens]
     merges = json.loads(tok.to_str())["model"]["merges"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
     return tokens, kinds, merges
@@ -253,7 +251,7 @@ class Reference:
         return buf.raw[:n]
 
     def greedy(self, ids: list[int], n: int) -> tuple[list[int], bool]:
-        """Up to ``n`` argmax tokens after ``ids``; True when an end-of-generation token ended it."""
+        """Up to ``n`` argmax tokens after ``ids``; True when end-of-generation ended them."""
         lib = self.lib
         cp = lib.llama_context_default_params()
         cp.n_ctx = N_CTX

@@ -160,7 +160,9 @@ def test_huge_body_and_non_object(fim_api):
     assert r.status_code == 413
     r = api.simulate_post("/infill", body="[1, 2]", headers={"Content-Type": "application/json"})
     assert r.status_code == 400
-    assert api.simulate_post("/infill", json={"input_prefix": "a", "n_predict": 1}).status_code == 200
+    assert (
+        api.simulate_post("/infill", json={"input_prefix": "a", "n_predict": 1}).status_code == 200
+    )
 
 
 def test_model_without_fim_gets_a_clear_400():

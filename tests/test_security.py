@@ -23,9 +23,9 @@ import falcon.testing
 import pytest
 
 from fastpilot.app import create_app
+from fastpilot.backends.base import FimTemplate
 from fastpilot.serve import start_in_thread
 from fastpilot.settings import Settings
-from fastpilot.backends.base import FimTemplate
 from tests.fakes import FakeBackend
 from tests.test_api_support import make_registry
 from tests.test_openapi import app_routes

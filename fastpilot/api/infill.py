@@ -158,7 +158,9 @@ def select(result: dict[str, Any], paths: list[str]) -> dict[str, Any]:
     return out
 
 
-def timings(prompt_n: int, cached: int, prompt_s: float, predicted_n: int, predicted_s: float) -> dict[str, float]:
+def timings(
+    prompt_n: int, cached: int, prompt_s: float, predicted_n: int, predicted_s: float
+) -> dict[str, float]:
     """llama.cpp's ``timings`` object; per-token and per-second values from the same numbers."""
     p_ms, g_ms = prompt_s * 1e3, predicted_s * 1e3
     return {
@@ -170,7 +172,9 @@ def timings(prompt_n: int, cached: int, prompt_s: float, predicted_n: int, predi
         "predicted_n": predicted_n,
         "predicted_ms": g_ms,
         "predicted_per_token_ms": g_ms / predicted_n if predicted_n else 0.0,
-        "predicted_per_second": predicted_n / predicted_s if predicted_n and predicted_s > 0 else 0.0,
+        "predicted_per_second": predicted_n / predicted_s
+        if predicted_n and predicted_s > 0
+        else 0.0,
     }
 
 

@@ -172,7 +172,9 @@ def _prepare_fim(
         if len(fp.ids) + max_tokens > ctx:
             raise _too_long(ctx, len(fp.ids), max_tokens)
     else:
-        fp = build_fim_prompt(backend, fmt, prefix, suffix, files, room=ctx - _reserve(ctx, max_tokens))
+        fp = build_fim_prompt(
+            backend, fmt, prefix, suffix, files, room=ctx - _reserve(ctx, max_tokens)
+        )
         max_tokens = min(max_tokens, ctx - len(fp.ids))
     return PreparedPrompt(
         prompt_ids=fp.ids,
