@@ -211,3 +211,31 @@ def test_cli_warns_when_the_model_cannot_infill(tiny_gpt2_models: dict[str, Path
     done = subprocess.run(cmd, capture_output=True, env=env, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert b"cannot fill in the middle; --suffix was ignored" in done.stderr
+
+
+def test_truncation_keeps_prefix_end_and_suffix_start(arch):
+    """Copilot's engine route truncates: what the model saw is what usage counts."""
+    model, ref, server = arch
+    prefix = "".join(SNIPPETS) * 3 + PREFIX
+    suffix = SUFFIX + "".join(reversed(SNIPPETS)) * 3
+    n_pre, n_suf = len(ref.tokenize(prefix)), len(ref.tokenize(suffix))
+    room = 256 - 3 - min(16, 256 // 4)  # context - markers - reserved completion tokens
+    assert n_pre + n_suf > room  # the case under test
+    # The documented split: the suffix keeps at least a quarter, the prefix the rest.
+    keep_s = min(n_suf, max(room // 4, room - n_pre))
+    keep_p = min(n_pre, room - keep_s)
+    pre, suf, mid = ref.fim_ids()
+    ids = [pre, *ref.tokenize(prefix)[n_pre - keep_p :], suf, *ref.tokenize(suffix)[:keep_s], mid]
+    out, ended = ref.greedy(ids, 16)
+    r = post(
+        server,
+        "/v1/engines/copilot-codex/completions",
+        {"prompt": prefix, "suffix": suffix, "max_tokens": 16, "temperature": 0},
+    )
+    assert r["usage"]["prompt_tokens"] == len(ids)
+    assert r["choices"][0]["text"] == ref.text(out[:-1] if ended else out)
+    # /v1/completions refuses the same request unless asked to truncate.
+    status, raw = server.request(
+        "POST", "/v1/completions", {"prompt": prefix, "suffix": suffix, "max_tokens": 16}
+    )
+    assert status == 400 and json.loads(raw)["error"]["code"] == "context_length_exceeded"
