@@ -239,3 +239,26 @@ def test_truncation_keeps_prefix_end_and_suffix_start(arch):
         "POST", "/v1/completions", {"prompt": prefix, "suffix": suffix, "max_tokens": 16}
     )
     assert status == 400 and json.loads(raw)["error"]["code"] == "context_length_exceeded"
+
+
+def test_bad_infill_bodies_on_the_real_server(arch):
+    _, _, server = arch
+    bad = [
+        {"input_prefix": 1},
+        {"input_extra": [{"filename": "a.py", "text": None}]},
+        {"input_extra": [{"text": "x"}] * 5000},
+        {"n_predict": "lots"},
+        {"input_prefix": "x", "stop": [{"no": 1}]},
+    ]
+    for body in bad:
+        status, raw = server.request("POST", "/infill", body)
+        assert status == 400, (body, raw[:200])
+        assert json.loads(raw)["error"]["type"] == "invalid_request_error"
+    huge = {"input_extra": [{"filename": "f.py", "text": "x = 1\n" * 200_000}] * 5}
+    status, _ = server.request("POST", "/infill", huge)
+    assert status == 413
+    # Still serving, and an input_extra far beyond the context just loses its oldest chunks.
+    many = [{"filename": f"f{i}.py", "text": f"v{i} = {i}\n" * 20} for i in range(40)]
+    body = {"input_prefix": PREFIX, "input_extra": many, "n_predict": 2, "temperature": 0}
+    r = post(server, "/infill", body)
+    assert r["tokens_evaluated"] <= 256 - 2 and r["tokens_predicted"] == 2
