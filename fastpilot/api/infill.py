@@ -6,8 +6,9 @@ the current line up to the cursor), ``n_predict`` (``-1``: as many as the
 context allows, capped by ``--max-tokens``; ``0``: evaluate and cache the
 prompt only, the editors' background warm-up), ``temperature``, ``top_k``,
 ``top_p``, ``stop``, ``seed`` (``-1``: random), ``stream``, and
-``cache_prompt``/``id_slot``/``samplers``/``t_max_prompt_ms`` (accepted;
-the prompt cache is always on and slots are chosen by the backend). Sampling
+``cache_prompt``/``id_slot``/``samplers``/``t_max_prompt_ms`` (type-checked,
+not acted on: the prompt cache is always on and slots are chosen by the
+backend; ``n_indent`` and ``t_max_predict_ms`` are ignored as well). Sampling
 defaults are llama.cpp's (temperature 0.8, top_k 40, top_p 0.95).
 
 The resource only translates: the engine renders the infill prompt in the
