@@ -176,3 +176,19 @@ def test_model_without_fim_gets_a_clear_400():
         assert r.status_code == 200
     finally:
         registry.close_all()
+
+
+def test_editor_stops_pass_through(fim_api):
+    """llama.vim's n_indent / t_max_predict_ms reach the engine's editor stops."""
+    api, _ = fim_api
+    body = {"input_prefix": "a", "input_suffix": "b", "n_predict": 40, "temperature": 0}
+    r = api.simulate_post("/infill", json={**body, "n_indent": 4})
+    ref = api.simulate_post(
+        "/v1/completions",
+        json={"prompt": "a", "suffix": "b", "max_tokens": 40, "temperature": 0, "n_indent": 4},
+    )
+    text = ref.json["choices"][0]["text"]
+    assert r.status_code == 200 and r.json["content"] == text
+    assert text and SCRIPT.startswith(text) and len(text) < len(SCRIPT)
+    bad = api.simulate_post("/infill", json={**body, "n_indent": "deep"})
+    assert bad.status_code == 400 and bad.json["error"]["param"] == "n_indent"

@@ -6,9 +6,12 @@ the current line up to the cursor), ``n_predict`` (``-1``: as many as the
 context allows, capped by ``--max-tokens``; ``0``: evaluate and cache the
 prompt only, the editors' background warm-up), ``temperature``, ``top_k``,
 ``top_p``, ``stop``, ``seed`` (``-1``: random), ``stream``, and
+``n_indent`` and ``t_max_predict_ms`` (the engine's editor stops: a new line
+indented less than ``n_indent`` columns ends the text; past ``t_max_predict_ms``
+the text ends at the next newline), and
 ``cache_prompt``/``id_slot``/``samplers``/``t_max_prompt_ms`` (type-checked,
 not acted on: the prompt cache is always on and slots are chosen by the
-backend; ``n_indent`` and ``t_max_predict_ms`` are ignored as well). Sampling
+backend). Sampling
 defaults are llama.cpp's (temperature 0.8, top_k 40, top_p 0.95).
 
 The resource only translates: the engine renders the infill prompt in the
@@ -128,7 +131,9 @@ def parse(data: Mapping[str, Any], limits: Limits) -> CompletionRequest:
         )
     seed = data.get("seed")
     fields: dict[str, Any] = {
-        key: data[key] for key in ("temperature", "top_k", "top_p", "stop") if key in data
+        key: data[key]
+        for key in ("temperature", "top_k", "top_p", "stop", "n_indent", "t_max_predict_ms")
+        if key in data
     }
     fields = {**DEFAULTS, **fields}
     top_k = fields["top_k"]

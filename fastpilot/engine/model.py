@@ -31,8 +31,8 @@ from typing import Any
 from fastpilot.backends.base import Backend, BackendInfo
 from fastpilot.engine import batch
 from fastpilot.engine import chat as chatfmt
-from fastpilot.engine.fim import FimFormat, fim_format
 from fastpilot.engine.coerce import coerce_bool, coerce_int
+from fastpilot.engine.fim import FimFormat, fim_format
 from fastpilot.engine.params import CompletionRequest, Limits
 from fastpilot.engine.run import Completion, CompletionStream, Run
 from fastpilot.errors import InvalidRequest
