@@ -41,9 +41,8 @@ import collections
 import functools
 import os
 import threading
-import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -114,7 +113,8 @@ class CTranslate2Backend(Backend):
         device: ``cpu``, ``cuda`` or ``auto`` (cuda when a device is visible).
         compute_type: CT2 compute type; default keeps the files' quantization on
             CPU and uses ``int8_float16`` for int8 files on CUDA.
-        max_queue: Requests waiting beyond this raise :class:`QueueFull`.
+        max_queue: Requests that may wait while a batch runs; :meth:`submit` raises
+            :class:`QueueFull` past it.
         max_batch: Most sequences in one ``generate_batch`` call.
         prefix_chunk: Static-prompt prefixes are multiples of this many tokens
             (0 disables the prompt cache).
@@ -136,7 +136,6 @@ class CTranslate2Backend(Backend):
         max_batch: int = 8,
         prefix_chunk: int = 64,
         prefix_cache_tokens: int = 8192,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         import ctranslate2
 
@@ -151,8 +150,10 @@ class CTranslate2Backend(Backend):
         self._tokenizer = load_tokenizer(
             self.path / str(manifest.get("tokenizer", "tokenizer.json"))
         )
-        self._check_vocabulary()
-        self.vocab_size = len(self._vocab)
+        # CT2's vocabulary may be padded past the tokenizer (CodeGen: one entry per
+        # embedding row); those ids are no tokens and are never sampled.
+        self.vocab_size = self._check_vocabulary()
+        self._padding = tuple(range(self.vocab_size, len(self._vocab)))
         self._token_bytes = [spelling_to_bytes(t) for t in self._vocab]
         n_ctx = manifest.get("context_length") or manifest.get("n_positions")
         self.context_length = int(n_ctx or 2048)
@@ -193,7 +194,6 @@ class CTranslate2Backend(Backend):
 
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
-        self._clock = clock
         self._planner = PrefixPlanner(prefix_chunk, prefix_cache_tokens)
         self._pending: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
@@ -219,15 +219,21 @@ class CTranslate2Backend(Backend):
 
     # -- generation -------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> TokenStream:
-        """Queue a request; raises QueueFull when ``max_queue`` requests already wait."""
+        """Queue a request; returns its stream at once.
+
+        Raises :class:`QueueFull` when ``max_queue`` requests already wait and this
+        one could not start at once (a batch is running, or another request is
+        about to start); :class:`BackendError` once the model is closed.
+        """
         ids = request.prompt_ids
         if any(not 0 <= i < self.vocab_size for i in ids):
             raise InvalidRequest("prompt token id out of the vocabulary", param="prompt")
         stream = TokenStream(request)
         with self._cv:
             if self._closed:
-                raise BackendError("the model is closed")
-            if len(self._pending) >= self.max_queue:
+                raise BackendError("the model was closed")
+            # An idle worker starts the head of the queue at once: it does not wait.
+            if len(self._pending) >= self.max_queue + (0 if self._running else 1):
                 raise QueueFull()
             self._pending.append(self._plan(stream))
             self._cv.notify()
@@ -241,6 +247,7 @@ class CTranslate2Backend(Backend):
         greedy = p.greedy
         vocab = self.vocab_size
         banned = tuple(sorted({t for t, v in p.logit_bias if v <= BAN and 0 <= t < vocab}))
+        banned += self._padding  # never sample a padding row
         key = _Key(
             topk=1 if greedy else p.top_k,
             topp=1.0 if greedy else p.top_p,
@@ -257,7 +264,7 @@ class CTranslate2Backend(Backend):
                     self._cv.wait()
                 if self._closed:
                     for job in self._pending:
-                        job.stream.finish(FinishReason.CANCELLED)
+                        self._stop(job.stream)
                     self._pending.clear()
                     break
                 batch = self._take_batch()
@@ -279,7 +286,7 @@ class CTranslate2Backend(Backend):
         while self._pending:
             head = self._pending.popleft()
             if head.stream.cancelled:
-                head.stream.finish(FinishReason.CANCELLED)
+                self._stop(head.stream)
                 continue
             break
         else:
@@ -334,8 +341,17 @@ class CTranslate2Backend(Backend):
         else:
             self._run_native(batch)
         for job in batch:  # anything CT2 ended without our callback finishing it
-            cancelled = job.stream.cancelled
-            job.stream.finish(FinishReason.CANCELLED if cancelled else FinishReason.LENGTH)
+            if job.stream.cancelled:
+                self._stop(job.stream)
+            else:
+                job.stream.finish(FinishReason.LENGTH)
+
+    def _stop(self, stream: TokenStream) -> None:
+        """End a stream that was cancelled, or fail it when the model is closing."""
+        if self._closed:
+            stream.fail(BackendError("the model was closed"))
+        else:
+            stream.finish(FinishReason.CANCELLED)
 
     def _max_new(self, job: _Job) -> int:
         room = self.context_length - len(job.static) - len(job.start)
@@ -353,7 +369,7 @@ class CTranslate2Backend(Backend):
         want_logits = any(_wants_logits(j) for j in jobs)
         temp = key.temperature
         eos = self.eos_token_ids
-        rows = StepLogits(self.vocab_size)
+        rows = StepLogits(len(self._vocab))  # CT2's rows, padding included
 
         def on_step(res: Any) -> bool:
             job = jobs[res.batch_id]
@@ -361,7 +377,7 @@ class CTranslate2Backend(Backend):
             if stream.done:
                 return True
             if stream.cancelled:
-                stream.finish(FinishReason.CANCELLED)
+                self._stop(stream)
                 return True
             self._counters["decode_steps"] += 1
             token = int(res.token_id)
@@ -372,7 +388,8 @@ class CTranslate2Backend(Backend):
             if want_logits:
                 # (vocab,) logits after CT2's masks (bans, min_length), before temperature
                 with np.errstate(over="ignore"):  # masked logits are -FLT_MAX: / T -> -inf
-                    lp = log_softmax(rows.row(res.logits) / temp)
+                    # the tokenizer's rows only: padding rows are no tokens
+                    lp = log_softmax(rows.row(res.logits)[: self.vocab_size] / temp)
                 step = Step(token, float(lp[token]), top_entries(lp, k))
             else:
                 step = Step(token, float(res.log_prob))  # log_softmax at T=1 of the same logits
@@ -386,7 +403,7 @@ class CTranslate2Backend(Backend):
         self._generator.generate_batch(
             [self._spell(j.start) for j in jobs],
             max_length=max(limits),
-            min_length=key.min_length,
+            min_length=min(key.min_length, max(limits)),  # CT2 rejects min > max
             sampling_topk=key.topk,
             sampling_topp=key.topp,
             sampling_temperature=key.temperature,
@@ -402,7 +419,7 @@ class CTranslate2Backend(Backend):
     def _finish_early(self, job: _Job, limit: int) -> bool:
         """False (and the stream finished) when a job has nothing to generate."""
         if job.stream.cancelled:
-            job.stream.finish(FinishReason.CANCELLED)
+            self._stop(job.stream)
             return False
         if limit <= 0:
             job.stream.finish(FinishReason.LENGTH)
@@ -427,10 +444,11 @@ class CTranslate2Backend(Backend):
             def on_step(res: Any) -> bool:
                 nonlocal diverged
                 if stream.cancelled:
-                    stream.finish(FinishReason.CANCELLED)
+                    self._stop(stream)
                     return True
                 self._counters["decode_steps"] += 1
-                # (1, vocab) raw logits: the call sets no CT2-side processing
+                # (1, rows) raw logits but for the suppressed padding rows, which the
+                # sampler does not read (it takes the first vocab_size)
                 step = sampler.sample(np.asarray(res.logits, dtype=np.float32).reshape(-1))
                 if step.token_id in self.eos_token_ids:
                     stream.finish(FinishReason.STOP)
@@ -449,6 +467,8 @@ class CTranslate2Backend(Backend):
                 [self._spell(job.start + generated)],
                 max_length=limit - len(generated),
                 sampling_topk=1,
+                # Padding rows banned here too, so CT2's argmax agrees with ours more often.
+                suppress_sequences=[[self._vocab[t]] for t in self._padding] or None,
                 end_token=end,
                 static_prompt=static,
                 include_prompt_in_result=False,
@@ -495,7 +515,7 @@ class CTranslate2Backend(Backend):
         logits = np.asarray(out, dtype=np.float32)[0]  # (len(ids) - 1, vocab)
         steps: list[Step | None] = [None]
         for pos, token in enumerate(ids[1:]):
-            lp = log_softmax(logits[pos])
+            lp = log_softmax(logits[pos, : self.vocab_size])  # padding rows are no tokens
             steps.append(Step(token, float(lp[token]), top_entries(lp, top)))
         return steps
 
@@ -520,10 +540,10 @@ class CTranslate2Backend(Backend):
         }
 
     def close(self) -> None:
-        """Cancel waiting and running requests and free the model. Idempotent.
+        """Stop the worker and free the model; unfinished streams fail with BackendError.
 
-        Blocks for at most one decode step, or for a prefill already under way
-        (CT2 cannot interrupt one).
+        Idempotent. Blocks for at most one decode step, or for a prefill already
+        under way (CT2 cannot interrupt one).
         """
         with self._cv:
             self._closed = True
@@ -535,20 +555,24 @@ class CTranslate2Backend(Backend):
         self._generator = None
         atexit.unregister(self._atexit)
 
-    def _check_vocabulary(self) -> None:
-        """CT2's vocabulary must spell the tokenizer's ids; padding rows may follow."""
+    def _check_vocabulary(self) -> int:
+        """CT2's vocabulary must spell the tokenizer's ids; padding rows may follow.
+
+        Returns the tokenizer's size: ids from there on are padding.
+        """
         vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         if len(vocab) > len(self._vocab):
             raise ModelFileError(
                 f"{self.path}: tokenizer.json has {len(vocab)} tokens but the CT2 vocabulary "
                 f"has {len(self._vocab)}"
             )
-        bad = [t for t, i in vocab.items() if self._vocab[i] != t]
+        bad = [t for t, i in vocab.items() if i >= len(self._vocab) or self._vocab[i] != t]
         if bad:
             raise ModelFileError(
                 f"{self.path}: the CT2 vocabulary disagrees with tokenizer.json "
                 f"({len(bad)} tokens, e.g. {bad[:3]!r})"
             )
+        return max(vocab.values(), default=-1) + 1
 
 
 def _stepwise(p: SamplingParams) -> bool:
