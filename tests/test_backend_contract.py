@@ -173,14 +173,18 @@ def _masked(x: np.ndarray, banned: int) -> np.ndarray:
 
 
 # -- exactness ------------------------------------------------------------------------
-def test_greedy_equals_reference_argmax_with_logprobs(subject: Subject, backend) -> None:
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_greedy_equals_reference_argmax_with_logprobs(
+    subject: Subject, backend, ignore_eos: bool
+) -> None:
     ids = backend.tokenize(PROMPT)
-    eos = _eos(backend)
-    steps, stream = run(backend, ids, max_tokens=16, temperature=0.0, logprobs=3, ignore_eos=True)
-    assert len(steps) == 16 and stream.finish_reason is FinishReason.LENGTH
+    steps, stream = run(backend, ids, max_tokens=12, logprobs=3, ignore_eos=ignore_eos)
+    assert len(steps) == 12 and stream.finish_reason is FinishReason.LENGTH
     seq = list(ids)
     for n, step in enumerate(steps):
-        lp = log_softmax(_masked(subject.logits(seq, n), eos))  # ignore_eos bans EOS
+        logits = subject.logits(seq, n)
+        # The logprobs are of the distribution sampled from: ignore_eos bans EOS in it.
+        lp = log_softmax(_masked(logits, _eos(backend)) if ignore_eos else logits)
         assert step.token_id == int(np.argmax(lp))
         assert step.logprob == pytest.approx(lp[step.token_id], abs=subject.tol)
         # top_logprobs: best first, the chosen token on top, values of the same distribution.
@@ -193,10 +197,11 @@ def test_greedy_equals_reference_argmax_with_logprobs(subject: Subject, backend)
 
 def test_temperature_logprobs_are_of_the_scaled_distribution(subject: Subject, backend) -> None:
     ids = backend.tokenize(PROMPT)
-    steps, _ = run(backend, ids, max_tokens=4, temperature=0.7, logprobs=2, ignore_eos=True)
+    steps, _ = run(backend, ids, max_tokens=4, temperature=0.7, logprobs=2)
+    assert steps
     seq = list(ids)
     for n, step in enumerate(steps):
-        lp = log_softmax(_masked(subject.logits(seq, n), _eos(backend)) / 0.7)
+        lp = log_softmax(np.asarray(subject.logits(seq, n), dtype=np.float64) / 0.7)
         assert step.logprob == pytest.approx(lp[step.token_id], abs=subject.tol)
         assert dict(step.top_logprobs).keys() == {int(i) for i in np.argsort(-lp)[:2]}
         seq.append(step.token_id)
