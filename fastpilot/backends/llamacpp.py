@@ -1,30 +1,22 @@
 """llama.cpp backend: GGUF models through llama-cpp-python's low-level API.
 
-One :class:`LlamaCppBackend` owns a ``llama_model``, one generation context
-with ``slots`` sequences (separate KV streams, ``kv_unified=False``) and a
-worker thread that runs **continuous batching**: every iteration builds one
-``llama_batch`` holding one token for each generating sequence plus up to
-``prompt_chunk`` prompt tokens of sequences still prefilling, calls
-``llama_decode`` once, and samples each output row with the shared
-:class:`fastpilot.engine.sampling.SequenceSampler` (llama.cpp's own sampler
-chain is not used, so sampling is identical to the CTranslate2 backend).
-New requests join the running batch at the next iteration.
+One :class:`LlamaCppBackend` owns a ``llama_model``, one generation context with
+``slots`` sequences (separate KV streams, ``kv_unified=False``) and a worker
+thread that runs **continuous batching**: each iteration one ``llama_decode``
+over one token of every generating sequence plus up to ``prompt_chunk`` prompt
+tokens, each output row sampled with the shared
+:class:`fastpilot.engine.sampling.SequenceSampler` (not llama.cpp's sampler
+chain, so sampling equals the CTranslate2 backend's). New requests join at the
+next iteration.
 
-The batching *policy* -- per-sequence state, slot choice, the prompt cache
-(reusing a slot's KV, copying a running sequence's KV, sharing one prefill
-between identical prompts), prefill chunking and batch order -- lives in
-:class:`fastpilot.backends.scheduler.Scheduler`, which plans each step without
-native calls; this module applies its plans (``llama_memory_seq_rm``/``_cp``,
-filling the ``llama_batch``, ``llama_decode``) and samples.
+The *policy* -- sequence states, slot choice, the prompt cache (a slot's own KV,
+a copy of a running sequence's, one prefill shared by identical prompts),
+prefill chunking, batch order -- is :class:`fastpilot.backends.scheduler.Scheduler`,
+which plans each step; this module applies the plans with native calls and samples.
 
-Padded vocabularies: converted CodeGen models have more output rows than
-tokenizer ids; the trailing ``UNUSED`` entries are no tokens. ``vocab_size`` is
-the tokenizer's size, the sampler reads only those rows, so a padding row is
-never sampled nor listed in ``top_logprobs``.
-
-End of sequence: when the sampler picks an end-of-sequence token, the stream
-finishes with ``STOP`` and *no step is pushed* for it, so no text and no
-completion token is counted for the EOS itself.
+Padded vocabularies (converted CodeGen): ``vocab_size`` counts the tokenizer's
+ids, the trailing ``UNUSED`` rows are never sampled nor listed in ``top_logprobs``.
+End of sequence finishes the stream ``STOP`` with no step pushed for it.
 
 Heavy import: ``llama_cpp`` is imported when a backend is constructed.
 """
@@ -64,6 +56,7 @@ from fastpilot.backends.llamacpp_native import (
     new_context,
     offload_layers,
     read_pieces,
+    real_vocab_size,
     resolve_gguf,
 )
 from fastpilot.backends.scheduler import BatchEntry, KvOp, Scheduler, Seq
@@ -94,14 +87,6 @@ class _ScoreJob:
     prompt: list[int]
     top: int
     future: Future[list[Step | None]] = field(default_factory=Future)
-
-
-def _real_vocab_size(lib: Any, vocab: Any, n_rows: int) -> int:
-    """Rows up to the last one that is a token: trailing ``UNUSED`` entries are padding."""
-    n = n_rows
-    while n > 1 and lib.llama_vocab_get_attr(vocab, n - 1) & lib.LLAMA_TOKEN_ATTR_UNUSED:
-        n -= 1
-    return n
 
 
 class LlamaCppBackend(Backend):
@@ -147,7 +132,7 @@ class LlamaCppBackend(Backend):
             raise ValueError("slots and prompt_chunk must be >= 1, max_queue >= 0")
         lib = self._lib = load_library()
         gguf, manifest = resolve_gguf(path)
-        self._threads = threads or os.cpu_count() or 1
+        threads = self._threads = threads or os.cpu_count() or 1
         gpu_layers = offload_layers(lib, device)
 
         self._ctx = None
@@ -160,21 +145,14 @@ class LlamaCppBackend(Backend):
         try:
             self._vocab = lib.llama_model_get_vocab(self._model)
             self._n_rows = int(lib.llama_vocab_n_tokens(self._vocab))  # logits per row
-            self.vocab_size = _real_vocab_size(lib, self._vocab, self._n_rows)
+            self.vocab_size = real_vocab_size(lib, self._vocab, self._n_rows)
             # Some GGUFs omit the trained context; 2048 is llama.cpp's usual fallback.
             trained = int(lib.llama_model_n_ctx_train(self._model)) or 2048
             per_slot = min(trained, context_length) if context_length else trained
             self._slots_n = slots
             self._chunk = prompt_chunk
             self._ctx = new_context(
-                lib,
-                self._model,
-                per_slot,
-                slots,
-                prompt_chunk + slots,
-                self._threads,
-                flash_attn=flash_attn,
-                offloaded=bool(gpu_layers),
+                lib, self._model, per_slot, slots, prompt_chunk, threads, flash_attn, gpu_layers
             )
             if not self._ctx:
                 raise BackendError(f"llama.cpp could not create a context for {gguf}")
@@ -208,16 +186,9 @@ class LlamaCppBackend(Backend):
         self._free = slots  # free slots, read by submit() under the lock
         self._closed = False
         self._embed_lock = threading.Lock()
-        self._counters: dict[str, float] = dict.fromkeys(
-            (
-                "decode_steps",
-                "decode_seconds",  # wall time inside llama_decode (the rest is Python's)
-                "tokens_evaluated",
-                "tokens_generated",
-                "decode_errors",
-            ),
-            0,
-        )
+        # decode_seconds: wall time inside llama_decode (the rest is Python's)
+        counters = ("decode_steps", "decode_seconds", "tokens_evaluated", "tokens_generated")
+        self._counters: dict[str, float] = dict.fromkeys((*counters, "decode_errors"), 0)
         self._worker = threading.Thread(target=self._run, name="llamacpp-worker", daemon=True)
         self._worker.start()
         atexit.register(self.close)
@@ -299,7 +270,6 @@ class LlamaCppBackend(Backend):
                     self._cond.wait()
                 if self._closed:
                     break
-                self._sweep_pending_locked()
                 taken = self._take_pending_locked()
                 job = self._jobs.popleft() if self._jobs and self._free else None
             for stream in taken:
@@ -318,14 +288,12 @@ class LlamaCppBackend(Backend):
                     self._fail(seq, ex)
         self._drain()
 
-    def _sweep_pending_locked(self) -> None:
+    def _take_pending_locked(self) -> list[TokenStream]:
         # Queued requests whose consumer left or whose deadline passed end without a slot.
         if any(s.cancelled for s in self._pending):
             for stream in [s for s in self._pending if s.cancelled]:
                 stream.finish(FinishReason.CANCELLED)
             self._pending = deque(s for s in self._pending if not s.done)
-
-    def _take_pending_locked(self) -> list[TokenStream]:
         taken: list[TokenStream] = []
         while self._pending and self._free > len(taken):
             stream = self._pending.popleft()

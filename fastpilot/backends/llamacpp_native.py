@@ -33,6 +33,7 @@ __all__ = [
     "new_context",
     "offload_layers",
     "read_pieces",
+    "real_vocab_size",
     "resolve_gguf",
 ]
 
@@ -102,27 +103,27 @@ def new_context(
     model: Any,
     per_slot: int,
     slots: int,
-    batch: int,
+    prompt_chunk: int,
     threads: int,
-    *,
     flash_attn: bool | None,
-    offloaded: bool,
+    gpu_layers: int,
 ) -> Any:
     """A generation context with one KV stream of ``per_slot`` cells per slot (NULL on failure).
 
-    ``flash_attn`` ``None`` disables flash attention on CPU (measured ~1.5-2x slower
-    per token at 1000 positions on an AVX2 EPYC) and lets llama.cpp decide when offloaded.
+    A batch holds ``prompt_chunk + slots`` tokens. ``flash_attn`` ``None`` disables
+    flash attention on CPU (measured ~1.5-2x slower per token at 1000 positions on
+    an AVX2 EPYC) and lets llama.cpp decide when layers are offloaded.
     """
     cparams = lib.llama_context_default_params()
     # llama.cpp pads each KV stream to a multiple of 256 cells; ask for that directly.
     cparams.n_ctx = -(-per_slot // 256) * 256 * slots
     cparams.n_seq_max = slots
-    cparams.n_batch = cparams.n_ubatch = batch
+    cparams.n_batch = cparams.n_ubatch = prompt_chunk + slots
     cparams.n_threads = cparams.n_threads_batch = threads
     cparams.kv_unified = False  # one KV stream per slot: attention only over its own cells
     cparams.no_perf = True
     if flash_attn is None:
-        cparams.flash_attn_type = -1 if offloaded else 0  # AUTO / DISABLED
+        cparams.flash_attn_type = -1 if gpu_layers else 0  # AUTO / DISABLED
     else:
         cparams.flash_attn_type = 1 if flash_attn else 0
     return lib.llama_init_from_model(model, cparams)
@@ -241,6 +242,15 @@ def decode_entries(
         for e in entries:
             lib.llama_memory_seq_rm(mem, e.seq_id, e.pos0, -1)
     return rc
+
+
+def real_vocab_size(lib: Any, vocab: Any, n_rows: int) -> int:
+    """Rows up to the last one that is a token: trailing ``UNUSED`` entries are padding
+    (converted CodeGen pads 50295 tokens to 51200 rows)."""
+    n = n_rows
+    while n > 1 and lib.llama_vocab_get_attr(vocab, n - 1) & lib.LLAMA_TOKEN_ATTR_UNUSED:
+        n -= 1
+    return n
 
 
 def read_pieces(lib: Any, vocab: Any, n_vocab: int) -> list[bytes]:
