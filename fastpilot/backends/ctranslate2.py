@@ -43,7 +43,6 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -55,46 +54,22 @@ from fastpilot.backends.base import (
     FimTemplate,
     FinishReason,
     GenerationRequest,
-    SamplingParams,
     Step,
     TokenStream,
 )
 from fastpilot.backends.ct2_support import (
+    LENGTH_TOLERANCE,
+    Job,
     PrefixPlanner,
     StepLogits,
     load_tokenizer,
+    plan_job,
     read_json,
     read_vocabulary,
     spelling_to_bytes,
 )
-from fastpilot.engine.sampling import BAN, SequenceSampler, log_softmax, top_entries
+from fastpilot.engine.sampling import SequenceSampler, log_softmax, top_entries
 from fastpilot.errors import BackendError, InvalidRequest, ModelFileError, NotSupported, QueueFull
-
-# Prompts whose remaining lengths differ by at most this many tokens share a
-# generate_batch call: CT2 prefills only up to the shortest prompt and feeds the
-# rest one token per decode step (include_prompt_in_result=False), so each token
-# of difference costs one batch-wide decode step, cheaper than a separate call.
-LENGTH_TOLERANCE = 16
-
-
-@dataclass(frozen=True, slots=True)
-class _Key:
-    """Everything CT2 takes once per generate_batch call; equal keys may batch."""
-
-    topk: int
-    topp: float
-    temperature: float
-    min_length: int
-    banned: tuple[int, ...]
-
-
-@dataclass(slots=True)
-class _Job:
-    stream: TokenStream
-    start: list[int]  # tokens passed as start_tokens (prompt minus the static prefix)
-    static: tuple[int, ...]
-    key: _Key | None  # None: the stepwise path
-    emitted: int = 0
 
 
 def _wants_logits(job: _Job) -> bool:
@@ -195,12 +170,12 @@ class CTranslate2Backend(Backend):
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
         self._planner = PrefixPlanner(prefix_chunk, prefix_cache_tokens)
-        self._pending: collections.deque[_Job] = collections.deque()
+        self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
         self._counters = collections.Counter[str]()
         self._active = 0
-        self._running: list[_Job] = []
+        self._running: list[Job] = []
         self._worker = threading.Thread(target=self._run, name=f"ct2-{self.path.name}", daemon=True)
         self._worker.start()
         # CT2 aborts the process ("terminate called ...") when a Generator is still
@@ -235,27 +210,9 @@ class CTranslate2Backend(Backend):
             # An idle worker starts the head of the queue at once: it does not wait.
             if len(self._pending) >= self.max_queue + (0 if self._running else 1):
                 raise QueueFull()
-            self._pending.append(self._plan(stream))
+            self._pending.append(plan_job(stream, self._bos, self.vocab_size, self._padding))
             self._cv.notify()
         return stream
-
-    def _plan(self, stream: TokenStream) -> _Job:
-        p = stream.request.params
-        prompt = list(stream.request.prompt_ids) or [self._bos]  # CT2 needs one start token
-        if _stepwise(p):
-            return _Job(stream, prompt, (), None)
-        greedy = p.greedy
-        vocab = self.vocab_size
-        banned = tuple(sorted({t for t, v in p.logit_bias if v <= BAN and 0 <= t < vocab}))
-        banned += self._padding  # never sample a padding row
-        key = _Key(
-            topk=1 if greedy else p.top_k,
-            topp=1.0 if greedy else p.top_p,
-            temperature=1.0 if greedy else p.temperature,
-            min_length=p.max_tokens if p.ignore_eos else p.min_tokens,
-            banned=banned,
-        )
-        return _Job(stream, prompt, (), key)
 
     def _run(self) -> None:
         while True:
@@ -281,7 +238,7 @@ class CTranslate2Backend(Backend):
                 self._running = []
         self._generator = None  # type: ignore[assignment]
 
-    def _take_batch(self) -> list[_Job]:
+    def _take_batch(self) -> list[Job]:
         """Pop the oldest live job and the compatible ones behind it (under the lock)."""
         while self._pending:
             head = self._pending.popleft()
@@ -320,7 +277,7 @@ class CTranslate2Backend(Backend):
             batch.append(job)
         return batch
 
-    def _assign_static(self, job: _Job) -> None:
+    def _assign_static(self, job: Job) -> None:
         prefix, hit = self._planner.plan(job.start)
         if job.key is None and not prefix and len(job.start) > 1:
             # Stepwise restarts reuse the prompt's state: always make it static.
@@ -329,7 +286,7 @@ class CTranslate2Backend(Backend):
             job.static, job.start = prefix, job.start[len(prefix) :]
             job.stream.cached_tokens = len(prefix) if hit else 0
 
-    def _execute(self, batch: list[_Job]) -> None:
+    def _execute(self, batch: list[Job]) -> None:
         static = batch[0].static
         if static and static not in self._planner.cached:
             if self._planner.used + len(static) > self._planner.budget:
@@ -353,11 +310,11 @@ class CTranslate2Backend(Backend):
         else:
             stream.finish(FinishReason.CANCELLED)
 
-    def _max_new(self, job: _Job) -> int:
+    def _max_new(self, job: Job) -> int:
         room = self.context_length - len(job.static) - len(job.start)
         return max(0, min(job.stream.request.params.max_tokens, room))
 
-    def _run_native(self, batch: list[_Job]) -> None:
+    def _run_native(self, batch: list[Job]) -> None:
         key = batch[0].key
         assert key is not None
         limits = [self._max_new(j) for j in batch]
@@ -416,7 +373,7 @@ class CTranslate2Backend(Backend):
             callback=on_step,
         )
 
-    def _finish_early(self, job: _Job, limit: int) -> bool:
+    def _finish_early(self, job: Job, limit: int) -> bool:
         """False (and the stream finished) when a job has nothing to generate."""
         if job.stream.cancelled:
             self._stop(job.stream)
@@ -426,7 +383,7 @@ class CTranslate2Backend(Backend):
             return False
         return True
 
-    def _run_stepwise(self, job: _Job) -> None:
+    def _run_stepwise(self, job: Job) -> None:
         """Sample with SequenceSampler over CT2's logits; see the module docstring for the cost."""
         stream = job.stream
         params = stream.request.params
@@ -573,16 +530,6 @@ class CTranslate2Backend(Backend):
                 f"({len(bad)} tokens, e.g. {bad[:3]!r})"
             )
         return max(vocab.values(), default=-1) + 1
-
-
-def _stepwise(p: SamplingParams) -> bool:
-    return bool(
-        p.seed is not None
-        or p.presence_penalty
-        or p.frequency_penalty
-        or p.repetition_penalty != 1.0
-        or any(v > BAN for _, v in p.logit_bias)
-    )
 
 
 def _close_at_exit(ref: weakref.ref[CTranslate2Backend]) -> None:
