@@ -321,3 +321,22 @@ def test_zero_max_tokens_finishes_at_admission() -> None:
     seq = start(s, toks(100, 4), max_tokens=0)
     assert seq.finish_reason is FinishReason.LENGTH and not s.slots[0].busy
     assert s.plan_step().entries == ()
+
+
+def test_entries_carry_positions_and_samples_their_batch_rows() -> None:
+    s = sched(slots=3, chunk=8)
+    a = start(s, toks(100, 3), max_tokens=9, name="a")
+    b = start(s, toks(200, 2), max_tokens=9, name="b")
+    step(s)  # both prompts in; each sampled its first token
+    c = start(s, toks(300, 5), max_tokens=9, name="c")
+    plan = s.plan_step()
+    got = [(e.seq.owner, e.pos0, list(e.tokens), e.n_logits) for e in plan.entries]
+    assert got == [
+        ("a", 3, [900], 1),  # a's sampled token goes in at position len(prompt)
+        ("b", 2, [900], 1),
+        ("c", 0, toks(300, 5), 1),
+    ]
+    samples = s.update_from_output(plan.entries)
+    # Rows index the batch: one per token, each sample at its entry's last token.
+    assert [(x.seq, x.row) for x in samples] == [(a, 0), (b, 1), (c, 6)]
+    assert [len(q.slot.tokens) for q in (a, b, c)] == [4, 3, 5]  # type: ignore[union-attr]
