@@ -82,6 +82,12 @@ class Job:
     emitted: int = 0
 
 
+def wants_logits(job: Job) -> bool:
+    """True when the native path must read this job's logits (temperature or logprobs)."""
+    assert job.key is not None
+    return job.key.temperature != 1.0 or bool(job.stream.request.params.logprobs)
+
+
 def stepwise(p: SamplingParams) -> bool:
     """True for what CT2 cannot sample itself (see the ctranslate2 module docstring)."""
     return bool(

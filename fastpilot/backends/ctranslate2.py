@@ -67,15 +67,10 @@ from fastpilot.backends.ct2_support import (
     read_json,
     read_vocabulary,
     spelling_to_bytes,
+    wants_logits,
 )
 from fastpilot.engine.sampling import SequenceSampler, log_softmax, top_entries
 from fastpilot.errors import BackendError, InvalidRequest, ModelFileError, NotSupported, QueueFull
-
-
-def _wants_logits(job: _Job) -> bool:
-    """True when the native path must read this job's logits (temperature or logprobs)."""
-    assert job.key is not None
-    return job.key.temperature != 1.0 or bool(job.stream.request.params.logprobs)
 
 
 class CTranslate2Backend(Backend):
@@ -267,7 +262,7 @@ class CTranslate2Backend(Backend):
             # min_length counts decode steps, which include a longer prompt's fed tokens;
             # and per-example logits rows are only laid out by batch index when every
             # prompt has the same length (see StepLogits).
-            exact = head.key.min_length or _wants_logits(head) or _wants_logits(job)
+            exact = head.key.min_length or wants_logits(head) or wants_logits(job)
             tolerance = 0 if exact else LENGTH_TOLERANCE
             if abs(rest - len(head.start)) > tolerance:
                 continue
@@ -323,7 +318,7 @@ class CTranslate2Backend(Backend):
             return
         jobs = [j for j, _ in live]
         limits = [n for _, n in live]
-        want_logits = any(_wants_logits(j) for j in jobs)
+        want_logits = any(wants_logits(j) for j in jobs)
         temp = key.temperature
         eos = self.eos_token_ids
         rows = StepLogits(len(self._vocab))  # CT2's rows, padding included
