@@ -14,8 +14,10 @@ greedy longest match.
 The worker thread interleaves every active sequence one step at a time, honours
 cancellation and deadlines before each step, and uses the shared
 :class:`SequenceSampler`, so logprobs, penalties and seeds behave as on the
-real backends. ``step_delay`` (seconds per decode round) makes timing tests
-possible; ``max_queue`` makes submit raise QueueFull.
+real backends. It obeys the contract of :mod:`fastpilot.backends.base`: no step
+for an end-of-sequence token, ``close()`` fails open streams, and ``max_queue``
+counts requests waiting beyond ``slots`` generating ones. ``step_delay``
+(seconds per decode round) makes timing tests possible.
 
 Typical use::
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,7 +46,7 @@ from fastpilot.backends.base import (
     TokenStream,
 )
 from fastpilot.engine.sampling import SequenceSampler, log_softmax, top_entries
-from fastpilot.errors import QueueFull
+from fastpilot.errors import BackendError, InvalidRequest, QueueFull
 
 WORDS = (
     "hello",
@@ -83,9 +86,12 @@ class FakeBackend(Backend):
         fim: FimTemplate | None = None,
         step_delay: float = 0.0,
         max_queue: int = 64,
-        emit_eos_step: bool = True,
+        slots: int = 0,
         seed: int = 0,
     ) -> None:
+        """``slots``: sequences generated at once, the rest wait in order. ``0`` (the
+        engine tests' default) generates every request at once yet counts each as
+        waiting, so ``max_queue`` bounds all unfinished requests."""
         self.vocab = _vocab()
         self.vocab_size = len(self.vocab)
         self.eos = self.vocab_size - 1
@@ -94,7 +100,7 @@ class FakeBackend(Backend):
         self.fim = fim
         self.step_delay = step_delay
         self.max_queue = max_queue
-        self.emit_eos_step = emit_eos_step
+        self.slots = slots
         self.info = BackendInfo(backend="fake", path="<memory>", arch="bigram", quantization="f32")
         rng = np.random.default_rng(seed)
         # (vocab, vocab): logits of the next token given the last one.
@@ -102,7 +108,8 @@ class FakeBackend(Backend):
         self.script_ids = self.tokenize(script) + [self.eos]
         self._by_bytes = {tok: i for i, tok in enumerate(self.vocab)}
         self._inbox: queue.SimpleQueue[TokenStream | None] = queue.SimpleQueue()
-        self._pending = 0
+        self._pending = 0  # unfinished requests
+        self._generating = 0  # of which holding one of ``slots``
         self._lock = threading.Lock()
         self.submitted: list[GenerationRequest] = []  # for tests that inspect what was sent
         self.streams: list[TokenStream] = []  # every stream handed out, in order
@@ -153,44 +160,65 @@ class FakeBackend(Backend):
 
     # -- scheduling ---------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> TokenStream:
+        if any(not 0 <= i < self.vocab_size for i in request.prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})")
+        stream = TokenStream(request)
         with self._lock:
-            if self._pending >= self.max_queue:
+            if self._closed:
+                raise BackendError("the model was closed")
+            if self._pending >= self.max_queue + self.slots:
                 raise QueueFull()
             self._pending += 1
             self.submitted.append(request)
-        stream = TokenStream(request)
-        self.streams.append(stream)
-        self._inbox.put(stream)
+            self.streams.append(stream)
+            self._inbox.put(stream)
         return stream
 
     def _run(self) -> None:
         active: list[tuple[TokenStream, SequenceSampler, list[int]]] = []
+        waiting: deque[TokenStream] = deque()
         while True:
             # Block only when idle; otherwise pick up new requests between rounds.
             try:
                 while True:
-                    item = self._inbox.get(block=not active)
+                    item = self._inbox.get(block=not (active or waiting))
                     if item is None:
-                        for stream, _, _ in active:
-                            stream.finish(FinishReason.CANCELLED)
+                        error = BackendError("the model was closed")
+                        for stream in [*(a[0] for a in active), *waiting]:
+                            stream.fail(error)
                         return
-                    params = item.request.params
-                    sampler = SequenceSampler(
-                        params, self.vocab_size, self.eos_token_ids, item.request.prompt_ids
-                    )
-                    active.append((item, sampler, list(item.request.prompt_ids)))
+                    waiting.append(item)
             except queue.Empty:
                 pass
+            for stream in [s for s in waiting if s.cancelled]:  # no slot needed to end
+                waiting.remove(stream)
+                stream.finish(FinishReason.CANCELLED)
+                self._ended(generating=False)
+            while waiting and (not self.slots or len(active) < self.slots):
+                item = waiting.popleft()
+                params = item.request.params
+                sampler = SequenceSampler(
+                    params, self.vocab_size, self.eos_token_ids, item.request.prompt_ids
+                )
+                active.append((item, sampler, list(item.request.prompt_ids)))
+                with self._lock:
+                    self._generating += 1
+            if not active:
+                continue
             if self.step_delay:
                 time.sleep(self.step_delay)
             still = []
             for stream, sampler, ctx in active:
-                if not self._step(stream, sampler, ctx):
-                    still.append((stream, sampler, ctx))
+                if self._step(stream, sampler, ctx):
+                    self._ended(generating=True)
                 else:
-                    with self._lock:
-                        self._pending -= 1
+                    still.append((stream, sampler, ctx))
             active = still
+
+    def _ended(self, *, generating: bool) -> None:
+        with self._lock:
+            self._pending -= 1
+            self._generating -= int(generating)
 
     def _step(self, stream: TokenStream, sampler: SequenceSampler, ctx: list[int]) -> bool:
         """Advance one sequence by one token; True when it finished."""
@@ -204,9 +232,7 @@ class FakeBackend(Backend):
         self.decode_steps += 1
         step = sampler.sample(self.logits(ctx, sampler.generated))
         ctx.append(step.token_id)
-        if step.token_id in self.eos_token_ids and not params.ignore_eos:
-            if self.emit_eos_step:
-                stream.put(step)
+        if step.token_id in self.eos_token_ids:  # ends the text; no step for it (contract)
             stream.finish(FinishReason.STOP)
             return True
         stream.put(step)
@@ -225,10 +251,21 @@ class FakeBackend(Backend):
         return False
 
     def stats(self) -> dict[str, float]:
-        return {"queue_depth": float(self._pending), "decode_steps": float(self.decode_steps)}
+        """``queue_depth``: unfinished requests not generating (all of them when slots=0)."""
+        with self._lock:
+            waiting = self._pending - (self._generating if self.slots else 0)
+            busy = self._generating
+        return {
+            "queue_depth": float(waiting),
+            "busy_slots": float(busy),
+            "decode_steps": float(self.decode_steps),
+        }
 
     def close(self) -> None:
-        if not self._closed:
+        """Fail unfinished streams with BackendError and stop the worker; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._inbox.put(None)
-            self._worker.join(timeout=5)
+        self._worker.join(timeout=5)

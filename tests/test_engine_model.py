@@ -46,11 +46,11 @@ def test_greedy_writes_the_script_and_stops_at_eos(model: Model, backend: FakeBa
     assert text_of(out) == SCRIPT
     assert out["choices"][0]["finish_reason"] == "stop"
     n_script = len(backend.tokenize(SCRIPT))
-    # Completion tokens count the end-of-text token the model generated.
+    # Backends push no step for the end-of-text token (backends/base.py): not counted.
     assert out["usage"] == {
         "prompt_tokens": 1,
-        "completion_tokens": n_script + 1,
-        "total_tokens": n_script + 2,
+        "completion_tokens": n_script,
+        "total_tokens": n_script + 1,
         "prompt_tokens_details": {"cached_tokens": 0},
     }
 

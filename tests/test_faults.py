@@ -327,7 +327,8 @@ class FailingDecodeLlama:
         class _Failing(LlamaCppBackend):
             def _decode(self, entries):
                 if any(
-                    a.stream.request.params.seed == 666 and a.generated >= 3 for a, _ in entries
+                    e.seq.owner.stream.request.params.seed == 666 and e.seq.generated >= 3
+                    for e in entries
                 ):
                     return -3  # nothing was decoded, so there is no KV state to roll back
                 return super()._decode(entries)

@@ -85,6 +85,8 @@ class Step:
 
 
 class FinishReason(str, Enum):
+    """Why a stream ended (see :class:`Backend` for what each one looks like)."""
+
     STOP = "stop"  # end-of-sequence token (or a stop string, decided by the engine)
     LENGTH = "length"  # max_tokens or the context window reached
     CANCELLED = "cancelled"  # the consumer cancelled or the deadline passed
@@ -201,6 +203,38 @@ class Backend(abc.ABC):
     from any thread; ``submit`` is non-blocking and thread-safe (it enqueues
     for the backend's worker and raises :class:`fastpilot.errors.QueueFull`
     when the bounded queue is full).
+
+    The contract every backend keeps (``tests/test_backend_contract.py`` runs it
+    over the test fake, CTranslate2 and llama.cpp):
+
+    * **Steps are completion tokens.** Each :class:`Step` pushed is one generated
+      token, ids in ``[0, vocab_size)``. An end-of-sequence token is *not* pushed:
+      the stream finishes ``STOP`` right after the last real token, so the EOS is
+      neither text nor a counted completion token. ``min_tokens`` and
+      ``ignore_eos`` ban it instead (then ``max_tokens`` ends with ``LENGTH``).
+    * **Finishing.** ``LENGTH`` at ``max_tokens`` or when prompt + generated
+      tokens fill ``context_length``; ``CANCELLED`` within one decode step of
+      :meth:`TokenStream.cancel` or of the deadline passing, with the steps
+      already pushed kept; a request cancelled or expired before it started
+      finishes ``CANCELLED`` with no step. A stream fails (its iterator raises
+      :class:`BackendError`) only when the native library failed it or the
+      model was closed.
+    * **Vocabulary.** ``vocab_size`` counts the tokenizer's ids. Output rows
+      past it (a vocabulary padded to a round size, as converted CodeGen
+      models have) are never sampled, never listed in ``top_logprobs`` and not
+      part of the softmax; prompt ids outside ``[0, vocab_size)`` raise
+      :class:`fastpilot.errors.InvalidRequest` at :meth:`submit`.
+    * **The queue.** A backend generates up to its capacity at once (llama.cpp:
+      ``slots``; CTranslate2: one batch of up to ``max_batch``). ``max_queue``
+      counts the requests *waiting* beyond that -- submitted, unfinished, not
+      generating; :meth:`submit` raises :class:`fastpilot.errors.QueueFull` when
+      ``max_queue`` already wait and the new one could not start at once.
+      ``stats()["queue_depth"]`` is that number.
+    * **Closing.** :meth:`close` stops the worker and frees the model: every
+      unfinished stream, running or queued, fails with :class:`BackendError`
+      ("the model was closed") after the steps it already had; later
+      :meth:`submit` calls raise :class:`BackendError`. Idempotent; blocks
+      until the worker stopped (one decode step, or a CTranslate2 prefill).
     """
 
     name: ClassVar[str] = "base"
@@ -247,4 +281,4 @@ class Backend(abc.ABC):
         return {}
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
-        """Stop the worker and free the model. Idempotent."""
+        """Stop the worker and free the model; unfinished streams fail. Idempotent."""

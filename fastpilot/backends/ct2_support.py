@@ -1,4 +1,4 @@
-"""Files and bookkeeping for the CTranslate2 backend: token spelling, model files, prefix plans.
+"""Files and bookkeeping for the CTranslate2 backend: spelling, model files, jobs, prefix plans.
 
 Kept apart from ``ctranslate2.py`` so the backend module holds only the
 scheduling and decoding; nothing here imports ctranslate2.
@@ -9,11 +9,14 @@ from __future__ import annotations
 import collections
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fastpilot.backends.base import SamplingParams, TokenStream
+from fastpilot.engine.sampling import BAN
 from fastpilot.errors import ModelFileError
 
 
@@ -48,6 +51,74 @@ def spelling_to_bytes(token: str) -> bytes:
         else:
             out.append(b)
     return bytes(out)
+
+
+# Prompts whose remaining lengths differ by at most this many tokens share a
+# generate_batch call: CT2 prefills only up to the shortest prompt and feeds the
+# rest one token per decode step (include_prompt_in_result=False), so each token
+# of difference costs one batch-wide decode step, cheaper than a separate call.
+LENGTH_TOLERANCE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKey:
+    """Everything CT2 takes once per generate_batch call; equal keys may batch."""
+
+    topk: int
+    topp: float
+    temperature: float
+    min_length: int
+    banned: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class Job:
+    """One queued request: what CT2 is given for it, and how many steps it produced."""
+
+    stream: TokenStream
+    start: list[int]  # tokens passed as start_tokens (prompt minus the static prefix)
+    static: tuple[int, ...]
+    key: BatchKey | None  # None: the stepwise path
+    emitted: int = 0
+
+
+def wants_logits(job: Job) -> bool:
+    """True when the native path must read this job's logits (temperature or logprobs)."""
+    assert job.key is not None
+    return job.key.temperature != 1.0 or bool(job.stream.request.params.logprobs)
+
+
+def stepwise(p: SamplingParams) -> bool:
+    """True for what CT2 cannot sample itself (see the ctranslate2 module docstring)."""
+    return bool(
+        p.seed is not None
+        or p.presence_penalty
+        or p.frequency_penalty
+        or p.repetition_penalty != 1.0
+        or any(v > BAN for _, v in p.logit_bias)
+    )
+
+
+def plan_job(stream: TokenStream, bos: int, vocab_size: int, padding: tuple[int, ...]) -> Job:
+    """The job for a new request: the stepwise path, or the native one with its batch key.
+
+    ``padding`` (ids past the tokenizer, rows of a padded vocabulary) is banned
+    on the native path like a ``logit_bias`` of -100, so it is never sampled.
+    """
+    p = stream.request.params
+    prompt = list(stream.request.prompt_ids) or [bos]  # CT2 needs one start token
+    if stepwise(p):
+        return Job(stream, prompt, (), None)
+    greedy = p.greedy
+    banned = tuple(sorted({t for t, v in p.logit_bias if v <= BAN and 0 <= t < vocab_size}))
+    key = BatchKey(
+        topk=1 if greedy else p.top_k,
+        topp=1.0 if greedy else p.top_p,
+        temperature=1.0 if greedy else p.temperature,
+        min_length=p.max_tokens if p.ignore_eos else p.min_tokens,
+        banned=banned + padding,
+    )
+    return Job(stream, prompt, (), key)
 
 
 class PrefixPlanner:

@@ -41,10 +41,8 @@ import collections
 import functools
 import os
 import threading
-import time
 import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,52 +54,23 @@ from fastpilot.backends.base import (
     FimTemplate,
     FinishReason,
     GenerationRequest,
-    SamplingParams,
     Step,
     TokenStream,
 )
 from fastpilot.backends.ct2_support import (
+    LENGTH_TOLERANCE,
+    Job,
     PrefixPlanner,
     StepLogits,
     load_tokenizer,
+    plan_job,
     read_json,
     read_vocabulary,
     spelling_to_bytes,
+    wants_logits,
 )
-from fastpilot.engine.sampling import BAN, SequenceSampler, log_softmax, top_entries
+from fastpilot.engine.sampling import SequenceSampler, log_softmax, top_entries
 from fastpilot.errors import BackendError, InvalidRequest, ModelFileError, NotSupported, QueueFull
-
-# Prompts whose remaining lengths differ by at most this many tokens share a
-# generate_batch call: CT2 prefills only up to the shortest prompt and feeds the
-# rest one token per decode step (include_prompt_in_result=False), so each token
-# of difference costs one batch-wide decode step, cheaper than a separate call.
-LENGTH_TOLERANCE = 16
-
-
-@dataclass(frozen=True, slots=True)
-class _Key:
-    """Everything CT2 takes once per generate_batch call; equal keys may batch."""
-
-    topk: int
-    topp: float
-    temperature: float
-    min_length: int
-    banned: tuple[int, ...]
-
-
-@dataclass(slots=True)
-class _Job:
-    stream: TokenStream
-    start: list[int]  # tokens passed as start_tokens (prompt minus the static prefix)
-    static: tuple[int, ...]
-    key: _Key | None  # None: the stepwise path
-    emitted: int = 0
-
-
-def _wants_logits(job: _Job) -> bool:
-    """True when the native path must read this job's logits (temperature or logprobs)."""
-    assert job.key is not None
-    return job.key.temperature != 1.0 or bool(job.stream.request.params.logprobs)
 
 
 class CTranslate2Backend(Backend):
@@ -114,7 +83,8 @@ class CTranslate2Backend(Backend):
         device: ``cpu``, ``cuda`` or ``auto`` (cuda when a device is visible).
         compute_type: CT2 compute type; default keeps the files' quantization on
             CPU and uses ``int8_float16`` for int8 files on CUDA.
-        max_queue: Requests waiting beyond this raise :class:`QueueFull`.
+        max_queue: Requests that may wait while a batch runs; :meth:`submit` raises
+            :class:`QueueFull` past it.
         max_batch: Most sequences in one ``generate_batch`` call.
         prefix_chunk: Static-prompt prefixes are multiples of this many tokens
             (0 disables the prompt cache).
@@ -136,7 +106,6 @@ class CTranslate2Backend(Backend):
         max_batch: int = 8,
         prefix_chunk: int = 64,
         prefix_cache_tokens: int = 8192,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         import ctranslate2
 
@@ -151,8 +120,10 @@ class CTranslate2Backend(Backend):
         self._tokenizer = load_tokenizer(
             self.path / str(manifest.get("tokenizer", "tokenizer.json"))
         )
-        self._check_vocabulary()
-        self.vocab_size = len(self._vocab)
+        # CT2's vocabulary may be padded past the tokenizer (CodeGen: one entry per
+        # embedding row); those ids are no tokens and are never sampled.
+        self.vocab_size = self._check_vocabulary()
+        self._padding = tuple(range(self.vocab_size, len(self._vocab)))
         self._token_bytes = [spelling_to_bytes(t) for t in self._vocab]
         n_ctx = manifest.get("context_length") or manifest.get("n_positions")
         self.context_length = int(n_ctx or 2048)
@@ -194,14 +165,13 @@ class CTranslate2Backend(Backend):
 
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
-        self._clock = clock
         self._planner = PrefixPlanner(prefix_chunk, prefix_cache_tokens)
-        self._pending: collections.deque[_Job] = collections.deque()
+        self._pending: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
         self._counters = collections.Counter[str]()
         self._active = 0
-        self._running: list[_Job] = []
+        self._running: list[Job] = []
         self._worker = threading.Thread(target=self._run, name=f"ct2-{self.path.name}", daemon=True)
         self._worker.start()
         # CT2 aborts the process ("terminate called ...") when a Generator is still
@@ -220,36 +190,25 @@ class CTranslate2Backend(Backend):
 
     # -- generation -------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> TokenStream:
-        """Queue a request; raises QueueFull when ``max_queue`` requests already wait."""
+        """Queue a request; returns its stream at once.
+
+        Raises :class:`QueueFull` when ``max_queue`` requests already wait and this
+        one could not start at once (a batch is running, or another request is
+        about to start); :class:`BackendError` once the model is closed.
+        """
         ids = request.prompt_ids
         if any(not 0 <= i < self.vocab_size for i in ids):
             raise InvalidRequest("prompt token id out of the vocabulary", param="prompt")
         stream = TokenStream(request)
         with self._cv:
             if self._closed:
-                raise BackendError("the model is closed")
-            if len(self._pending) >= self.max_queue:
+                raise BackendError("the model was closed")
+            # An idle worker starts the head of the queue at once: it does not wait.
+            if len(self._pending) >= self.max_queue + (0 if self._running else 1):
                 raise QueueFull()
-            self._pending.append(self._plan(stream))
+            self._pending.append(plan_job(stream, self._bos, self.vocab_size, self._padding))
             self._cv.notify()
         return stream
-
-    def _plan(self, stream: TokenStream) -> _Job:
-        p = stream.request.params
-        prompt = list(stream.request.prompt_ids) or [self._bos]  # CT2 needs one start token
-        if _stepwise(p):
-            return _Job(stream, prompt, (), None)
-        greedy = p.greedy
-        vocab = self.vocab_size
-        banned = tuple(sorted({t for t, v in p.logit_bias if v <= BAN and 0 <= t < vocab}))
-        key = _Key(
-            topk=1 if greedy else p.top_k,
-            topp=1.0 if greedy else p.top_p,
-            temperature=1.0 if greedy else p.temperature,
-            min_length=p.max_tokens if p.ignore_eos else p.min_tokens,
-            banned=banned,
-        )
-        return _Job(stream, prompt, (), key)
 
     def _run(self) -> None:
         while True:
@@ -258,7 +217,7 @@ class CTranslate2Backend(Backend):
                     self._cv.wait()
                 if self._closed:
                     for job in self._pending:
-                        job.stream.finish(FinishReason.CANCELLED)
+                        self._stop(job.stream)
                     self._pending.clear()
                     break
                 batch = self._take_batch()
@@ -275,12 +234,12 @@ class CTranslate2Backend(Backend):
                 self._running = []
         self._generator = None  # type: ignore[assignment]
 
-    def _take_batch(self) -> list[_Job]:
+    def _take_batch(self) -> list[Job]:
         """Pop the oldest live job and the compatible ones behind it (under the lock)."""
         while self._pending:
             head = self._pending.popleft()
             if head.stream.cancelled:
-                head.stream.finish(FinishReason.CANCELLED)
+                self._stop(head.stream)
                 continue
             break
         else:
@@ -304,7 +263,7 @@ class CTranslate2Backend(Backend):
             # min_length counts decode steps, which include a longer prompt's fed tokens;
             # and per-example logits rows are only laid out by batch index when every
             # prompt has the same length (see StepLogits).
-            exact = head.key.min_length or _wants_logits(head) or _wants_logits(job)
+            exact = head.key.min_length or wants_logits(head) or wants_logits(job)
             tolerance = 0 if exact else LENGTH_TOLERANCE
             if abs(rest - len(head.start)) > tolerance:
                 continue
@@ -314,7 +273,7 @@ class CTranslate2Backend(Backend):
             batch.append(job)
         return batch
 
-    def _assign_static(self, job: _Job) -> None:
+    def _assign_static(self, job: Job) -> None:
         prefix, hit = self._planner.plan(job.start)
         if job.key is None and not prefix and len(job.start) > 1:
             # Stepwise restarts reuse the prompt's state: always make it static.
@@ -323,7 +282,7 @@ class CTranslate2Backend(Backend):
             job.static, job.start = prefix, job.start[len(prefix) :]
             job.stream.cached_tokens = len(prefix) if hit else 0
 
-    def _execute(self, batch: list[_Job]) -> None:
+    def _execute(self, batch: list[Job]) -> None:
         static = batch[0].static
         if static and static not in self._planner.cached:
             if self._planner.used + len(static) > self._planner.budget:
@@ -335,14 +294,23 @@ class CTranslate2Backend(Backend):
         else:
             self._run_native(batch)
         for job in batch:  # anything CT2 ended without our callback finishing it
-            cancelled = job.stream.cancelled
-            job.stream.finish(FinishReason.CANCELLED if cancelled else FinishReason.LENGTH)
+            if job.stream.cancelled:
+                self._stop(job.stream)
+            else:
+                job.stream.finish(FinishReason.LENGTH)
 
-    def _max_new(self, job: _Job) -> int:
+    def _stop(self, stream: TokenStream) -> None:
+        """End a stream that was cancelled, or fail it when the model is closing."""
+        if self._closed:
+            stream.fail(BackendError("the model was closed"))
+        else:
+            stream.finish(FinishReason.CANCELLED)
+
+    def _max_new(self, job: Job) -> int:
         room = self.context_length - len(job.static) - len(job.start)
         return max(0, min(job.stream.request.params.max_tokens, room))
 
-    def _run_native(self, batch: list[_Job]) -> None:
+    def _run_native(self, batch: list[Job]) -> None:
         key = batch[0].key
         assert key is not None
         limits = [self._max_new(j) for j in batch]
@@ -351,10 +319,10 @@ class CTranslate2Backend(Backend):
             return
         jobs = [j for j, _ in live]
         limits = [n for _, n in live]
-        want_logits = any(_wants_logits(j) for j in jobs)
+        want_logits = any(wants_logits(j) for j in jobs)
         temp = key.temperature
         eos = self.eos_token_ids
-        rows = StepLogits(self.vocab_size)
+        rows = StepLogits(len(self._vocab))  # CT2's rows, padding included
 
         def on_step(res: Any) -> bool:
             job = jobs[res.batch_id]
@@ -362,7 +330,7 @@ class CTranslate2Backend(Backend):
             if stream.done:
                 return True
             if stream.cancelled:
-                stream.finish(FinishReason.CANCELLED)
+                self._stop(stream)
                 return True
             self._counters["decode_steps"] += 1
             token = int(res.token_id)
@@ -373,7 +341,8 @@ class CTranslate2Backend(Backend):
             if want_logits:
                 # (vocab,) logits after CT2's masks (bans, min_length), before temperature
                 with np.errstate(over="ignore"):  # masked logits are -FLT_MAX: / T -> -inf
-                    lp = log_softmax(rows.row(res.logits) / temp)
+                    # the tokenizer's rows only: padding rows are no tokens
+                    lp = log_softmax(rows.row(res.logits)[: self.vocab_size] / temp)
                 step = Step(token, float(lp[token]), top_entries(lp, k))
             else:
                 step = Step(token, float(res.log_prob))  # log_softmax at T=1 of the same logits
@@ -387,7 +356,7 @@ class CTranslate2Backend(Backend):
         self._generator.generate_batch(
             [self._spell(j.start) for j in jobs],
             max_length=max(limits),
-            min_length=key.min_length,
+            min_length=min(key.min_length, max(limits)),  # CT2 rejects min > max
             sampling_topk=key.topk,
             sampling_topp=key.topp,
             sampling_temperature=key.temperature,
@@ -400,17 +369,17 @@ class CTranslate2Backend(Backend):
             callback=on_step,
         )
 
-    def _finish_early(self, job: _Job, limit: int) -> bool:
+    def _finish_early(self, job: Job, limit: int) -> bool:
         """False (and the stream finished) when a job has nothing to generate."""
         if job.stream.cancelled:
-            job.stream.finish(FinishReason.CANCELLED)
+            self._stop(job.stream)
             return False
         if limit <= 0:
             job.stream.finish(FinishReason.LENGTH)
             return False
         return True
 
-    def _run_stepwise(self, job: _Job) -> None:
+    def _run_stepwise(self, job: Job) -> None:
         """Sample with SequenceSampler over CT2's logits; see the module docstring for the cost."""
         stream = job.stream
         params = stream.request.params
@@ -428,10 +397,11 @@ class CTranslate2Backend(Backend):
             def on_step(res: Any) -> bool:
                 nonlocal diverged
                 if stream.cancelled:
-                    stream.finish(FinishReason.CANCELLED)
+                    self._stop(stream)
                     return True
                 self._counters["decode_steps"] += 1
-                # (1, vocab) raw logits: the call sets no CT2-side processing
+                # (1, rows) raw logits but for the suppressed padding rows, which the
+                # sampler does not read (it takes the first vocab_size)
                 step = sampler.sample(np.asarray(res.logits, dtype=np.float32).reshape(-1))
                 if step.token_id in self.eos_token_ids:
                     stream.finish(FinishReason.STOP)
@@ -450,6 +420,8 @@ class CTranslate2Backend(Backend):
                 [self._spell(job.start + generated)],
                 max_length=limit - len(generated),
                 sampling_topk=1,
+                # Padding rows banned here too, so CT2's argmax agrees with ours more often.
+                suppress_sequences=[[self._vocab[t]] for t in self._padding] or None,
                 end_token=end,
                 static_prompt=static,
                 include_prompt_in_result=False,
@@ -496,7 +468,7 @@ class CTranslate2Backend(Backend):
         logits = np.asarray(out, dtype=np.float32)[0]  # (len(ids) - 1, vocab)
         steps: list[Step | None] = [None]
         for pos, token in enumerate(ids[1:]):
-            lp = log_softmax(logits[pos])
+            lp = log_softmax(logits[pos, : self.vocab_size])  # padding rows are no tokens
             steps.append(Step(token, float(lp[token]), top_entries(lp, top)))
         return steps
 
@@ -521,10 +493,10 @@ class CTranslate2Backend(Backend):
         }
 
     def close(self) -> None:
-        """Cancel waiting and running requests and free the model. Idempotent.
+        """Stop the worker and free the model; unfinished streams fail with BackendError.
 
-        Blocks for at most one decode step, or for a prefill already under way
-        (CT2 cannot interrupt one).
+        Idempotent. Blocks for at most one decode step, or for a prefill already
+        under way (CT2 cannot interrupt one).
         """
         with self._cv:
             self._closed = True
@@ -536,30 +508,24 @@ class CTranslate2Backend(Backend):
         self._generator = None
         atexit.unregister(self._atexit)
 
-    def _check_vocabulary(self) -> None:
-        """CT2's vocabulary must spell the tokenizer's ids; padding rows may follow."""
+    def _check_vocabulary(self) -> int:
+        """CT2's vocabulary must spell the tokenizer's ids; padding rows may follow.
+
+        Returns the tokenizer's size: ids from there on are padding.
+        """
         vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         if len(vocab) > len(self._vocab):
             raise ModelFileError(
                 f"{self.path}: tokenizer.json has {len(vocab)} tokens but the CT2 vocabulary "
                 f"has {len(self._vocab)}"
             )
-        bad = [t for t, i in vocab.items() if self._vocab[i] != t]
+        bad = [t for t, i in vocab.items() if i >= len(self._vocab) or self._vocab[i] != t]
         if bad:
             raise ModelFileError(
                 f"{self.path}: the CT2 vocabulary disagrees with tokenizer.json "
                 f"({len(bad)} tokens, e.g. {bad[:3]!r})"
             )
-
-
-def _stepwise(p: SamplingParams) -> bool:
-    return bool(
-        p.seed is not None
-        or p.presence_penalty
-        or p.frequency_penalty
-        or p.repetition_penalty != 1.0
-        or any(v > BAN for _, v in p.logit_bias)
-    )
+        return max(vocab.values(), default=-1) + 1
 
 
 def _close_at_exit(ref: weakref.ref[CTranslate2Backend]) -> None:

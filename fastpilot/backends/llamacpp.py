@@ -1,26 +1,22 @@
 """llama.cpp backend: GGUF models through llama-cpp-python's low-level API.
 
-One :class:`LlamaCppBackend` owns a ``llama_model``, one generation context
-with ``slots`` sequences (separate KV streams, ``kv_unified=False``) and a
-worker thread that runs **continuous batching**: every iteration builds one
-``llama_batch`` holding one token for each generating sequence plus up to
-``prompt_chunk`` prompt tokens of sequences still prefilling, calls
-``llama_decode`` once, and samples each output row with the shared
-:class:`fastpilot.engine.sampling.SequenceSampler` (llama.cpp's own sampler
-chain is not used, so sampling is identical to the CTranslate2 backend).
-New requests join the running batch at the next iteration.
+One :class:`LlamaCppBackend` owns a ``llama_model``, one generation context with
+``slots`` sequences (separate KV streams, ``kv_unified=False``) and a worker
+thread that runs **continuous batching**: each iteration one ``llama_decode``
+over one token of every generating sequence plus up to ``prompt_chunk`` prompt
+tokens, each output row sampled with the shared
+:class:`fastpilot.engine.sampling.SequenceSampler` (not llama.cpp's sampler
+chain, so sampling equals the CTranslate2 backend's). New requests join at the
+next iteration.
 
-Prompt cache: each slot remembers the tokens whose KV it holds. A request
-takes the free slot sharing the longest common prefix with its prompt and only
-evaluates the rest. When a *running* request holds a longer prefix (at least
-``_MIN_COPY`` tokens more), its KV stream is copied into a free slot with
-``llama_memory_seq_cp`` instead; and requests with an identical prompt that
-arrive while the first is still prefilling (``n > 1``) wait for that prefill and
-then copy its KV and share its first logits, so the prompt is evaluated once.
+The *policy* -- sequence states, slot choice, the prompt cache (a slot's own KV,
+a copy of a running sequence's, one prefill shared by identical prompts),
+prefill chunking, batch order -- is :class:`fastpilot.backends.scheduler.Scheduler`,
+which plans each step; this module applies the plans with native calls and samples.
 
-End of sequence: when the sampler picks an end-of-sequence token, the stream
-finishes with ``STOP`` and *no step is pushed* for it, so no text and no
-completion token is counted for the EOS itself.
+Padded vocabularies (converted CodeGen): ``vocab_size`` counts the tokenizer's
+ids, the trailing ``UNUSED`` rows are never sampled nor listed in ``top_logprobs``.
+End of sequence finishes the stream ``STOP`` with no step pushed for it.
 
 Heavy import: ``llama_cpp`` is imported when a backend is constructed.
 """
@@ -54,11 +50,18 @@ from fastpilot.backends.fim_tokens import read_fim_tokens
 from fastpilot.backends.llamacpp_native import (
     Embedder,
     NativeBatch,
+    PromptScorer,
+    apply_kv_ops,
+    decode_entries,
     load_library,
+    new_context,
+    offload_layers,
     read_pieces,
+    real_vocab_size,
     resolve_gguf,
 )
-from fastpilot.engine.sampling import SequenceSampler, log_softmax, top_entries
+from fastpilot.backends.scheduler import BatchEntry, KvOp, Scheduler, Seq
+from fastpilot.engine.sampling import SequenceSampler
 from fastpilot.errors import (
     BackendError,
     ContextLengthExceeded,
@@ -73,27 +76,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False, slots=True)
-class _Slot:
-    seq_id: int
-    tokens: list[int] = field(default_factory=list)  # KV held for positions 0..len-1
-    busy: bool = False
-    last_used: float = 0.0
-
-
-@dataclass(eq=False, slots=True)
-class _Active:
-    """A request that owns a slot. ``next_token >= 0`` means it is generating."""
+class _Request:
+    """The backend's side of one scheduled sequence (:attr:`Seq.owner`)."""
 
     stream: TokenStream
-    slot: _Slot
     sampler: SequenceSampler
-    prompt: list[int]
-    todo: list[int]  # prompt tokens still to evaluate
-    max_tokens: int
-    leader: _Active | None = None  # identical prompt being prefilled by another request
-    followers: list[_Active] = field(default_factory=list)
-    next_token: int = -1
-    generated: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -101,24 +88,6 @@ class _ScoreJob:
     prompt: list[int]
     top: int
     future: Future[list[Step | None]] = field(default_factory=Future)
-
-
-# Fewest prompt tokens worth copying another slot's KV stream for. The copy moves the
-# whole stream (n_ctx cells x layers), about the cost of evaluating a few tokens.
-_MIN_COPY = 16
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def _runs(ids: set[int]) -> int:
-    """Maximal runs of consecutive integers in ``ids`` ({0, 1, 3} has two)."""
-    return sum(1 for i in ids if i - 1 not in ids)
 
 
 class LlamaCppBackend(Backend):
@@ -164,17 +133,8 @@ class LlamaCppBackend(Backend):
             raise ValueError("slots and prompt_chunk must be >= 1, max_queue >= 0")
         lib = self._lib = load_library()
         gguf, manifest = resolve_gguf(path)
-        self._threads = threads or os.cpu_count() or 1
-        if device == "cpu":
-            gpu_layers = 0
-        elif device == "cuda":
-            if not lib.llama_supports_gpu_offload():
-                raise BackendError("device='cuda' but this llama.cpp build has no GPU offload")
-            gpu_layers = 999
-        elif device == "auto":
-            gpu_layers = 999 if lib.llama_supports_gpu_offload() else 0
-        else:
-            raise ValueError(f"unknown device {device!r}; expected cpu, cuda or auto")
+        threads = self._threads = threads or os.cpu_count() or 1
+        gpu_layers = offload_layers(lib, device)
 
         self._ctx = None
         self._embedder: Embedder | None = None
@@ -185,25 +145,16 @@ class LlamaCppBackend(Backend):
             raise ModelFileError(f"llama.cpp could not load {gguf}")
         try:
             self._vocab = lib.llama_model_get_vocab(self._model)
-            self.vocab_size = int(lib.llama_vocab_n_tokens(self._vocab))
+            self._n_rows = int(lib.llama_vocab_n_tokens(self._vocab))  # logits per row
+            self.vocab_size = real_vocab_size(lib, self._vocab, self._n_rows)
             # Some GGUFs omit the trained context; 2048 is llama.cpp's usual fallback.
             trained = int(lib.llama_model_n_ctx_train(self._model)) or 2048
             per_slot = min(trained, context_length) if context_length else trained
             self._slots_n = slots
             self._chunk = prompt_chunk
-            cparams = lib.llama_context_default_params()
-            # llama.cpp pads each KV stream to a multiple of 256 cells; ask for that directly.
-            cparams.n_ctx = -(-per_slot // 256) * 256 * slots
-            cparams.n_seq_max = slots
-            cparams.n_batch = cparams.n_ubatch = prompt_chunk + slots
-            cparams.n_threads = cparams.n_threads_batch = self._threads
-            cparams.kv_unified = False  # one KV stream per slot: attention only over its own cells
-            cparams.no_perf = True
-            if flash_attn is None:
-                cparams.flash_attn_type = -1 if gpu_layers else 0  # AUTO / DISABLED
-            else:
-                cparams.flash_attn_type = 1 if flash_attn else 0
-            self._ctx = lib.llama_init_from_model(self._model, cparams)
+            self._ctx = new_context(
+                lib, self._model, per_slot, slots, prompt_chunk, threads, flash_attn, gpu_layers
+            )
             if not self._ctx:
                 raise BackendError(f"llama.cpp could not create a context for {gguf}")
             self.context_length = min(per_slot, int(lib.llama_n_ctx_seq(self._ctx)))
@@ -231,25 +182,15 @@ class LlamaCppBackend(Backend):
         self._pending: deque[TokenStream] = deque()
         self._jobs: deque[_ScoreJob] = deque()
         self._max_queue = max_queue
-        self._slots = [_Slot(i) for i in range(slots)]
+        self._sched: Scheduler[_Request] = Scheduler(
+            slots, prompt_chunk, self.context_length, self.eos_token_ids
+        )
         self._free = slots  # free slots, read by submit() under the lock
-        self._active: list[_Active] = []
         self._closed = False
         self._embed_lock = threading.Lock()
-        self._counters: dict[str, float] = dict.fromkeys(
-            (
-                "decode_steps",
-                "decode_seconds",  # wall time inside llama_decode (the rest is Python's)
-                "tokens_evaluated",
-                "prompt_tokens_evaluated",
-                "tokens_generated",
-                "cached_prompt_tokens",
-                "shared_prefills",
-                "prefix_copies",
-                "decode_errors",
-            ),
-            0,
-        )
+        # decode_seconds: wall time inside llama_decode (the rest is Python's)
+        counters = ("decode_steps", "decode_seconds", "tokens_evaluated", "tokens_generated")
+        self._counters: dict[str, float] = dict.fromkeys((*counters, "decode_errors"), 0)
         self._worker = threading.Thread(target=self._run, name="llamacpp-worker", daemon=True)
         self._worker.start()
         atexit.register(self.close)
@@ -327,43 +268,37 @@ class LlamaCppBackend(Backend):
 
     # -- worker ----------------------------------------------------------------------
     def _run(self) -> None:
+        sched = self._sched
         while True:
             with self._cond:
-                while not (self._closed or self._pending or self._active or self._jobs):
+                while not (self._closed or self._pending or sched.running or self._jobs):
                     self._cond.wait()
                 if self._closed:
                     break
-                self._sweep_pending_locked()
-                admitted = self._take_pending_locked()
+                taken = self._take_pending_locked()
                 job = self._jobs.popleft() if self._jobs and self._free else None
-            for stream in admitted:
-                try:
-                    self._admit(stream)
-                except Exception as ex:  # e.g. parameters the sampler rejects
-                    log.exception("could not start a llama.cpp request")
-                    stream.fail(ex)
-                    with self._cond:
-                        self._free += 1
+            for stream in taken:
+                self._add(stream)
             try:
+                self._admit()
                 if job is not None:
+                    self._apply(sched.take_kv_ops())  # scoring touches a slot outside a plan
                     self._score(job)
                 self._drop_cancelled()
-                if self._active:
+                if sched.running:
                     self._step()
             except Exception as ex:  # a bug here must not kill the worker
                 log.exception("llama.cpp worker iteration failed")
-                for a in list(self._active):
-                    self._fail(a, ex)
+                for seq in list(sched.running):
+                    self._fail(seq, ex)
         self._drain()
 
-    def _sweep_pending_locked(self) -> None:
+    def _take_pending_locked(self) -> list[TokenStream]:
         # Queued requests whose consumer left or whose deadline passed end without a slot.
         if any(s.cancelled for s in self._pending):
             for stream in [s for s in self._pending if s.cancelled]:
                 stream.finish(FinishReason.CANCELLED)
             self._pending = deque(s for s in self._pending if not s.done)
-
-    def _take_pending_locked(self) -> list[TokenStream]:
         taken: list[TokenStream] = []
         while self._pending and self._free > len(taken):
             stream = self._pending.popleft()
@@ -374,90 +309,52 @@ class LlamaCppBackend(Backend):
         self._free -= len(taken)
         return taken
 
-    def _admit(self, stream: TokenStream) -> None:
-        """Bind a request to the free slot with the longest cached prefix and trim its KV."""
+    def _add(self, stream: TokenStream) -> None:
+        """Hand a request (with a slot counted for it) to the scheduler as WAITING."""
         req = stream.request
         prompt = list(req.prompt_ids) or ([self._bos] if self._bos >= 0 else [0])
-        sampler = SequenceSampler(req.params, self.vocab_size, self.eos_token_ids, prompt)
-        free = [s for s in self._slots if not s.busy]
-        busy_ids = {s.seq_id for s in self._slots if s.busy}
-
-        def rank(s: _Slot) -> tuple[int, int, float]:
-            # A cached prefix worth having wins; otherwise keep the busy sequence ids
-            # contiguous (each run of consecutive ids is one more graph pass per step,
-            # see _step), then least recently used.
-            shared = _common_prefix(s.tokens, prompt)
-            return (
-                shared if shared >= _MIN_COPY else 0,
-                -_runs(busy_ids | {s.seq_id}),
-                -s.last_used,
-            )
-
-        slot = max(free, key=rank)
-        shared = _common_prefix(slot.tokens, prompt)
-        donor = max(
-            (s for s in self._slots if s.busy),
-            key=lambda s: _common_prefix(s.tokens, prompt),
-            default=None,
-        )
-        leader = next(
-            (o for o in self._active if o.leader is None and o.todo and o.prompt == prompt), None
-        )
-        if leader is not None:
-            donor = None  # it will get the leader's whole KV once that prefill ends
-        if donor is not None and _common_prefix(donor.tokens, prompt) >= shared + _MIN_COPY:
-            # A running request holds a longer prefix: copy its KV stream into the least
-            # recently used free slot (a buffer copy, far cheaper than re-evaluating).
-            slot = min(free, key=lambda s: s.last_used)
-            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-            self._lib.llama_memory_seq_cp(self._mem, donor.seq_id, slot.seq_id, -1, -1)
-            slot.tokens = list(donor.tokens)
-            shared = _common_prefix(slot.tokens, prompt)
-            self._counters["prefix_copies"] += 1
-        # Keep at least the last prompt token to evaluate: its logits pick the first token.
-        reuse = min(shared, len(prompt) - 1)
-        if reuse < len(slot.tokens):
-            if not self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, reuse, -1):
-                # Memories that cannot drop a suffix (recurrent/SWA) start the slot afresh.
-                self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-                reuse = 0
-            del slot.tokens[reuse:]
-        slot.busy = True
-        stream.cached_tokens = reuse
-        self._counters["cached_prompt_tokens"] += reuse
-        a = _Active(stream, slot, sampler, prompt, prompt[reuse:], req.params.max_tokens)
-        if a.max_tokens <= 0:
-            self._release(a, FinishReason.LENGTH)
+        try:
+            sampler = SequenceSampler(req.params, self.vocab_size, self.eos_token_ids, prompt)
+        except Exception as ex:  # e.g. parameters the sampler rejects
+            log.exception("could not start a llama.cpp request")
+            stream.fail(ex)
+            with self._cond:
+                self._free += 1
             return
-        if leader is not None:
-            a.leader = leader
-            leader.followers.append(a)
-        self._active.append(a)
+        self._sched.add(_Request(stream, sampler), prompt, req.params.max_tokens)
+
+    def _admit(self) -> None:
+        """Give waiting sequences their slots, apply the KV trims/copies that takes."""
+        admitted = self._sched.admit()
+        if not admitted:
+            return
+        self._apply(self._sched.take_kv_ops())
+        for seq in admitted:  # cached_tokens is final once the KV ops were applied
+            seq.owner.stream.cached_tokens = seq.cached_tokens
+            if seq.finish_reason is not None:  # max_tokens <= 0
+                self._finished(seq)
+
+    def _apply(self, ops: Sequence[KvOp]) -> bool:
+        """Apply KV ops in order; False when a partial removal had to clear a whole slot."""
+        restarted = apply_kv_ops(self._lib, self._mem, ops)
+        for seq_id in restarted:
+            self._sched.kv_restarted(seq_id)
+        return not restarted
 
     def _drop_cancelled(self) -> None:
-        for a in list(self._active):
-            if a.stream.cancelled:
-                self._release(a, FinishReason.CANCELLED)
+        for seq in list(self._sched.running):
+            if seq.owner.stream.cancelled:
+                self._sched.finish(seq, FinishReason.CANCELLED)
+                self._finished(seq)
 
     def _step(self) -> None:
         """One ``llama_decode`` over every generating sequence plus one prompt chunk."""
-        entries: list[tuple[_Active, list[int]]] = []
-        for a in self._active:
-            if a.next_token >= 0:
-                entries.append((a, [a.next_token]))
-        budget = self._chunk
-        for a in self._active:
-            if budget and a.todo and a.leader is None:
-                chunk = a.todo[:budget]
-                budget -= len(chunk)
-                entries.append((a, chunk))
+        plan = self._sched.plan_step()
+        while not self._apply(plan.kv_ops):  # a slot restarted: its prompt is all to do
+            plan = self._sched.plan_step()
+        entries = list(plan.entries)
         if not entries:
             return
-        # With one KV stream per sequence llama.cpp splits a batch into ubatches of
-        # *consecutive, increasing* sequence ids (llama_batch_allocr::split_equal with
-        # sequential=true), one graph evaluation each: 4 sequences in admission order
-        # [2, 0, 3, 1] cost four weight passes, in slot order [0, 1, 2, 3] one.
-        entries.sort(key=lambda e: e[0].slot.seq_id)
         rc = self._decode(entries)
         if rc == 0:
             self._after_decode(entries)
@@ -470,104 +367,58 @@ class LlamaCppBackend(Backend):
             if rc1 == 0:
                 self._after_decode([entry])
             else:
-                self._fail(entry[0], BackendError(f"llama_decode failed with status {rc1}"))
+                self._fail(entry.seq, BackendError(f"llama_decode failed with status {rc1}"))
 
-    def _decode(self, entries: list[tuple[_Active, list[int]]]) -> int:
-        batch = self._batch
-        batch.clear()
-        for a, toks in entries:
-            # Logits are needed for a generated token, or for the last prompt token.
-            wants = a.next_token >= 0 or len(toks) == len(a.todo)
-            batch.add(toks, len(a.slot.tokens), a.slot.seq_id, wants)
+    def _decode(self, entries: list[BatchEntry[_Request]]) -> int:
         t0 = time.perf_counter()
-        rc = int(self._lib.llama_decode(self._ctx, batch.ready()))
+        rc = decode_entries(self._lib, self._ctx, self._mem, self._batch, entries)
         self._counters["decode_seconds"] += time.perf_counter() - t0
         self._counters["decode_steps"] += 1
-        if rc != 0:
-            # A failed decode may leave some ubatches in memory: roll every sequence back.
-            for a, _ in entries:
-                self._lib.llama_memory_seq_rm(self._mem, a.slot.seq_id, len(a.slot.tokens), -1)
-        else:
-            self._counters["tokens_evaluated"] += batch.n
+        if rc == 0:
+            self._counters["tokens_evaluated"] += self._batch.n
         return rc
 
-    def _after_decode(self, entries: list[tuple[_Active, list[int]]]) -> None:
-        lib, ctx, n_vocab = self._lib, self._ctx, self.vocab_size
-        row = -1
-        for a, toks in entries:
-            row += len(toks)  # batch index of this entry's last token
-            a.slot.tokens.extend(toks)
-            if a.next_token < 0:
-                self._counters["prompt_tokens_evaluated"] += len(toks)
-                del a.todo[: len(toks)]
-                if a.todo:
-                    continue
-            # (n_vocab,) float32 view into llama.cpp's output buffer; valid until the next decode.
-            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, row), shape=(n_vocab,))
-            if a.followers:
-                self._share_prefill(a, logits)
-            self._emit(a, logits)
+    def _after_decode(self, entries: list[BatchEntry[_Request]]) -> None:
+        lib, ctx, n_rows = self._lib, self._ctx, self._n_rows
+        for sample in self._sched.update_from_output(entries):
+            # (n_rows,) float32 view into llama.cpp's output buffer; valid until the next
+            # decode. The sampler reads the first vocab_size rows: padding rows never win.
+            row = lib.llama_get_logits_ith(ctx, sample.row)
+            self._emit(sample.seq, np.ctypeslib.as_array(row, shape=(n_rows,)))
 
-    def _share_prefill(self, leader: _Active, logits: np.ndarray) -> None:
-        """Give requests waiting on the same prompt a copy of the leader's KV and logits."""
-        for f in leader.followers:
-            if f not in self._active:
-                continue
-            self._lib.llama_memory_seq_rm(self._mem, f.slot.seq_id, -1, -1)
-            self._lib.llama_memory_seq_cp(self._mem, leader.slot.seq_id, f.slot.seq_id, -1, -1)
-            f.slot.tokens = list(leader.slot.tokens)
-            f.stream.cached_tokens = len(f.prompt)
-            f.todo, f.leader = [], None
-            self._counters["shared_prefills"] += 1
-            self._emit(f, logits)
-        leader.followers = []
+    def _emit(self, seq: Seq[_Request], logits: np.ndarray) -> None:
+        stream = seq.owner.stream
+        if seq.generated == 0:  # the first token: the prompt cache's share is settled
+            stream.cached_tokens = seq.cached_tokens
+        step = seq.owner.sampler.sample(logits)
+        verdict = self._sched.on_token(seq, step.token_id)
+        if verdict.emit:
+            stream.put(step)
+            self._counters["tokens_generated"] += 1
+        if verdict.finish is not None:
+            stream.finish(verdict.finish)
+            self._free_slot()
 
-    def _emit(self, a: _Active, logits: np.ndarray) -> None:
-        step = a.sampler.sample(logits)
-        if step.token_id in self.eos_token_ids:
-            self._release(a, FinishReason.STOP)
-            return
-        a.stream.put(step)
-        a.generated += 1
-        self._counters["tokens_generated"] += 1
-        # Prompt + generated tokens (len(tokens) + the one just sampled) fill the context.
-        if a.generated >= a.max_tokens or len(a.slot.tokens) + 1 >= self.context_length:
-            self._release(a, FinishReason.LENGTH)
-        else:
-            a.next_token = step.token_id
+    def _finished(self, seq: Seq[_Request]) -> None:
+        assert seq.finish_reason is not None
+        seq.owner.stream.finish(seq.finish_reason)
+        self._free_slot()
 
-    def _release(self, a: _Active, reason: FinishReason) -> None:
-        a.stream.finish(reason)
-        self._free_slot(a)
+    def _fail(self, seq: Seq[_Request], error: BaseException) -> None:
+        seq.owner.stream.fail(error)
+        # The KV state of a failed sequence is unknown: the scheduler drops it.
+        self._sched.finish(seq, FinishReason.CANCELLED, kv_lost=True)
+        self._free_slot()
 
-    def _fail(self, a: _Active, error: BaseException) -> None:
-        a.stream.fail(error)
-        # The KV state of a failed sequence is unknown: forget it.
-        self._lib.llama_memory_seq_rm(self._mem, a.slot.seq_id, -1, -1)
-        a.slot.tokens = []
-        self._free_slot(a)
-
-    def _free_slot(self, a: _Active) -> None:
-        if a in self._active:
-            self._active.remove(a)
-        if a.leader is not None:
-            a.leader.followers.remove(a)
-        if a.followers:  # promote: the first follower prefills for itself and the rest
-            head, rest = a.followers[0], a.followers[1:]
-            head.leader, head.followers = None, rest
-            for f in rest:
-                f.leader = head
-            a.followers = []
-        a.slot.busy = False
-        a.slot.last_used = time.monotonic()
+    def _free_slot(self) -> None:
         with self._cond:
             self._free += 1
 
     def _drain(self) -> None:
         error = BackendError("the model was closed")
-        for a in self._active:
-            a.stream.fail(error)
-        self._active.clear()
+        for seq in self._sched.running:
+            seq.owner.stream.fail(error)
+        self._sched.running.clear()
         with self._cond:
             for stream in self._pending:
                 stream.fail(error)
@@ -599,41 +450,21 @@ class LlamaCppBackend(Backend):
         return job.future.result()
 
     def _score(self, job: _ScoreJob) -> None:
-        slot = min((s for s in self._slots if not s.busy), key=lambda s: s.last_used)
+        slot = self._sched.begin_scoring()
         self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-        slot.tokens = []
-        prompt, batch, n_vocab = job.prompt, self._batch, self.vocab_size
-        out: list[Step | None] = [None]
+        scorer = PromptScorer(self._lib, self._ctx, self._batch, self._n_rows, self.vocab_size)
         try:
-            for start in range(0, len(prompt), self._chunk):
-                chunk = prompt[start : start + self._chunk]
-                batch.clear()
-                batch.add(chunk, start, slot.seq_id, False)
-                # Logits at position i score token i+1; the very last one is not needed.
-                batch.logits[: batch.n] = 1
-                if start + len(chunk) == len(prompt):
-                    batch.logits[batch.n - 1] = 0
-                rc = int(self._lib.llama_decode(self._ctx, batch.ready()))
-                self._counters["decode_steps"] += 1
-                if rc != 0:
-                    raise BackendError(f"llama_decode failed with status {rc} while scoring")
-                self._counters["tokens_evaluated"] += batch.n
-                for j in range(len(chunk)):
-                    if start + j + 1 >= len(prompt):
-                        break
-                    row = np.ctypeslib.as_array(
-                        self._lib.llama_get_logits_ith(self._ctx, j), shape=(n_vocab,)
-                    )
-                    lp = log_softmax(row)
-                    tok = prompt[start + j + 1]
-                    out.append(Step(tok, float(lp[tok]), top_entries(lp, job.top)))
-            slot.tokens = list(prompt)
-            slot.last_used = time.monotonic()
-            job.future.set_result(out)
+            out = scorer.score(job.prompt, slot.seq_id, self._chunk, job.top)
         except Exception as ex:
             self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-            slot.tokens = []
+            self._sched.end_scoring(slot, None)
             job.future.set_exception(ex)
+        else:
+            self._sched.end_scoring(slot, job.prompt)
+            job.future.set_result(out)
+        finally:
+            self._counters["decode_steps"] += scorer.decodes
+            self._counters["tokens_evaluated"] += scorer.tokens
 
     # -- embeddings --------------------------------------------------------------------
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
@@ -663,6 +494,7 @@ class LlamaCppBackend(Backend):
             }
         out["slots"] = self._slots_n
         out.update(self._counters)
+        out.update(self._sched.counters)  # prompt cache: evaluated, cached, shared, copied
         return out
 
     def close(self) -> None:

@@ -1,0 +1,463 @@
+"""Batching policy for the llama.cpp backend: slots, the prompt cache and what each decode holds.
+
+Pure Python, no native calls: :class:`Scheduler` decides, the backend
+(:mod:`fastpilot.backends.llamacpp`) does. The backend's worker loop is::
+
+    seqs = [scheduler.add(owner, prompt, max_tokens) for each new request]
+    scheduler.admit()              # WAITING -> PREFILLING: slot, cached prefix, KV ops
+    plan = scheduler.plan_step()   # KV ops + the tokens of the next llama_decode
+    ... apply plan.kv_ops, fill the batch from plan.entries, llama_decode ...
+    for sample in scheduler.update_from_output(plan.entries):
+        step = sample the logits at sample.row for sample.seq
+        verdict = scheduler.on_token(sample.seq, step.token_id)
+
+Each sequence moves ``WAITING -> PREFILLING -> DECODING -> FINISHED`` (see
+:class:`SeqState`). A *slot* is one llama.cpp sequence id with its own KV stream;
+the scheduler remembers which tokens each slot's KV holds, which is the prompt
+cache:
+
+* **Slot choice** (:func:`choose_slot`): the free slot whose cached tokens share
+  the longest prefix with the prompt, when that prefix is at least
+  :data:`MIN_COPY` tokens; otherwise the free slot that keeps the busy slot ids
+  one run of consecutive integers (llama.cpp evaluates one graph per run of
+  consecutive sequence ids when every sequence has its own KV stream, so
+  ``{0, 1, 3}`` costs two weight passes per step where ``{0, 1, 2}`` costs one);
+  then the least recently used.
+* **KV copy**: when a *busy* slot holds a prefix at least :data:`MIN_COPY`
+  tokens longer than the chosen slot's, its KV stream is copied into the least
+  recently used free slot (a buffer copy, far cheaper than evaluating the tokens).
+* **Shared prefill** (``n > 1``): a request whose prompt equals one still being
+  prefilled waits for that prefill, then gets a copy of its KV and samples its
+  first token from the same logits, so the prompt is evaluated once.
+* **Chunked prefill**: every step holds one token per decoding sequence plus up
+  to ``prompt_chunk`` prompt tokens of prefilling ones, so a long prompt delays
+  the other streams by one chunk per step, not by its whole length.
+* **Batch order**: entries are sorted by slot id, for the same one-graph-per-run
+  reason as the slot choice.
+
+A plan entry may carry several tokens and asks for logits of its last
+``n_logits`` tokens; speculative decoding (a ``SPECULATING`` state whose entry
+holds the draft tokens, each with logits) and KV shifting fit this shape.
+
+Not thread-safe: only the backend's worker thread uses a scheduler.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Generic, TypeVar
+
+from fastpilot.backends.base import FinishReason
+
+__all__ = [
+    "MIN_COPY",
+    "BatchEntry",
+    "KvCopy",
+    "KvRemove",
+    "Plan",
+    "Sample",
+    "Scheduler",
+    "Seq",
+    "SeqState",
+    "Slot",
+    "Verdict",
+    "choose_slot",
+    "common_prefix",
+    "runs",
+]
+
+# Fewest prompt tokens worth a cached prefix, or copying another slot's KV stream for.
+# The copy moves the whole stream (n_ctx cells x layers), about the cost of a few tokens.
+MIN_COPY = 16
+
+OwnerT = TypeVar("OwnerT")
+
+
+class SeqState(str, Enum):
+    """Where a sequence is. (``SPECULATING`` will sit between DECODING steps.)"""
+
+    WAITING = "waiting"  # added, no slot yet
+    PREFILLING = "prefilling"  # holds a slot; prompt tokens still to evaluate (or shared)
+    DECODING = "decoding"  # feeds its last sampled token each step
+    FINISHED = "finished"  # slot released; finish_reason says why
+
+
+@dataclass(eq=False, slots=True)
+class Slot:
+    """One llama.cpp sequence id and the tokens whose KV it holds (positions 0..len-1)."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    busy: bool = False
+    last_used: int = 0  # a tick of the scheduler's clock; larger is more recent
+
+
+@dataclass(eq=False, slots=True)
+class Seq(Generic[OwnerT]):
+    """One request as the scheduler sees it; ``owner`` is the backend's own record."""
+
+    owner: OwnerT
+    prompt: list[int]
+    max_tokens: int
+    state: SeqState = SeqState.WAITING
+    slot: Slot | None = None
+    todo: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
+    cached_tokens: int = 0  # prompt tokens whose KV was reused or copied
+    leader: Seq[OwnerT] | None = None  # the sequence prefilling this identical prompt
+    followers: list[Seq[OwnerT]] = field(default_factory=list)
+    next_token: int = -1  # DECODING: the sampled token the next step feeds
+    generated: int = 0
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KvRemove:
+    """Drop a slot's KV cells at positions ``>= start``; ``start == -1`` drops all of them.
+
+    A partial removal may be refused by memories that cannot drop a suffix
+    (recurrent, sliding-window); the executor then drops everything and calls
+    :meth:`Scheduler.kv_restarted`.
+    """
+
+    seq_id: int
+    start: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class KvCopy:
+    """Copy the whole KV stream of slot ``src`` into slot ``dst`` (``llama_memory_seq_cp``)."""
+
+    src: int
+    dst: int
+
+
+KvOp = KvRemove | KvCopy
+
+
+@dataclass(frozen=True, slots=True)
+class BatchEntry(Generic[OwnerT]):
+    """Tokens of one sequence at positions ``pos0, pos0 + 1, ...`` of its slot."""
+
+    seq: Seq[OwnerT]
+    seq_id: int
+    tokens: tuple[int, ...]
+    pos0: int
+    n_logits: int  # logits wanted for this many trailing tokens (0 or 1 today)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan(Generic[OwnerT]):
+    """What to do before and in the next ``llama_decode``: KV ops in order, then the batch."""
+
+    kv_ops: tuple[KvOp, ...]
+    entries: tuple[BatchEntry[OwnerT], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample(Generic[OwnerT]):
+    """Sample ``seq``'s next token from the logits at batch row ``row``."""
+
+    seq: Seq[OwnerT]
+    row: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What :meth:`Scheduler.on_token` decided: push the step? did the sequence finish?"""
+
+    emit: bool
+    finish: FinishReason | None = None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def runs(ids: Iterable[int]) -> int:
+    """Maximal runs of consecutive integers in ``ids`` ({0, 1, 3} has two)."""
+    s = set(ids)
+    return sum(1 for i in s if i - 1 not in s)
+
+
+def choose_slot(slots: list[Slot], prompt: list[int]) -> Slot:
+    """The free slot for ``prompt``: a cached prefix of >= MIN_COPY tokens wins, else the
+    one keeping busy ids contiguous, else the least recently used; ties go to the lower id."""
+    busy = {s.seq_id for s in slots if s.busy}
+
+    def rank(s: Slot) -> tuple[int, int, int]:
+        shared = common_prefix(s.tokens, prompt)
+        return (shared if shared >= MIN_COPY else 0, -runs(busy | {s.seq_id}), -s.last_used)
+
+    return max((s for s in slots if not s.busy), key=rank)
+
+
+class Scheduler(Generic[OwnerT]):
+    """Continuous-batching policy over ``slots`` KV streams; see the module docstring.
+
+    Args:
+        slots: sequences decoded together (llama.cpp sequence ids ``0..slots-1``).
+        prompt_chunk: prompt tokens per step, shared by every prefilling sequence.
+        context_length: cells per slot; a sequence finishes ``LENGTH`` when full.
+        eos_token_ids: tokens that finish a sequence ``STOP`` (no step is pushed).
+    """
+
+    def __init__(
+        self,
+        slots: int,
+        prompt_chunk: int,
+        context_length: int,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        if slots < 1 or prompt_chunk < 1:
+            raise ValueError("slots and prompt_chunk must be >= 1")
+        self.slots = [Slot(i) for i in range(slots)]
+        self.chunk = prompt_chunk
+        self.context_length = context_length
+        self.eos = frozenset(eos_token_ids)
+        self.waiting: deque[Seq[OwnerT]] = deque()
+        self.running: list[Seq[OwnerT]] = []  # holding a slot, in admission order
+        self.counters: dict[str, float] = dict.fromkeys(
+            (
+                "prompt_tokens_evaluated",
+                "cached_prompt_tokens",
+                "shared_prefills",
+                "prefix_copies",
+            ),
+            0,
+        )
+        self._ops: list[KvOp] = []
+        self._clock = 0
+
+    # -- admission ---------------------------------------------------------------------
+    def add(self, owner: OwnerT, prompt: list[int], max_tokens: int) -> Seq[OwnerT]:
+        """Queue a sequence (WAITING); :meth:`admit` gives it a slot when one is free."""
+        if not prompt:
+            raise ValueError("a sequence needs at least one prompt token")
+        seq = Seq(owner, list(prompt), max_tokens)
+        self.waiting.append(seq)
+        return seq
+
+    def admit(self) -> list[Seq[OwnerT]]:
+        """Move waiting sequences into free slots, oldest first; returns them.
+
+        A sequence with ``max_tokens <= 0`` is FINISHED (``LENGTH``) at once.
+        The KV ops this needs are queued for :meth:`take_kv_ops` / the next plan.
+        """
+        admitted: list[Seq[OwnerT]] = []
+        while self.waiting and any(not s.busy for s in self.slots):
+            seq = self.waiting.popleft()
+            self._admit(seq)
+            admitted.append(seq)
+        return admitted
+
+    def _admit(self, seq: Seq[OwnerT]) -> None:
+        prompt = seq.prompt
+        leader = self._leader_for(prompt)
+        slot = choose_slot(self.slots, prompt)
+        shared = common_prefix(slot.tokens, prompt)
+        # A follower gets the leader's whole KV once that prefill ends: no donor.
+        donor = None if leader is not None else self._donor_for(prompt)
+        if donor is not None and common_prefix(donor.tokens, prompt) >= shared + MIN_COPY:
+            slot = self._lru_free()
+            self._ops += [KvRemove(slot.seq_id), KvCopy(donor.seq_id, slot.seq_id)]
+            slot.tokens = list(donor.tokens)
+            shared = common_prefix(slot.tokens, prompt)
+            self.counters["prefix_copies"] += 1
+        # Keep at least the last prompt token to evaluate: its logits pick the first token.
+        reuse = min(shared, len(prompt) - 1)
+        if reuse < len(slot.tokens):
+            self._ops.append(KvRemove(slot.seq_id, reuse))
+            del slot.tokens[reuse:]
+        slot.busy = True
+        seq.slot, seq.state = slot, SeqState.PREFILLING
+        seq.cached_tokens = reuse
+        self.counters["cached_prompt_tokens"] += reuse
+        seq.todo = prompt[reuse:]
+        if seq.max_tokens <= 0:
+            self._release(seq, FinishReason.LENGTH)
+            return
+        if leader is not None:
+            seq.leader = leader
+            leader.followers.append(seq)
+        self.running.append(seq)
+
+    def _leader_for(self, prompt: list[int]) -> Seq[OwnerT] | None:
+        """A running sequence still prefilling exactly this prompt for itself."""
+        return next(
+            (o for o in self.running if o.leader is None and o.todo and o.prompt == prompt), None
+        )
+
+    def _donor_for(self, prompt: list[int]) -> Slot | None:
+        """The busy slot sharing the longest prefix with ``prompt`` (first of equals)."""
+        return max(
+            (s for s in self.slots if s.busy),
+            key=lambda s: common_prefix(s.tokens, prompt),
+            default=None,
+        )
+
+    def _lru_free(self) -> Slot:
+        return min((s for s in self.slots if not s.busy), key=lambda s: s.last_used)
+
+    # -- KV ops ------------------------------------------------------------------------
+    def take_kv_ops(self) -> tuple[KvOp, ...]:
+        """The queued KV ops, in order; the caller must apply them before touching a slot."""
+        ops, self._ops = tuple(self._ops), []
+        return ops
+
+    def kv_restarted(self, seq_id: int) -> None:
+        """A partial :class:`KvRemove` was refused and the slot was cleared instead."""
+        slot = self.slots[seq_id]
+        slot.tokens = []
+        owner = next((s for s in self.running if s.slot is slot), None)
+        if owner is not None and owner.state is SeqState.PREFILLING:
+            self.counters["cached_prompt_tokens"] -= owner.cached_tokens
+            owner.cached_tokens = 0
+            owner.todo = list(owner.prompt)
+
+    # -- one step ----------------------------------------------------------------------
+    def plan_step(self) -> Plan[OwnerT]:
+        """The queued KV ops (each handed out once) and the next batch; changes no sequence.
+
+        Planning again after applying the ops gives the same batch, updated for any
+        :meth:`kv_restarted` in between.
+
+        The batch holds one token for every DECODING sequence, then prompt chunks
+        of PREFILLING ones in admission order until ``prompt_chunk`` tokens are
+        used, sorted by slot id. Followers of a shared prefill are left out.
+        """
+        entries: list[BatchEntry[OwnerT]] = []
+        for seq in self.running:
+            if seq.state is SeqState.DECODING:
+                entries.append(self._entry(seq, [seq.next_token], 1))
+        budget = self.chunk
+        for seq in self.running:
+            if budget and seq.todo and seq.leader is None:
+                chunk = seq.todo[:budget]
+                budget -= len(chunk)
+                entries.append(self._entry(seq, chunk, 1 if len(chunk) == len(seq.todo) else 0))
+        entries.sort(key=lambda e: e.seq_id)
+        return Plan(self.take_kv_ops(), tuple(entries))
+
+    @staticmethod
+    def _entry(seq: Seq[OwnerT], tokens: list[int], n_logits: int) -> BatchEntry[OwnerT]:
+        assert seq.slot is not None
+        return BatchEntry(seq, seq.slot.seq_id, tuple(tokens), len(seq.slot.tokens), n_logits)
+
+    def update_from_output(self, entries: Iterable[BatchEntry[OwnerT]]) -> list[Sample[OwnerT]]:
+        """Record that ``entries`` (in batch order) were decoded; returns what to sample.
+
+        Prefilling sequences advance by their chunk and need a sample once their
+        prompt is done; a leader's followers get its KV (queued copies) and sample
+        from the leader's row first.
+        """
+        samples: list[Sample[OwnerT]] = []
+        row = -1
+        for e in entries:
+            seq, slot = e.seq, e.seq.slot
+            assert slot is not None
+            row += len(e.tokens)  # the batch index of this entry's last token
+            slot.tokens.extend(e.tokens)
+            if seq.state is SeqState.PREFILLING:
+                self.counters["prompt_tokens_evaluated"] += len(e.tokens)
+                del seq.todo[: len(e.tokens)]
+                if seq.todo:
+                    continue
+            if seq.followers:
+                samples += self._share_prefill(seq, row)
+            samples.append(Sample(seq, row))
+        return samples
+
+    def _share_prefill(self, leader: Seq[OwnerT], row: int) -> list[Sample[OwnerT]]:
+        """Give the followers a copy of the leader's KV; they sample from its logits."""
+        out: list[Sample[OwnerT]] = []
+        assert leader.slot is not None
+        for f in leader.followers:
+            if f not in self.running:
+                continue
+            assert f.slot is not None
+            self._ops += [KvRemove(f.slot.seq_id), KvCopy(leader.slot.seq_id, f.slot.seq_id)]
+            f.slot.tokens = list(leader.slot.tokens)
+            f.cached_tokens = len(f.prompt)
+            f.todo, f.leader = [], None
+            self.counters["shared_prefills"] += 1
+            out.append(Sample(f, row))
+        leader.followers = []
+        return out
+
+    def on_token(self, seq: Seq[OwnerT], token: int) -> Verdict:
+        """Record the token sampled for ``seq``.
+
+        End-of-sequence finishes it ``STOP`` with nothing to push. Otherwise the
+        step is pushed; the sequence finishes ``LENGTH`` at ``max_tokens`` or when
+        prompt + generated tokens fill the slot, else it is DECODING this token next.
+        """
+        if token in self.eos:
+            self._release(seq, FinishReason.STOP)
+            return Verdict(emit=False, finish=FinishReason.STOP)
+        seq.generated += 1
+        assert seq.slot is not None
+        # The KV holds len(tokens); the token just sampled would take one more cell.
+        if seq.generated >= seq.max_tokens or len(seq.slot.tokens) + 1 >= self.context_length:
+            self._release(seq, FinishReason.LENGTH)
+            return Verdict(emit=True, finish=FinishReason.LENGTH)
+        seq.next_token, seq.state = token, SeqState.DECODING
+        return Verdict(emit=True)
+
+    # -- finishing ---------------------------------------------------------------------
+    def finish(self, seq: Seq[OwnerT], reason: FinishReason, *, kv_lost: bool = False) -> None:
+        """End a sequence early (cancelled, or failed when ``kv_lost``: its KV is dropped)."""
+        if seq.state is SeqState.WAITING:
+            self.waiting.remove(seq)
+            seq.state, seq.finish_reason = SeqState.FINISHED, reason
+            return
+        if kv_lost and seq.slot is not None:
+            self._ops.append(KvRemove(seq.slot.seq_id))
+            seq.slot.tokens = []
+        self._release(seq, reason)
+
+    def _release(self, seq: Seq[OwnerT], reason: FinishReason) -> None:
+        if seq.state is SeqState.FINISHED:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.leader is not None:
+            seq.leader.followers.remove(seq)
+            seq.leader = None
+        if seq.followers:  # promote: the first follower prefills for itself and the rest
+            head, rest = seq.followers[0], seq.followers[1:]
+            head.leader, head.followers = None, rest
+            for f in rest:
+                f.leader = head
+            seq.followers = []
+        seq.state, seq.finish_reason = SeqState.FINISHED, reason
+        if seq.slot is not None:
+            seq.slot.busy = False
+            seq.slot.last_used = self._tick()
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    # -- prompt scoring (echo) -----------------------------------------------------------
+    def begin_scoring(self) -> Slot:
+        """The least recently used free slot, forgotten; the caller clears its KV and
+        evaluates a prompt there (outside any plan, so apply :meth:`take_kv_ops` first)."""
+        slot = self._lru_free()
+        slot.tokens = []
+        return slot
+
+    def end_scoring(self, slot: Slot, tokens: list[int] | None) -> None:
+        """The slot now holds ``tokens``' KV (``None``: scoring failed, the KV is gone)."""
+        if tokens is None:
+            slot.tokens = []
+        else:
+            slot.tokens = list(tokens)
+            slot.last_used = self._tick()
