@@ -199,6 +199,21 @@ def build_fim_models(root: Path) -> dict[str, FimModel]:
     }
 
 
+_QUIET_LOG: list = []  # the callback llama.cpp holds; must outlive every later model load
+
+
+def _quiet_native_log(lib) -> None:
+    """Silence llama.cpp's load chatter with a callback that lives as long as the process.
+
+    llama.cpp keeps the function pointer globally: a callback freed with the object
+    that set it crashed the next model load in another test (SIGSEGV in
+    ``llama_model_load_from_file``).
+    """
+    if not _QUIET_LOG:
+        _QUIET_LOG.append(lib.llama_log_callback(lambda level, text, user: None))
+        lib.llama_log_set(_QUIET_LOG[0], None)
+
+
 class Reference:
     """llama.cpp's own greedy continuation, through its low-level API (no fastpilot code).
 
@@ -211,9 +226,7 @@ class Reference:
         import llama_cpp
 
         self.lib = lib = llama_cpp
-        # Quiet llama.cpp's load chatter; keep the callback alive as long as this object.
-        self._quiet = lib.llama_log_callback(lambda level, text, user: None)
-        lib.llama_log_set(self._quiet, None)
+        _quiet_native_log(lib)
         lib.llama_backend_init()
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = 0
