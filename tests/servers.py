@@ -2,7 +2,9 @@
 
 :class:`ServeProcess` starts ``python -m fastpilot.cli serve`` on 127.0.0.1
 with port 0, waits for ``ready:``, and reads the process's resident memory,
-thread count and open file descriptors from ``/proc`` (Linux).
+thread count and open file descriptors from ``/proc`` (Linux); :meth:`ServeProcess.stop`
+sends a signal and returns the exit code with the whole log in ``output``.
+:func:`run_serve` runs the same command when it is expected to refuse and exit.
 """
 
 from __future__ import annotations
@@ -21,19 +23,45 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def serve_command(args: list[str]) -> list[str]:
+    """``python -u -m fastpilot.cli serve --port 0 ARGS`` with this interpreter."""
+    return [sys.executable, "-u", "-m", "fastpilot.cli", "serve", "--port", "0", *args]
+
+
+def serve_env(env: dict[str, str] | None = None, unset: tuple[str, ...] = ()) -> dict[str, str]:
+    """This process's environment with this checkout importable, plus ``env``, minus ``unset``."""
+    out = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    for name in unset:
+        out.pop(name, None)
+    return out
+
+
+def run_serve(
+    args: list[str], *, unset: tuple[str, ...] = (), timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``fastpilot serve`` expected to exit on its own (a refusal); capture its output."""
+    return subprocess.run(
+        serve_command(args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=serve_env(unset=unset),
+        cwd=ROOT,
+    )
+
+
 class ServeProcess:
     """One ``fastpilot serve`` child process; use as a context manager."""
 
     def __init__(
         self, args: list[str], *, env: dict[str, str] | None = None, start_timeout: float = 120.0
     ) -> None:
-        cmd = [sys.executable, "-u", "-m", "fastpilot.cli", "serve", "--port", "0", *args]
         self.proc = subprocess.Popen(
-            cmd,
+            serve_command(args),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            env=serve_env(env),
             cwd=ROOT,
         )
         self.lines: list[str] = []
@@ -103,15 +131,22 @@ class ServeProcess:
         finally:
             conn.close()
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 30, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` (killing after ``timeout`` s) and return the exit code; log complete."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self._drain.join(10)  # the pipe closed with the process: the log is complete
         return self.proc.returncode
+
+    @property
+    def output(self) -> str:
+        """Everything the process printed so far (all of it once :meth:`stop` returned)."""
+        return "".join(self.lines)
 
     def __enter__(self) -> ServeProcess:
         return self

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from fastpilot.app import create_app
 from fastpilot.serve import discover_models, ordered_specs, start_in_thread
 from fastpilot.settings import Settings, SettingsError, build_parser, load_settings
 from tests.fakes import FakeBackend
+from tests.servers import ServeProcess
 from tests.test_api_support import make_registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,36 +48,35 @@ def test_precedence_cli_over_env_over_default():
         load_settings([], {"FASTPILOT_PORT": "many"})
 
 
+# One value per kind of setting that parses from a flag and from the environment alike.
+_SAMPLES = {"int": ("7", 7), "float": ("2.5", 2.5), "str": ("somewhere", "somewhere")}
+
+
 def test_every_field_has_a_flag_with_help_and_env():
     text = build_parser().format_help()
-    for flag in (
-        "--host",
-        "--port",
-        "--model",
-        "--default-model",
-        "--models-dir",
-        "--backend",
-        "--device",
-        "--threads",
-        "--slots",
-        "--max-queue",
-        "--api-key",
-        "--api-key-file",
-        "--insecure-public",
-        "--allowed-host",
-        "--cors-origin",
-        "--strict-models",
-        "--max-body-bytes",
-        "--max-tokens",
-        "--max-n",
-        "--timeout",
-        "--log-prompts",
-        "--waitress-threads",
-        "--channel-timeout",
-        "--connection-limit",
-    ):
-        assert flag in text, flag
-    assert "FASTPILOT_API_KEY_FILE" in text and "FASTPILOT_WAITRESS_THREADS" in text
+    options = {a.dest: a for a in build_parser()._actions}
+    names = [f.name for f in dataclasses.fields(Settings)]
+    assert len(names) >= 24  # the settings object was read, not an empty list
+    for f in dataclasses.fields(Settings):
+        env = "FASTPILOT_" + f.name.upper()
+        assert f.name in options, f"no flag for {f.name}"
+        flags = [o for o in options[f.name].option_strings if o.startswith("--")]
+        assert flags and all(o in text for o in flags), f.name
+        assert flags[0] == (f.metadata.get("flag") or "--" + f.name.replace("_", "-")), flags
+        assert env in text, env
+        assert f.metadata["help"].split()[0] in options[f.name].help, f.name
+        # The flag and the variable really set this field.
+        kind = f.metadata["kind"]
+        if kind == "bool":
+            assert getattr(load_settings([flags[0]], {}), f.name) is True, f.name
+            assert getattr(load_settings([], {env: "true"}), f.name) is True, f.name
+            continue
+        if kind == "list":
+            raw, want = "a", ("a",)
+        else:
+            raw, want = _SAMPLES[kind]
+        assert getattr(load_settings([flags[0], raw], {}), f.name) == want, f.name
+        assert getattr(load_settings([], {env: raw}), f.name) == want, f.name
 
 
 def test_public_bind_needs_a_key(tmp_path):
@@ -224,39 +222,10 @@ def test_convert_delegates_to_conversion_cli(capsys):
 
 
 def test_ctrl_c_exits_zero(tiny_gpt2_models):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-u",
-            "-m",
-            "fastpilot.cli",
-            "serve",
-            "--port",
-            "0",
-            "--threads",
-            "1",
-            "--model",
-            f"tiny={tiny_gpt2_models['gguf-q8_0']}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("ready:"):
-                break
+    args = ["--threads", "1", "--model", f"tiny={tiny_gpt2_models['gguf-q8_0']}"]
+    with ServeProcess(args) as server:
+        lines = list(server.lines)
         assert any(re.match(r"loaded tiny: llamacpp", x) for x in lines), lines
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, out
-        assert "Traceback" not in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        code = server.stop(timeout=30, sig=signal.SIGINT)
+        assert code == 0, server.output
+        assert "Traceback" not in server.output

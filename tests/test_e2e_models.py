@@ -10,34 +10,26 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
+import math
 import re
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
+import socket
 
 import pytest
 
 from fastpilot.loader import load
+from tests.gates import wait_until
+from tests.servers import ServeProcess
 
 KEY = "e2e-key-123"
-ROOT = Path(__file__).resolve().parent.parent
+SLOTS = 2
 
 
 @pytest.fixture(scope="module")
 def live(tiny_gpt2_models, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text(f"# test key\n{KEY}\n")
-    cmd = [
-        sys.executable,
-        "-u",
-        "-m",
-        "fastpilot.cli",
-        "serve",
-        "--port",
-        "0",
+    args = [
         "--model",
         f"gguf={tiny_gpt2_models['gguf-q8_0']}",
         "--model",
@@ -45,35 +37,13 @@ def live(tiny_gpt2_models, tmp_path_factory):
         "--threads",
         "1",
         "--slots",
-        "2",
+        str(SLOTS),
         "--api-key-file",
         str(key_file),
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
-    )
-    lines: list[str] = []
-    port = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-        if line.startswith("ready:"):
-            break
-    assert port and lines[-1].startswith("ready:"), "".join(lines)
-    proc.startup_lines = lines
-    proc.port = port
-    proc.url = f"http://127.0.0.1:{port}"
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    with ServeProcess(args) as server:
+        server.startup_lines = list(server.lines)
+        yield server
 
 
 def request(live, method, path, body=None, headers=None):
@@ -129,18 +99,50 @@ def test_openai_package_matches_in_process_model(live, tiny_gpt2_models):
         openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def sse_events(data: bytes) -> list[dict]:
+    """The JSON events of one SSE body, in order; it must end with ``data: [DONE]``."""
+    text = data.decode()
+    assert text.endswith("data: [DONE]\n\n"), text[-300:]
+    events = []
+    for block in text.split("\n\n")[:-2]:
+        assert block.startswith("data: ") and "\n" not in block, block
+        events.append(json.loads(block[6:]))
+    return events
+
+
+def greedy(live, prompt: str, **extra) -> dict:
+    body = {"model": "gguf", "prompt": prompt, "temperature": 0, "logprobs": 1, **extra}
+    resp, data = request(live, "POST", "/v1/completions", body)
+    assert resp.status == 200, data
+    return json.loads(data)["choices"][0]
+
+
 def test_copilot_request_with_logprobs_and_prefix_key(live):
+    prompt = "# Path: a.py\nimport os\n"
+    # What greedy decoding writes here: a stop string it must meet and a token to ban.
+    free = greedy(live, prompt, max_tokens=24, ignore_eos=True)
+    text = free["text"]
+    assert len(free["logprobs"]["tokens"]) == 24 and len(text) >= 8, free
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = greedy(live, prompt, max_tokens=24, ignore_eos=True, stop=[stop])
+    assert cut["text"] == text[: text.index(stop)] and cut["finish_reason"] == "stop", cut
+    first = free["logprobs"]["tokens"][0]
+    _, data = request(live, "POST", "/v1/tokenize", {"model": "gguf", "prompt": first})
+    (banned,) = json.loads(data)["tokens"]
+    biased = greedy(live, prompt, max_tokens=24, ignore_eos=True, logit_bias={str(banned): -100})
+    assert first not in biased["logprobs"]["tokens"], biased
+
     body = {
-        "prompt": "# Path: a.py\nimport os\n",
+        "prompt": prompt,
         "suffix": "",
         "max_tokens": 500,
         "temperature": 0.8,
         "top_p": 1,
         "n": 3,
-        "stop": ["\n\n"],
+        "stop": ["\n\n", stop],
         "stream": True,
         "logprobs": 2,
-        "logit_bias": {"799": -100},
+        "logit_bias": {"799": -100, str(banned): -100},  # 799: <|endoftext|>
         "extra": {"language": "python"},
     }
     resp, data = request(
@@ -151,22 +153,34 @@ def test_copilot_request_with_logprobs_and_prefix_key(live):
         headers={"Authorization": "Bearer ghu_not_our_key"},
     )
     assert resp.status == 200, data
-    seen = set()
-    for line in data.decode().split("\n"):
-        if not line.strip():
-            continue
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            break
-        event = json.loads(payload)
+    texts: dict[int, str] = {}
+    sampled: dict[int, list[str]] = {}
+    reasons: dict[int, list[str]] = {}
+    for event in sse_events(data):
         assert event["id"] and event["created"] > 0
         for choice in event["choices"]:
-            seen.add(choice["index"])
+            i = choice["index"]
+            texts[i] = texts.get(i, "") + choice["text"]
+            if choice["finish_reason"] is not None:
+                reasons.setdefault(i, []).append(choice["finish_reason"])
             lp = choice["logprobs"]
-            if lp and lp["tokens"]:
-                assert all(x <= 0 for x in lp["token_logprobs"])
-                assert all(len(t) >= 2 for t in lp["top_logprobs"])
-    assert seen == {0, 1, 2}
+            if not choice["text"]:
+                continue
+            # Every chunk that carries text carries the logprobs of its tokens.
+            assert lp is not None and lp["tokens"], choice
+            sampled.setdefault(i, []).extend(lp["tokens"])
+            assert len(lp["token_logprobs"]) == len(lp["tokens"]) == len(lp["top_logprobs"])
+            for tok, val, top in zip(
+                lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True
+            ):
+                assert isinstance(val, float) and math.isfinite(val) and val <= 0, lp
+                assert len(top) >= 2 and top[tok] == val, lp
+    assert sorted(texts) == [0, 1, 2]
+    assert all(len(r) == 1 and r[0] in ("stop", "length") for r in reasons.values())
+    assert sorted(reasons) == [0, 1, 2]
+    for i, choice_text in texts.items():
+        assert "\n\n" not in choice_text and stop not in choice_text, choice_text
+        assert "<|endoftext|>" not in sampled.get(i, []) and first not in sampled.get(i, [])
 
 
 def test_context_handling_real_tokenizer(live):
@@ -187,12 +201,30 @@ def test_context_handling_real_tokenizer(live):
     assert resp.status == 200
 
 
-def test_disconnect_frees_the_slot(live):
-    import socket
+def model_stats(live, model: str = "gguf") -> dict[str, float]:
+    """The model's gauges from ``/metrics`` (``requests_active``, ``backend_busy_slots`` ...)."""
+    _, data = request(live, "GET", "/metrics")
+    pattern = rb'^fastpilot_model_(\w+)\{model="' + model.encode() + rb'"\} (\S+)$'
+    return {
+        m.group(1).decode(): float(m.group(2)) for m in re.finditer(pattern, data, re.MULTILINE)
+    }
 
-    payload = json.dumps(
-        {"model": "gguf", "prompt": "x", "max_tokens": 120, "ignore_eos": True, "stream": True}
-    ).encode()
+
+def test_disconnect_frees_the_slot(live):
+    # 16 sequences of 120 tokens over 2 slots: running them all takes at least
+    # 16 * 120 / 2 = 960 decode steps (one token per slot per step), ~1 s here, so
+    # only the hang-up can end the request early.
+    n, max_tokens = 16, 120
+    steps0 = model_stats(live)["backend_decode_steps"]
+    body = {
+        "model": "gguf",
+        "prompt": "x",
+        "n": n,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    payload = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", live.port), timeout=30)
     sock.sendall(
         f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
@@ -204,17 +236,16 @@ def test_disconnect_frees_the_slot(live):
         chunk = sock.recv(4096)
         assert chunk, f"connection closed before the first event: {got!r}"
         got += chunk
-    sock.close()
-    deadline = time.monotonic() + 5
-    busy = None
-    while time.monotonic() < deadline:
-        _, data = request(live, "GET", "/metrics")
-        m = re.search(rb'fastpilot_model_backend_busy_slots\{model="gguf"\} (\S+)', data)
-        busy = float(m.group(1))
-        if busy == 0:
-            break
-        time.sleep(0.05)
-    assert busy == 0
+    sock.close()  # the client hangs up after one event
+
+    def idle() -> bool:
+        stats = model_stats(live)
+        held = ("requests_active", "backend_busy_slots", "backend_queue_depth")
+        return all(stats[k] == 0 for k in held)
+
+    assert wait_until(idle, 60), model_stats(live)
+    steps = model_stats(live)["backend_decode_steps"] - steps0
+    assert steps < n * max_tokens / SLOTS, f"{steps} decode steps: the hang-up cancelled nothing"
     resp, _ = request(
         live, "POST", "/v1/completions", {"model": "gguf", "prompt": "x", "max_tokens": 2}
     )
@@ -261,7 +292,6 @@ def test_eight_concurrent_streams_real_backends(live):
 
 def test_sigterm_shuts_down_cleanly(live):
     # Runs last in this module: the server goes away.
-    live.send_signal(signal.SIGTERM)
-    out, _ = live.communicate(timeout=30)
-    assert live.returncode == 0, out
-    assert "shutting down" in out
+    code = live.stop(timeout=30, sig=signal.SIGTERM)
+    assert code == 0, live.output
+    assert "shutting down" in live.output

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 import fastpilot
+from fastpilot.backends.base import FinishReason
 from fastpilot.engine.model import Model
 from fastpilot.engine.sampling import log_softmax
 from fastpilot.errors import ContextLengthExceeded, NotSupported
+from tests.gates import WorkerGate, wait_until
 
 PROMPTS = [
     "def fib(n):",
@@ -292,13 +294,40 @@ def test_context_truncation_and_error(model: Model) -> None:
     assert err.value.param == "max_tokens"
 
 
-def test_close_frees_the_backend(model: Model) -> None:
+def _held(model: Model) -> tuple[float, float]:
+    """(sequences holding a slot or batch place, requests queued) in the backend."""
+    stats = model.backend.stats()
+    busy = stats["busy_slots"] if "busy_slots" in stats else stats["active"]
+    return busy, stats["queue_depth"]
+
+
+def test_close_frees_the_backend(model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    n, max_tokens = 4, 100
+    gate = WorkerGate(monkeypatch, model.backend)
     for _ in range(3):
+        # The worker parks after the first token: the close below lands before the second
+        # decode step, so the 4 x 100 tokens cannot finish on their own first.
+        gate.arm(after=1)
+        steps0 = model.stats()["backend_decode_steps"]
         s = model.stream(
-            prompt=PROMPTS[0], max_tokens=100, temperature=1.0, n=4, seed=1, ignore_eos=True
+            prompt=PROMPTS[0], max_tokens=max_tokens, temperature=1.0, n=n, seed=1, ignore_eos=True
         )
-        next(s)
-        s.close()
+        try:
+            next(s)
+            s.close()
+        finally:
+            gate.release()
+        streams = list(gate.streams)
+        assert len(streams) == n and not gate.expired
+        assert wait_until(lambda group=streams: all(st.done for st in group)), (
+            "a stream outlived close()"
+        )
+        assert [st.finish_reason for st in streams] == [FinishReason.CANCELLED] * n
+        # Every slot and batch place is handed back as the cancelled streams end.
+        assert wait_until(lambda: _held(model) == (0, 0)), _held(model)
+        # Each sequence stopped within a step or two of close(); running to the end takes
+        # at least max_tokens - 1 decode steps.
+        assert model.stats()["backend_decode_steps"] - steps0 <= 2 * n
     # Nothing leaked: a fresh request still gets every slot it needs and finishes.
     out = model.complete(prompt=PROMPTS[1], max_tokens=5, n=4, ignore_eos=True, timeout=30)
     assert [c["finish_reason"] for c in out["choices"]] == ["length"] * 4
@@ -323,10 +352,14 @@ def test_chat_and_ask_produce_text(model: Model) -> None:
 
 
 def test_embeddings_have_the_hidden_size(model: Model) -> None:
-    try:
-        out = model.embed(["def f(): pass", "hello"])
-    except NotSupported:
-        pytest.skip("this backend does not embed")
+    if model.info.backend == "ctranslate2":
+        # Documented: CTranslate2's Generator exposes no hidden states. Say so clearly.
+        with pytest.raises(NotSupported) as err:
+            model.embed(["def f(): pass", "hello"])
+        assert err.value.code == "not_supported"
+        assert "embeddings" in err.value.message and "GGUF" in err.value.message
+        return
+    out = model.embed(["def f(): pass", "hello"])  # llama.cpp must embed: no skip
     vecs = [d["embedding"] for d in out["data"]]
     assert len(vecs) == 2 and len(vecs[0]) == 256 and vecs[0] != vecs[1]
     assert all(np.isfinite(vecs[0]))

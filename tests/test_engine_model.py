@@ -7,8 +7,8 @@ test_engine_behaviour.py.
 
 from __future__ import annotations
 
+import gc
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +18,7 @@ from fastpilot.engine.model import Model
 from fastpilot.engine.params import CompletionRequest, ContextMode
 from fastpilot.errors import BackendError, ContextLengthExceeded, InvalidRequest, QueueFull, Timeout
 from tests.fakes import FakeBackend
+from tests.gates import WorkerGate
 
 SCRIPT = " world\n\ndef fib(n):\n    return n\n"
 
@@ -296,27 +297,63 @@ def test_close_cancels_every_stream() -> None:
         b.close()
 
 
-def test_close_from_another_thread_ends_iteration() -> None:
-    b = FakeBackend(SCRIPT * 20, step_delay=0.005, context_length=4096)
+def test_close_from_another_thread_ends_iteration(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = FakeBackend(SCRIPT, context_length=4096)
+    # ignore_eos and 2000 tokens: only cancellation can end this stream early, and the
+    # worker parks after its 3rd token until the close is done, so it cannot win a race.
+    gate = WorkerGate(monkeypatch, b, after=3)
     try:
         model = Model("fake", b)
-        s = model.stream(prompt="hello", max_tokens=500, temperature=0)
-        threading.Timer(0.1, s.close).start()
-        t0 = time.monotonic()
-        chunks = list(s)
-        assert time.monotonic() - t0 < 2.0
-        assert 0 < len(chunks) < 400
+        s = model.stream(prompt="hello", max_tokens=2000, temperature=0, ignore_eos=True)
+
+        got_one = threading.Event()
+
+        def close_while_parked() -> None:
+            got_one.wait(30)
+            gate.parked.wait(30)
+            s.close()
+            gate.release()
+
+        closer = threading.Thread(target=close_while_parked)
+        closer.start()
+        chunks = []
+        for chunk in s:  # this thread iterates; the other one closes
+            chunks.append(chunk)
+            got_one.set()
+        closer.join(30)
+        assert gate.parked.is_set() and not gate.expired
         assert b.wait_idle()
+        assert b.streams[-1].finish_reason is FinishReason.CANCELLED
+        # At most the step under way when close() came; 2000 without cancellation.
+        assert b.decode_steps <= gate.after + 1
+        assert 0 < len(chunks) <= gate.after
+        assert model.stats()["requests_active"] == 0
     finally:
+        gate.release()
         b.close()
 
 
-def test_consumer_abandoning_the_loop_cancels(model: Model, backend: FakeBackend) -> None:
-    s = model.stream(prompt="hello", max_tokens=50, temperature=0)
-    for _ in s:
-        break
-    del s  # dropped without close(): the finalizer still cancels
-    assert backend.wait_idle()
+def test_consumer_abandoning_the_loop_cancels(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = FakeBackend(SCRIPT, context_length=4096)
+    gate = WorkerGate(monkeypatch, b, after=2)  # parked until the loop has been abandoned
+    try:
+        model = Model("fake", b)
+        s = model.stream(prompt="hello", max_tokens=2000, temperature=0, ignore_eos=True)
+        for _ in s:
+            break
+        # Dropped without close(): the finalizer still cancels. The stream and its
+        # generator refer to each other, so it is the cycle collector that finalizes it
+        # (an abandoned stream runs on until the next collection); collect it now.
+        del s
+        gc.collect()
+        gate.release()
+        assert b.wait_idle()
+        assert b.streams[-1].finish_reason is FinishReason.CANCELLED
+        assert b.decode_steps <= gate.after + 1  # 2000 without cancellation
+        assert model.stats()["requests_active"] == 0
+    finally:
+        gate.release()
+        b.close()
 
 
 def test_deadline_raises_timeout() -> None:
@@ -492,22 +529,24 @@ def test_stream_chat_include_usage(model: Model) -> None:
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
 
 
-def test_first_chunk_is_not_held_back() -> None:
-    b = FakeBackend(SCRIPT, step_delay=0.1)
+def test_first_chunk_is_not_held_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = FakeBackend(SCRIPT)
+    # The worker parks after the first token: the first chunk must arrive while it waits
+    # there (one decode round), not after the lookahead's second round.
+    gate = WorkerGate(monkeypatch, b, after=1, timeout=10)
     try:
         model = Model("fake", b)
-        t0 = time.monotonic()
         s = model.stream(prompt="hello", max_tokens=5, temperature=0)
         first = next(s)
-        ttft = time.monotonic() - t0
+        assert b.decode_steps == 1 and not gate.expired
+        gate.release()
         assert first["choices"][0]["text"] == " world"
-        # One decode round (0.1 s), not two: the lookahead starts after the first chunk.
-        assert ttft < 0.19
         rest = list(s)
         assert (
             rest[-1]["choices"][0]["finish_reason"] == "length" and rest[-1]["choices"][0]["text"]
         )
     finally:
+        gate.release()
         b.close()
 
 

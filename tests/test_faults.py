@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,6 +35,7 @@ from fastpilot.backends.base import FinishReason
 from fastpilot.serve import start_in_thread, waitress_options
 from fastpilot.settings import Settings
 from tests.fakes import FakeBackend
+from tests.servers import ServeProcess
 from tests.test_api_support import make_registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,11 +189,11 @@ def test_hangup_frees_the_slot(server, when):
         while b"data: " not in got:  # the first token is out (headers may come alone)
             got += sock.recv(65536)
     sock.close()
-    t0 = time.monotonic()
-    time.sleep(0.2)
-    # Freed within the prefill (0.5 s) and a few decode steps, not the 100-token run (2.5 s).
-    wait_until(lambda: idle(backend), 2.0)
-    assert time.monotonic() - t0 < 2.0
+    if when == "before prefill":
+        time.sleep(0.2)  # let the app see the request, if waitress hands it over at all
+    # Freed within the prefill and a few decode steps, not the 100-token run: the step
+    # count and the CANCELLED reasons say so, whatever the machine's speed.
+    wait_until(lambda: idle(backend), 30)
     new = backend.streams[before:]
     # Hung up before the app ran: waitress may drop the request unseen (nothing to cancel).
     assert len(new) == 1 or (when == "before prefill" and not new)
@@ -427,30 +425,21 @@ def test_queue_overflow_is_429_with_retry_after_and_bounded(server):
 
 
 def test_sigterm_with_streams_in_flight_exits_zero_promptly(tiny_gpt2_models):
-    cmd = [sys.executable, "-u", "-m", "fastpilot.cli", "serve", "--port", "0", "--model",
-           f"tiny={tiny_gpt2_models['gguf-q8_0']}", "--threads", "1", "--slots", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)  # fmt: skip
-    try:
-        port = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else port
-            if line.startswith("ready:") or not line:
-                break
-        assert port, "server did not start"
+    args = ["--model", f"tiny={tiny_gpt2_models['gguf-q8_0']}", "--threads", "1", "--slots", "1"]
+    with ServeProcess(args) as server:
         outcomes: list[tuple[str, float]] = []
+        streaming = threading.Event()  # some stream is under way
 
         def client() -> None:
             body = {"prompt": "x", "max_tokens": 120, "ignore_eos": True, "stream": True}
-            sock = send_raw(port, body)
+            sock = send_raw(server.port, body)
             sock.settimeout(20)
             data = b""
             try:
                 while chunk := sock.recv(65536):
                     data += chunk
+                    if b"data: " in data:
+                        streaming.set()
             except OSError:
                 pass
             outcomes.append(("done" if b"data: [DONE]" in data else "cut", time.monotonic()))
@@ -459,14 +448,13 @@ def test_sigterm_with_streams_in_flight_exits_zero_promptly(tiny_gpt2_models):
         threads = [threading.Thread(target=client) for _ in range(24)]
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        assert streaming.wait(60), "no stream started"
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)
+        code = server.stop(timeout=20, sig=signal.SIGTERM)
         exit_seconds = time.monotonic() - t0
         for t in threads:
             t.join(20)
-        assert proc.returncode == 0, out
+        assert code == 0, server.output
         assert exit_seconds < 10, exit_seconds
         # Every client got its whole stream or a closed socket, none hangs; and some were
         # still in flight when the signal came (else this tested nothing).
@@ -477,7 +465,3 @@ def test_sigterm_with_streams_in_flight_exits_zero_promptly(tiny_gpt2_models):
             f"\nSIGTERM: exit 0 in {exit_seconds:.2f}s; {len(in_flight)} streams in flight: "
             f"{in_flight.count('done')} finished, {in_flight.count('cut')} cut"
         )
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)

@@ -1,5 +1,7 @@
 """Load and soak against ``fastpilot serve`` (slow; ``make test-slow``). Loopback only.
 
+Only ``test_check_judges_events_not_text`` (no server) runs in the default suite.
+
 The server is the real command line serving the tiny random GPT-2 (GGUF
 q4_k_m, llama.cpp, 4 slots). Sixteen client threads mix the request kinds
 editors send: plain and streamed completions on both routes, Copilot-style
@@ -32,10 +34,9 @@ import pytest
 
 from tests.servers import ServeProcess
 
-pytestmark = pytest.mark.slow
-
 CLIENTS = 16
 MiB = 1024 * 1024
+SOAK_SECONDS = float(os.environ.get("FASTPILOT_SOAK_SECONDS", "600"))
 
 
 def _kinds(i: int) -> tuple[str, dict]:
@@ -62,8 +63,16 @@ def _check(status: int, data: bytes, streamed: bool) -> str:
         return f"status {status}: {data[:200]!r}"
     if streamed:
         text = data.decode()
-        if not text.endswith("data: [DONE]\n\n") or '"error"' in text:
+        if not text.endswith("data: [DONE]\n\n"):
             return f"bad stream: {text[-300:]!r}"
+        # Judge the events, not the raw text: a token or a top_logprobs key spelled
+        # "error" is content; an error is an event whose top-level key is "error".
+        for block in text.split("\n\n")[:-2]:
+            if not block.startswith("data: "):
+                return f"bad stream: not an event: {block[:300]!r}"
+            event = json.loads(block[6:])
+            if "error" in event or "choices" not in event:
+                return f"bad stream: {block[:300]!r}"
         return "ok"
     body = json.loads(data)
     return "ok" if body.get("choices") else f"no choices: {body}"
@@ -134,6 +143,24 @@ def _warm(server: ServeProcess) -> tuple[int, int]:
     return server.threads(), server.fds()
 
 
+def test_check_judges_events_not_text():
+    def stream(*events: dict) -> bytes:
+        return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + (
+            b"data: [DONE]\n\n"
+        )
+
+    # The word "error" as generated text and as a top_logprobs key is content.
+    choice = {"index": 0, "text": "error", "finish_reason": None,
+              "logprobs": {"tokens": ["error"], "top_logprobs": [{"error": -0.1}]}}  # fmt: skip
+    assert _check(200, stream({"id": "x", "choices": [choice]}), True) == "ok"
+    failed = {"error": {"message": "boom", "type": "server_error", "param": None, "code": "x"}}
+    assert _check(200, stream({"id": "x", "choices": [choice]}, failed), True) != "ok"
+    assert _check(200, stream({"id": "x", "choices": [choice]})[:-8], True) != "ok"
+    assert _check(429, b"{}", True) == "429"
+    assert _check(200, b'{"choices": []}', False) != "ok"
+
+
+@pytest.mark.slow
 def test_load(server):
     total = int(os.environ.get("FASTPILOT_LOAD_REQUESTS", str(40 * CLIENTS)))
     threads0, fds0 = _warm(server)
@@ -154,8 +181,10 @@ def test_load(server):
     assert status == 200
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(SOAK_SECONDS + 600)  # the soak itself, plus the suite's usual margin
 def test_soak(server):
-    seconds = float(os.environ.get("FASTPILOT_SOAK_SECONDS", "600"))
+    seconds = SOAK_SECONDS
     warmup = max(20.0, 0.1 * seconds)
     threads0, fds0 = _warm(server)
     samples: list[tuple[float, int]] = []

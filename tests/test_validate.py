@@ -14,8 +14,6 @@ import os
 import pickle
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from hypothesis import strategies as st
 import fastpilot
 from fastpilot.errors import ModelFileError
 from fastpilot.validate import DigestCache, check_ct2_binary, check_gguf, check_model
+from tests.servers import ServeProcess, run_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -263,6 +262,84 @@ def test_ct2_bad_version_and_bad_sizes(ct2_dir):
         check_ct2_binary(f)
 
 
+def _ct2_string(text: str, *, nul: bool = True) -> bytes:
+    raw = text.encode() + (b"\0" if nul else b"")
+    return struct.pack("<H", len(raw)) + raw
+
+
+def _ct2_variable(
+    name: str, shape: tuple[int, ...], dtype: int = 0, *, nbytes: int | None = None
+) -> bytes:
+    """One record: name, rank, shape (uint32 each), dtype, byte size, data."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    size = count * (4, 1, 2, 4, 2, 2)[dtype] if nbytes is None else nbytes
+    return (
+        _ct2_string(name)
+        + struct.pack("<B", len(shape))
+        + b"".join(struct.pack("<I", d) for d in shape)
+        + struct.pack("<BI", dtype, size)
+        + b"\xab" * size
+    )
+
+
+def _ct2_binary(records: list[bytes], *, count: int | None = None, spec: bytes = b"") -> bytes:
+    """A CTranslate2 model.bin of version 6: spec name, revision, variables, no aliases."""
+    return (
+        struct.pack("<I", 6)
+        + (spec or _ct2_string("TransformerDecoderModelSpec"))
+        + struct.pack("<I", 1)
+        + struct.pack("<I", len(records) if count is None else count)
+        + b"".join(records)
+        + struct.pack("<I", 0)
+    )
+
+
+GOOD_VARIABLES = [_ct2_variable("w", (2, 3)), _ct2_variable("b", (3,), dtype=4)]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # A size field that disagrees with shape x dtype (2 x 3 float32 is 24 bytes).
+        (_ct2_binary([_ct2_variable("w", (2, 3), nbytes=20)]), "20 bytes disagree with its shape"),
+        (_ct2_binary([_ct2_variable("w", (2, 3), dtype=1, nbytes=24)]), "disagree with its shape"),
+        (_ct2_binary([_ct2_variable("w", (1,) * 9)]), "variable w has rank 9"),
+        (_ct2_binary([_ct2_variable("w", (4,), dtype=6, nbytes=4)]), "unknown dtype 6"),
+        (_ct2_binary(GOOD_VARIABLES, count=1 << 21), "implausible variable count"),
+        # More variables announced than the file could hold (12 bytes each at least).
+        (_ct2_binary(GOOD_VARIABLES, count=100), "implausible variable count 100"),
+        (_ct2_binary(GOOD_VARIABLES, spec=_ct2_string("Spec", nul=False)), "NUL-terminated"),
+    ],
+    ids=["size", "size-int8", "rank", "dtype", "count-cap", "count-file", "nul"],
+)
+def test_ct2_record_checks(tmp_path, data, message):
+    f = tmp_path / "model.bin"
+    f.write_bytes(_ct2_binary(GOOD_VARIABLES))
+    assert check_ct2_binary(f) == 2  # the hand-built layout itself is valid
+    f.write_bytes(data)
+    with pytest.raises(ModelFileError) as err:
+        check_ct2_binary(f)
+    assert message in err.value.message and str(f) in err.value.message
+
+
+def test_ct2_size_check_on_a_real_conversion(ct2_dir):
+    f = ct2_dir / "model.bin"
+    data = bytearray(f.read_bytes())
+    # Walk to the first variable's size field and claim one byte more than its shape.
+    pos = 4
+    pos += 2 + struct.unpack_from("<H", data, pos)[0] + 4 + 4  # spec name, revision, count
+    pos += 2 + struct.unpack_from("<H", data, pos)[0]  # variable name
+    rank = data[pos]
+    pos += 1 + 4 * rank + 1  # rank, shape, dtype
+    (size,) = struct.unpack_from("<I", data, pos)
+    struct.pack_into("<I", data, pos, size + 1)
+    f.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=f"{size + 1} bytes disagree with its shape"):
+        check_ct2_binary(f)
+
+
 # -- hashing cost and the loader -------------------------------------------------------------
 
 
@@ -314,35 +391,21 @@ def test_serve_refuses_a_corrupted_model_with_a_clear_message(gguf_dir):
     data = bytearray(f.read_bytes())
     data[-100] ^= 0xFF
     f.write_bytes(bytes(data))
-    cmd = [
-        sys.executable,
-        "-m",
-        "fastpilot.cli",
-        "serve",
-        "--port",
-        "0",
-        "--model",
-        f"bad={gguf_dir}",
-        "--threads",
-        "1",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("FASTPILOT_TRUST_UNVERIFIED_MODELS", None)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    out = run_serve(
+        ["--model", f"bad={gguf_dir}", "--threads", "1"],
+        unset=("FASTPILOT_TRUST_UNVERIFIED_MODELS",),
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     assert "cannot load models" in out.stderr and "sha256 does not match" in out.stderr
     assert "Traceback" not in out.stderr
 
 
 def test_serve_flag_trusts_a_model_without_manifest(gguf_dir):
-    from tests.servers import ServeProcess
-
     (gguf_dir / "fastpilot.json").unlink()
-    cmd = [sys.executable, "-m", "fastpilot.cli", "serve", "--port", "0",
-           "--model", f"plain={gguf_dir}", "--threads", "1"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("FASTPILOT_TRUST_UNVERIFIED_MODELS", None)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    out = run_serve(
+        ["--model", f"plain={gguf_dir}", "--threads", "1"],
+        unset=("FASTPILOT_TRUST_UNVERIFIED_MODELS",),
+    )
     assert out.returncode == 1 and "--trust-unverified-models" in out.stderr
     with ServeProcess(["--model", f"plain={gguf_dir}", "--threads", "1",
                        "--trust-unverified-models"]) as server:  # fmt: skip
