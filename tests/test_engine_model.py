@@ -85,21 +85,27 @@ def test_token_id_prompt(model: Model, backend: FakeBackend) -> None:
     assert err.value.param == "prompt"
 
 
-def test_stop_string_split_across_tokens() -> None:
-    b = FakeBackend(SCRIPT * 10, step_delay=0.005, context_length=1024)
+def test_stop_string_split_across_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = FakeBackend(SCRIPT * 10, context_length=1024)
+    # The worker parks after the 4th token; the stop is seen at the 3rd, so the request
+    # must end (and cancel) while the worker waits there.
+    gate = WorkerGate(monkeypatch, b, after=4, timeout=10)
     try:
         # "\n\n" and "def" are separate tokens: the stop "\ndef" straddles them.
         out = Model("fake", b).complete(
             prompt="hello", max_tokens=100, temperature=0, stop=["\ndef", "zzz"]
         )
+        assert not gate.expired
+        gate.release()
         assert text_of(out) == " world\n"
         assert out["choices"][0]["finish_reason"] == "stop"
         # The backend stream was cancelled at once instead of running to the end.
         assert b.wait_idle()
         assert b.streams[-1].finish_reason is FinishReason.CANCELLED
-        assert b.decode_steps < 20
+        assert b.decode_steps <= gate.after + 1
         assert out["usage"]["completion_tokens"] == 3
     finally:
+        gate.release()
         b.close()
 
 
@@ -281,19 +287,23 @@ def test_suffix_ignored_without_fim(model: Model, backend: FakeBackend) -> None:
     assert model.supports_fim is False
 
 
-def test_close_cancels_every_stream() -> None:
-    b = FakeBackend(SCRIPT * 20, step_delay=0.005, context_length=4096)
+def test_close_cancels_every_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = FakeBackend(SCRIPT * 20, context_length=4096)
+    gate = WorkerGate(monkeypatch, b, after=3)  # parked after each choice's first token
     try:
         model = Model("fake", b)
         s = model.stream(prompt="hello", max_tokens=500, temperature=1.0, n=3, seed=1)
         got = [next(s) for _ in range(3)]
         assert got
         s.close()
+        gate.release()
         assert b.wait_idle(), "a backend stream kept running after close()"
+        assert b.decode_steps <= 2 * gate.after
         assert all(st.finish_reason is FinishReason.CANCELLED for st in b.streams)
         assert list(s) == []
         assert model.stats()["requests_active"] == 0
     finally:
+        gate.release()
         b.close()
 
 
@@ -357,15 +367,17 @@ def test_consumer_abandoning_the_loop_cancels(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_deadline_raises_timeout() -> None:
+    # 500 tokens take 5 s; the deadline (0.5 s) passes mid-run, the first token (10 ms)
+    # long before it even on a loaded machine.
     b = FakeBackend(SCRIPT * 20, step_delay=0.01, context_length=4096)
     try:
-        model = Model("fake", b, default_timeout=0.15)
+        model = Model("fake", b, default_timeout=0.5)
         with pytest.raises(Timeout) as err:
             model.complete(prompt="hello", max_tokens=500, temperature=0)
         assert err.value.status == 504
         chunks = []
         with pytest.raises(Timeout):
-            for c in model.stream(prompt="hello", max_tokens=500, temperature=0, timeout=0.15):
+            for c in model.stream(prompt="hello", max_tokens=500, temperature=0, timeout=0.5):
                 chunks.append(c)
         assert chunks, "what was generated before the deadline was delivered"
         assert model.stats()["timeouts_total"] == 2
@@ -378,14 +390,18 @@ def test_deadline_raises_timeout() -> None:
         b.close()
 
 
-def test_queue_full_cancels_what_was_submitted() -> None:
-    b = FakeBackend(SCRIPT, max_queue=2, step_delay=0.01)
+def test_queue_full_cancels_what_was_submitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = FakeBackend(SCRIPT, max_queue=2)
+    gate = WorkerGate(monkeypatch, b, after=1)  # the two admitted cannot finish first
     try:
         with pytest.raises(QueueFull):
             Model("fake", b).complete(prompt="hello", max_tokens=50, n=3)
+        gate.release()
         assert b.wait_idle()
+        assert len(b.streams) == 2
         assert all(s.finish_reason is FinishReason.CANCELLED for s in b.streams)
     finally:
+        gate.release()
         b.close()
 
 
