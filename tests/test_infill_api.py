@@ -39,7 +39,8 @@ def test_infill_answers_llama_cpp_fields(fim_api):
     assert out["content"] == SCRIPT
     assert out["stop"] is True and out["truncated"] is False
     assert out["tokens_evaluated"] == 8
-    assert out["tokens_predicted"] == len(backend.tokenize(SCRIPT)) + 1  # + end of text
+    # the end-of-sequence token is not a step (backends/base.py), so it is not counted
+    assert out["tokens_predicted"] == len(backend.tokenize(SCRIPT))
     t = out["timings"]
     assert t["prompt_n"] == 8 and t["predicted_n"] == out["tokens_predicted"]
     assert t["prompt_ms"] >= 0 and t["predicted_ms"] >= 0 and t["predicted_per_second"] >= 0
@@ -84,7 +85,7 @@ def test_streamed_events(fim_api):
     assert last["stop"] is True and last["content"] == ""
     counts = [e["tokens_predicted"] for e in events]
     assert counts == sorted(counts) and counts[0] >= 1
-    assert last["tokens_predicted"] == len(api_tokens(SCRIPT)) + 1  # the text, then end of text
+    assert last["tokens_predicted"] == len(api_tokens(SCRIPT))  # end of sequence is no step
     assert last["timings"]["predicted_n"] == last["tokens_predicted"]
     assert {"tokens_evaluated", "truncated", "timings"} <= set(last)
 
