@@ -1,10 +1,9 @@
 """``fastpilot convert``: argument parsing and the entry point.
 
-Used two ways:
+Used two ways, both through :func:`main`:
 
-* ``fastpilot convert ...`` — ``fastpilot/cli.py`` calls :func:`add_parser` on its
-  subparsers (the parser's ``handler`` default is :func:`run`) or forwards the
-  remaining argv to :func:`main`;
+* ``fastpilot convert ...`` — ``fastpilot/cli.py`` forwards everything after
+  ``convert`` (``--help`` included) to :func:`main`;
 * ``python -m conversion ...`` — :func:`main` directly.
 
 Exit status: 0 on success, 1 on a conversion error (one ``error:`` line on stderr,
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from fastpilot.errors import ConversionError, FastpilotError
 
-__all__ = ["add_parser", "build_parser", "main", "run"]
+__all__ = ["build_parser", "main", "run"]
 
 ALL_QUANTIZATIONS = ("float32", "float16", "int8", "int8_float16", "f32", "f16", "q8_0", "q4_k_m")
 
@@ -41,7 +40,14 @@ examples:
 """
 
 
-def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def build_parser(prog: str = "fastpilot convert") -> argparse.ArgumentParser:
+    """The ``convert`` command's parser (``fastpilot convert`` and ``python -m conversion``)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "source",
         metavar="SOURCE",
@@ -84,31 +90,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="rewrite outputs that already exist with a valid manifest",
     )
-    parser.set_defaults(handler=run)
     return parser
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``convert`` subcommand to ``subparsers``; its ``handler`` default is :func:`run`."""
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert a Hugging Face checkpoint to CTranslate2/GGUF",
-        description=_DESCRIPTION,
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    return _configure(parser)
-
-
-def build_parser(prog: str = "fastpilot convert") -> argparse.ArgumentParser:
-    """A standalone parser for ``python -m conversion``."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=_DESCRIPTION,
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    return _configure(parser)
 
 
 def run(args: argparse.Namespace) -> int:

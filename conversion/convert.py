@@ -156,8 +156,7 @@ def is_converted(path: Path) -> bool:
         manifest = read_manifest(path)
     except ModelFileError:
         return False
-    listed = {**manifest.get("files", {}), **manifest["weights"]}
-    return all((path / name).is_file() for name in listed)
+    return all((path / name).is_file() for name in manifest.listed)
 
 
 def _missing_parents(path: Path) -> list[Path]:

@@ -1,57 +1,34 @@
-"""The ``fastpilot.json`` manifest of a converted model directory.
+"""Writing the ``fastpilot.json`` manifest of a converted model, and verifying one.
 
-Written by the converter as the last file of an output, read by the serving side to
-learn what a directory holds without loading it. Fields::
-
-    arch            "gpt2" | "codegen"           (the source architecture)
-    source          hub id or absolute checkpoint path it was converted from
-    source_revision hub commit, or null
-    format          "ct2" | "gguf"
-    quantization    float32 | float16 | int8 | int8_float16 | f32 | f16 | q8_0 | q4_k_m
-    context_length  trained context window in tokens
-    vocab_size      rows of the output layer (may exceed the tokenizer's size)
-    tokenizer       file name of the tokenizers-library tokenizer.json in the directory
-    eos_token_ids   ids that end a completion
-    bos_token_id    id of the begin-of-text token
-    fim             fill-in-the-middle template, or null (GPT-2 / CodeGen-1 have none)
-    weights         {file name: sha256} of the weight files
-    files           {file name: sha256} of the other files (tokenizer, configs)
-    created         ISO-8601 UTC time
-    fastpilot_version
+The converter writes the manifest as the last file of an output; the serving side
+reads it to learn what a directory holds without loading it. The manifest's type,
+its fields and its file name are defined once, in :mod:`fastpilot.manifest`
+(:class:`~fastpilot.manifest.Manifest`); this module adds what only conversion and
+``fastpilot models --verify`` need: hashing a fresh output and checking every
+listed file against its sha256.
 
 This module is importable without numpy, torch or the native libraries.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from fastpilot.errors import ModelFileError
+from fastpilot.manifest import MANIFEST, Manifest, sha256_file
 
 __all__ = [
     "MANIFEST",
+    "Manifest",
     "fastpilot_version",
     "read_manifest",
     "sha256_file",
     "verify",
     "write_manifest",
 ]
-
-MANIFEST = "fastpilot.json"
-_REQUIRED = (
-    "arch",
-    "format",
-    "quantization",
-    "context_length",
-    "vocab_size",
-    "tokenizer",
-    "eos_token_ids",
-    "weights",
-)
 
 
 def fastpilot_version() -> str:
@@ -64,19 +41,15 @@ def fastpilot_version() -> str:
         return "0+unknown"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (a 4 GB model takes ~10 s)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(directory: Path, fields: dict[str, Any], weights: list[str]) -> dict[str, Any]:
+def write_manifest(directory: Path, fields: dict[str, Any], weights: list[str]) -> Manifest:
     """Hash every file in ``directory`` and write ``fastpilot.json``; return the manifest.
 
     ``weights`` names the weight files; every other file lands under ``files``.
+    ``fields`` are written as given (keys :class:`Manifest` does not model included).
+
+    Raises:
+        ModelFileError: the fields would make a manifest the server cannot read
+            (checked before anything is written).
     """
     hashes = {
         p.name: sha256_file(p)
@@ -90,36 +63,23 @@ def write_manifest(directory: Path, fields: dict[str, Any], weights: list[str]) 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fastpilot_version": fastpilot_version(),
     }
+    parsed = Manifest.from_json(manifest, directory / MANIFEST)
     (directory / MANIFEST).write_text(
         json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
-    return manifest
+    return parsed
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """Read and sanity-check ``directory/fastpilot.json`` (no hashing; cheap).
+def read_manifest(directory: str | Path) -> Manifest:
+    """Read and check ``directory/fastpilot.json`` (no hashing; cheap).
 
     Raises:
-        ModelFileError: the manifest is missing, unreadable, or lacks required fields.
+        ModelFileError: the manifest is missing, unreadable, or malformed.
     """
-    path = Path(directory) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as ex:
-        raise ModelFileError(
-            f"{directory}: no {MANIFEST}; convert the model with `fastpilot convert`"
-        ) from ex
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as ex:
-        raise ModelFileError(f"{path}: unreadable manifest ({ex})") from ex
-    if not isinstance(manifest, dict):
-        raise ModelFileError(f"{path}: manifest is not a JSON object")
-    missing = [k for k in _REQUIRED if k not in manifest]
-    if missing:
-        raise ModelFileError(f"{path}: manifest lacks {', '.join(missing)}")
-    return manifest
+    return Manifest.read(directory)
 
 
-def verify(directory: str | Path) -> dict[str, Any]:
+def verify(directory: str | Path) -> Manifest:
     """Check every file listed in the manifest against its sha256; return the manifest.
 
     Reads every byte of the model (seconds per GB); call it once at load time or in
@@ -130,9 +90,8 @@ def verify(directory: str | Path) -> dict[str, Any]:
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    listed = {**manifest.get("files", {}), **manifest["weights"]}
-    for name, expected in listed.items():
-        if not isinstance(name, str) or Path(name).name != name:
+    for name, expected in manifest.listed.items():
+        if Path(name).name != name:
             raise ModelFileError(f"{directory / MANIFEST}: {name!r} is not a plain file name")
         path = directory / name
         if not path.is_file():

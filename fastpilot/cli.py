@@ -187,8 +187,8 @@ def complete(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.url:
         return remote_completion(args.url, body, args.api_key, out)
     from fastpilot.errors import FastpilotError
-    from fastpilot.loader import load
-    from fastpilot.serve import DEFAULT_MODEL_NAME, discover_models
+    from fastpilot.loader import discover_models, load
+    from fastpilot.serve import DEFAULT_MODEL_NAME
 
     target = args.model
     if target is None:
@@ -238,20 +238,25 @@ def complete(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _manifests(models_dir: Path) -> Iterator[tuple[str, Path, dict[str, Any]]]:
-    from fastpilot.serve import MANIFEST, discover_models
+    """(engine, output directory, manifest fields) for every output the loader would find.
+
+    An output without a readable manifest is still listed, with the format from the
+    files on disk and ``?`` for the rest (``fastpilot serve`` refuses it unless trusted).
+    """
+    from fastpilot.errors import ModelFileError
+    from fastpilot.loader import detect_format, discover_models, outputs
+    from fastpilot.manifest import Manifest
 
     for engine in discover_models(models_dir):
-        root = models_dir / engine
-        candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
-        for directory in candidates:
-            manifest = directory / MANIFEST
-            if not manifest.is_file():
-                continue
+        for directory in outputs(models_dir / engine):
             try:
-                data = json.loads(manifest.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                data = {"error": "unreadable manifest"}
-            yield engine, directory, data if isinstance(data, dict) else {}
+                manifest = Manifest.find(directory)
+            except ModelFileError:
+                manifest = None
+            if manifest is None:
+                yield engine, directory, {"format": detect_format(directory)}
+            else:
+                yield engine, directory, manifest.to_json()
 
 
 def list_models(models_dir: str, *, as_json: bool = False, out: TextIO | None = None) -> int:

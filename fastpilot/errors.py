@@ -19,16 +19,6 @@ class FastpilotError(Exception):
         if code is not None:
             self.code = code
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
 
 class InvalidRequest(FastpilotError):
     """A parameter has a bad value or type (400)."""

@@ -6,7 +6,20 @@ Layout written by ``fastpilot convert``::
         fastpilot.json, tokenizer.json, model.bin (CTranslate2) | model.gguf (GGUF)
 
 The format on disk picks the backend: ``model.bin`` -> CTranslate2,
-``model.gguf`` (or a bare ``.gguf`` file) -> llama.cpp. Given an engine
+``model.gguf`` (or a bare ``.gguf`` file) -> llama.cpp.
+
+Discovery (:func:`discover_models`; ``fastpilot serve`` without ``--model``,
+``fastpilot models``, ``fastpilot complete`` and the "available engines" of an
+UnknownModel error all use it): an engine is a directory directly under the
+models directory that is a converted output itself or holds at least one
+directly inside; a converted output is a directory with ``model.bin`` or
+``model.gguf``. Names starting with ``.`` are skipped at both levels (the
+converter writes into hidden temporary directories and renames them into
+place). A manifest is not needed to be *found*: :func:`load` refuses a model
+without one, with a message saying how to trust it, instead of the server
+skipping it silently.
+
+Given an engine
 directory that holds several outputs, the first present in the preference
 order for the device is served:
 
@@ -17,7 +30,9 @@ order for the device is served:
 - CUDA: ct2-int8_float16, ct2-float16, ct2-int8, ct2-float32, gguf-q8_0,
   gguf-q4_k_m, gguf-f16, gguf-f32 -- CTranslate2's fused CUDA kernels first.
 
-Backend modules are imported only here, when a model is actually loaded.
+The manifest is read once, by :func:`fastpilot.validate.check_model` while
+it checks the files, and handed to the backend with the path. Backend modules
+are imported only here, when a model is actually loaded.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ from fastpilot.backends.base import Backend
 from fastpilot.engine.model import Model
 from fastpilot.engine.params import Limits
 from fastpilot.errors import InvalidRequest, UnknownModel
+from fastpilot.manifest import GGUF_NAME
 
 BACKENDS = {"ctranslate2": "ct2", "llamacpp": "gguf"}
 _ALIASES = {
@@ -70,7 +86,7 @@ def detect_format(path: Path) -> str | None:
         return "gguf" if path.suffix.lower() == ".gguf" else None
     if (path / "model.bin").is_file():
         return "ct2"
-    if (path / "model.gguf").is_file():
+    if (path / GGUF_NAME).is_file():
         return "gguf"
     return None
 
@@ -79,7 +95,19 @@ def candidates(engine_dir: Path) -> list[Path]:
     """Converted outputs directly inside an engine directory, sorted by name."""
     if not engine_dir.is_dir():
         return []
-    return sorted(p for p in engine_dir.iterdir() if p.is_dir() and detect_format(p) is not None)
+    return sorted(
+        p
+        for p in engine_dir.iterdir()
+        # Hidden: the converter's temporary and scratch directories, never served.
+        if p.is_dir() and not p.name.startswith(".") and detect_format(p) is not None
+    )
+
+
+def outputs(engine_dir: Path) -> list[Path]:
+    """What an engine directory serves from: itself when it is an output, else its outputs."""
+    if engine_dir.is_dir() and detect_format(engine_dir) is not None:
+        return [engine_dir]
+    return candidates(engine_dir)
 
 
 def pick(engine_dir: Path, device: str = "cpu", backend: str | None = None) -> Path | None:
@@ -94,13 +122,13 @@ def pick(engine_dir: Path, device: str = "cpu", backend: str | None = None) -> P
     return ranked[0] if ranked else None
 
 
-def available(models_dir: str | os.PathLike[str]) -> list[str]:
-    """Engine names under ``models_dir`` that hold at least one converted output."""
+def discover_models(models_dir: str | os.PathLike[str]) -> list[str]:
+    """Engine names under ``models_dir``, sorted; the one discovery rule (module docstring)."""
     root = Path(models_dir)
     if not root.is_dir():
         return []
     return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and (candidates(p) or detect_format(p))
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and outputs(p)
     )
 
 
@@ -135,7 +163,7 @@ def resolve(
             raise UnknownModel(
                 f"{root} has no output for the {backend} backend (it has: {have})", param="model"
             )
-    names = available(models_dir)
+    names = discover_models(models_dir)
     listing = ", ".join(names) if names else f"none under {Path(models_dir).resolve()}"
     raise UnknownModel(
         f"no converted model at {str(path_or_engine)!r}; available engines: {listing}. "
@@ -198,14 +226,18 @@ def load(
 
     if trust_unverified is None:
         trust_unverified = trust_from_env()
-    check_model(path, fmt, trust_unverified=trust_unverified)
+    manifest = check_model(path, fmt, trust_unverified=trust_unverified).manifest
     impl: Backend
     if fmt == "ct2":
         from fastpilot.backends.ctranslate2 import CTranslate2Backend
 
-        impl = CTranslate2Backend(str(path), threads=threads, device=device, **backend_options)
+        impl = CTranslate2Backend(
+            str(path), manifest, threads=threads, device=device, **backend_options
+        )
     else:
         from fastpilot.backends.llamacpp import LlamaCppBackend
 
-        impl = LlamaCppBackend(str(path), threads=threads, device=device, **backend_options)
+        impl = LlamaCppBackend(
+            str(path), manifest, threads=threads, device=device, **backend_options
+        )
     return Model(name or engine, impl, default_timeout=default_timeout, limits=limits)

@@ -34,15 +34,14 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from fastpilot.loader import discover_models
 from fastpilot.settings import Settings
 
 log = logging.getLogger("fastpilot.serve")
 
 DEFAULT_MODEL_NAME = "tiny-py"
-MANIFEST = "fastpilot.json"
 
 
 def waitress_options(settings: Settings, n_models: int) -> dict[str, Any]:
@@ -65,28 +64,11 @@ def waitress_options(settings: Settings, n_models: int) -> dict[str, Any]:
 # -- models ----------------------------------------------------------------------------
 
 
-def discover_models(models_dir: str | Path) -> list[str]:
-    """Engine names under ``models_dir``: subdirectories holding a converted model.
-
-    A directory counts when it, or one of its direct children (one per
-    format), has a ``fastpilot.json`` manifest. Sorted by name.
-    """
-    root = Path(models_dir)
-    if not root.is_dir():
-        return []
-    names = []
-    for child in sorted(root.iterdir()):
-        if not child.is_dir() or child.name.startswith("."):
-            continue
-        if (child / MANIFEST).is_file() or any(
-            (sub / MANIFEST).is_file() for sub in child.iterdir() if sub.is_dir()
-        ):
-            names.append(child.name)
-    return names
-
-
 def model_specs(settings: Settings) -> list[tuple[str, str]]:
-    """(name, path or engine name) pairs to load, from ``--model`` or the models dir."""
+    """(name, path or engine name) pairs to load, from ``--model`` or the models dir.
+
+    Without ``--model``, every engine :func:`fastpilot.loader.discover_models` finds.
+    """
     specs: list[tuple[str, str]] = []
     for item in settings.model:
         name, sep, path = item.partition("=")

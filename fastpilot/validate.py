@@ -13,9 +13,10 @@ model, with a message that names the file and the problem, unless:
    dtype, and the file ends where the records say); a pickle or zip in its
    place (a PyTorch checkpoint renamed) is refused by name. ``config.json`` and
    the vocabulary must be JSON of the right shape.
-2. **Integrity** (by default): the directory's ``fastpilot.json`` manifest,
-   written by ``conversion/manifest.py``, lists the sha256 of every weight and
-   tokenizer file; each must match. A directory without a manifest is refused.
+2. **Integrity** (by default): the directory's ``fastpilot.json`` manifest
+   (:class:`fastpilot.manifest.Manifest`, written by ``fastpilot convert``) lists
+   the sha256 of every weight and tokenizer file; each must match. A directory
+   without a manifest is refused.
 
 ``trust_unverified=True`` (``--trust-unverified-models``,
 ``FASTPILOT_TRUST_UNVERIFIED_MODELS=1``) accepts files without a manifest and
@@ -48,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from fastpilot.errors import ModelFileError
+from fastpilot.manifest import MANIFEST, Manifest, find_gguf, manifest_dir, sha256_file
 
-MANIFEST = "fastpilot.json"
 TRUST_ENV = "FASTPILOT_TRUST_UNVERIFIED_MODELS"
 
 # Sanity caps: far above any real model, far below what would exhaust memory.
@@ -87,7 +88,7 @@ class Verified:
 
     path: Path
     format: str
-    manifest: dict[str, Any] | None
+    manifest: Manifest | None  # parsed once here; the loader hands it to the backend
     hashed: tuple[str, ...]  # file names whose sha256 was checked (or found memoized)
 
 
@@ -354,8 +355,6 @@ class DigestCache:
         with self._lock:
             if key in self._seen:
                 return self._seen[key]
-        from conversion.manifest import sha256_file
-
         digest = (self._hasher or sha256_file)(path)
         with self._lock:
             self._seen[key] = digest
@@ -366,36 +365,25 @@ class DigestCache:
 DIGESTS = DigestCache()
 
 
-def _manifest_for(path: Path) -> tuple[Path, Path]:
-    """(directory holding the manifest, the weight file or directory being loaded)."""
-    return (path if path.is_dir() else path.parent), path
-
-
 def _verify_manifest(
     directory: Path, fmt: str, weights: list[str], cache: DigestCache, hash_files: bool
-) -> tuple[dict[str, Any], tuple[str, ...]]:
-    from conversion.manifest import read_manifest
-
-    manifest = read_manifest(directory)
-    if manifest.get("format") != fmt:
+) -> tuple[Manifest, tuple[str, ...]]:
+    manifest = Manifest.read(directory)
+    if manifest.format != fmt:
         raise ModelFileError(
-            f"{directory / MANIFEST} says format {manifest.get('format')!r} "
+            f"{directory / MANIFEST} says format {manifest.format!r} "
             f"but the directory holds a {fmt} model"
         )
-    listed_weights = manifest["weights"]
-    files = manifest.get("files") or {}
-    if not isinstance(listed_weights, dict) or not isinstance(files, dict):
-        raise ModelFileError(f"{directory / MANIFEST}: weights/files must be objects")
-    unlisted = [w for w in weights if w not in listed_weights]
+    unlisted = [w for w in weights if w not in manifest.weights]
     if unlisted:
         raise ModelFileError(
             f"{directory / MANIFEST} lists no sha256 for {', '.join(unlisted)}; "
             "reconvert, or pass --trust-unverified-models"
         )
-    listed = {**files, **listed_weights}
+    listed = manifest.listed
     for name in listed:
         # Plain names only: a manifest must not point the loader outside its directory.
-        if not isinstance(name, str) or Path(name).name != name or not (directory / name).is_file():
+        if Path(name).name != name or not (directory / name).is_file():
             raise ModelFileError(f"{directory / str(name)}: listed in {MANIFEST} but missing")
     hashed: list[str] = []
     for name, expected in listed.items():
@@ -437,14 +425,9 @@ def check_model(
     """
     path = Path(path)
     cache = DIGESTS if cache is None else cache
-    directory, target = _manifest_for(path)
+    directory = manifest_dir(path)
     if fmt == "gguf":
-        gguf = target / "model.gguf" if target.is_dir() else target
-        if target.is_dir() and not gguf.is_file():
-            found = sorted(target.glob("*.gguf"))
-            gguf = found[0] if len(found) == 1 else gguf
-        if not gguf.is_file():
-            raise ModelFileError(f"{target}: no model.gguf")
+        gguf = find_gguf(path)
         check_gguf(gguf)
         weights = [gguf.name]
     elif fmt == "ct2":

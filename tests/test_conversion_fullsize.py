@@ -84,7 +84,7 @@ def test_fullsize_shapes(shape: str, tiny_tokenizer_dir: Path, tmp_path: Path) -
     ]
     convert(str(hf), shape, targets, out=out)
     for t in targets:
-        assert verify(out / t.dirname)["vocab_size"] == overrides["vocab_size"]
+        assert verify(out / t.dirname).vocab_size == overrides["vocab_size"]
 
     from tokenizers import Tokenizer
 

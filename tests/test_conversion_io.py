@@ -49,7 +49,7 @@ def test_ct2_tokenizer_matches_hf(tiny_models, hf_tokenizer, arch: str) -> None:
     for key in ("ct2-float32", "ct2-int8"):
         model_dir = tiny_models[arch][key]
         manifest = read_manifest(model_dir)
-        tok = Tokenizer.from_file(str(model_dir / manifest["tokenizer"]))
+        tok = Tokenizer.from_file(str(model_dir / manifest.tokenizer))
         for text in (*tinymodels.SNIPPETS, *EXTRA_TEXTS):
             expected = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
             assert tok.encode(text, add_special_tokens=False).ids == expected, (key, text)
@@ -108,22 +108,22 @@ def test_manifests(tiny_models, arch: str) -> None:
         model_dir = tiny_models[arch][key]
         manifest = verify(model_dir)
         fmt, quant = key.split("-", 1)
-        assert manifest["format"] == fmt and manifest["quantization"] == quant
-        assert manifest["arch"] == arch
-        assert manifest["context_length"] == tinymodels.N_CTX
+        assert manifest.format == fmt and manifest.quantization == quant
+        assert manifest.arch == arch
+        assert manifest.context_length == tinymodels.N_CTX
         expected_vocab = (
             tinymodels.CODEGEN_PADDED_VOCAB if arch == "codegen" else tinymodels.VOCAB_SIZE
         )
-        assert manifest["vocab_size"] == expected_vocab
-        assert manifest["eos_token_ids"] == [tinymodels.VOCAB_SIZE - 1]
-        assert manifest["fim"] is None
-        assert manifest["tokenizer"] == "tokenizer.json"
+        assert manifest.vocab_size == expected_vocab
+        assert manifest.eos_token_ids == (tinymodels.VOCAB_SIZE - 1,)
+        assert manifest.fim is None
+        assert manifest.tokenizer == "tokenizer.json"
         assert (model_dir / "tokenizer.json").is_file()
         weight_file = "model.bin" if fmt == "ct2" else "model.gguf"
-        assert list(manifest["weights"]) == [weight_file]
-        assert manifest["created"] and manifest["fastpilot_version"]
+        assert list(manifest.weights) == [weight_file]
+        assert manifest.get("created") and manifest.get("fastpilot_version")
         if fmt == "gguf":
-            assert manifest["gguf_arch"] == ("gpt2" if arch == "gpt2" else "phi2")
+            assert manifest.get("gguf_arch") == ("gpt2" if arch == "gpt2" else "phi2")
 
 
 def test_verify_detects_tampering(tiny_models, tmp_path: Path) -> None:
@@ -145,11 +145,11 @@ def test_existing_output_is_kept_unless_forced(tiny_gpt2_hf: Path, tmp_path: Pat
     out = tmp_path / "o"
     [first] = convert(str(tiny_gpt2_hf), "x", [Target("gguf", "f16")], out=out)
     assert first.written
-    created = read_manifest(out)["weights"]
+    created = read_manifest(out).weights
     [again] = convert(str(tiny_gpt2_hf), "x", [Target("gguf", "f16")], out=out)
     assert not again.written
     [forced] = convert(str(tiny_gpt2_hf), "x", [Target("gguf", "f16")], out=out, force=True)
-    assert forced.written and read_manifest(out)["weights"] == created  # deterministic bytes
+    assert forced.written and read_manifest(out).weights == created  # deterministic bytes
 
 
 # -- checkpoint formats -------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_pickle_checkpoint_with_torch(tiny_gpt2_hf: Path, tmp_path: Path) -> Non
     convert(str(hf), "x", [Target("ct2", "float32")], out=out)
     ref = tmp_path / "ref"
     convert(str(tiny_gpt2_hf), "x", [Target("ct2", "float32")], out=ref)
-    assert read_manifest(out)["weights"] == read_manifest(ref)["weights"]
+    assert read_manifest(out).weights == read_manifest(ref).weights
 
 
 # -- entry points -------------------------------------------------------------------
@@ -265,17 +265,11 @@ def test_cli_format_all(tiny_gpt2_hf: Path, tmp_path: Path) -> None:
 
 
 def test_cli_parser_shape() -> None:
-    """fastpilot/cli.py wires this in with add_parser(subparsers) / main(argv)."""
-    import argparse
+    """fastpilot/cli.py forwards `fastpilot convert ...` to main(argv), which parses with this."""
+    from conversion.cli import build_parser, main
 
-    from conversion.cli import add_parser, main, run
-
-    parser = argparse.ArgumentParser(prog="fastpilot")
-    sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
-    args = parser.parse_args(
+    args = build_parser().parse_args(
         [
-            "convert",
             "gpt2",
             "--name",
             "117M",
@@ -287,7 +281,8 @@ def test_cli_parser_shape() -> None:
             "x",
         ]
     )
-    assert args.handler is run and args.format == "gguf" and args.quantization == "q8_0"
+    assert args.source == "gpt2" and args.name == "117M"
+    assert args.format == "gguf" and args.quantization == "q8_0"
     assert args.out == Path("x")
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -373,4 +368,4 @@ def test_gpt2_unprefixed_names_and_mask_buffers(tiny_gpt2_hf: Path, tmp_path: Pa
     out, ref = tmp_path / "out", tmp_path / "ref"
     convert(str(hf), "x", [Target("gguf", "f32")], out=out)
     convert(str(tiny_gpt2_hf), "x", [Target("gguf", "f32")], out=ref)
-    assert read_manifest(out)["weights"] == read_manifest(ref)["weights"]
+    assert read_manifest(out).weights == read_manifest(ref).weights

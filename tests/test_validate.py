@@ -58,7 +58,7 @@ def test_every_converted_output_verifies(tiny_models, arch):
             continue
         fmt = key.split("-", 1)[0]
         verified = check_model(path, fmt, cache=DigestCache())
-        assert verified.manifest is not None and verified.manifest["format"] == fmt
+        assert verified.manifest is not None and verified.manifest.format == fmt
         weight = "model.gguf" if fmt == "gguf" else "model.bin"
         assert weight in verified.hashed and "tokenizer.json" in verified.hashed
     summary = check_gguf(tiny_models[arch]["gguf-q8_0"] / "model.gguf")

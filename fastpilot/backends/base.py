@@ -58,17 +58,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
-    @property
-    def needs_logits_processing(self) -> bool:
-        """True when the request uses a knob that rewrites the logits."""
-        return bool(
-            self.logit_bias
-            or self.presence_penalty
-            or self.frequency_penalty
-            or self.repetition_penalty != 1.0
-            or self.min_tokens
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class Step:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fastpilot.backends.base import SamplingParams, TokenStream
-from fastpilot.engine.sampling import BAN
+from fastpilot.backends.sampling import BAN
 from fastpilot.errors import ModelFileError
 
 

@@ -69,8 +69,9 @@ from fastpilot.backends.ct2_support import (
     spelling_to_bytes,
     wants_logits,
 )
-from fastpilot.engine.sampling import SequenceSampler, log_softmax, top_entries
+from fastpilot.backends.sampling import SequenceSampler, log_softmax, top_entries
 from fastpilot.errors import BackendError, InvalidRequest, ModelFileError, NotSupported, QueueFull
+from fastpilot.manifest import Manifest
 
 
 class CTranslate2Backend(Backend):
@@ -78,6 +79,8 @@ class CTranslate2Backend(Backend):
 
     Args:
         path: The converted model directory.
+        manifest: Its parsed ``fastpilot.json`` (the loader passes the one it
+            verified); None reads the directory's own, if it has one.
         threads: CPU threads for CT2's intra-op pool (default ``os.cpu_count()``;
             CT2's own default of 0 means 4).
         device: ``cpu``, ``cuda`` or ``auto`` (cuda when a device is visible).
@@ -98,6 +101,7 @@ class CTranslate2Backend(Backend):
     def __init__(
         self,
         path: str | os.PathLike[str],
+        manifest: Manifest | None = None,
         *,
         threads: int | None = None,
         device: str = "cpu",
@@ -113,37 +117,37 @@ class CTranslate2Backend(Backend):
         self.path = Path(path)
         if not (self.path / "model.bin").is_file():
             raise ModelFileError(f"{self.path} is not a CTranslate2 model directory (no model.bin)")
-        manifest = read_json(self.path / "fastpilot.json")
+        if manifest is None:
+            manifest = Manifest.find(self.path)
         config = read_json(self.path / "config.json")
         self._vocab = read_vocabulary(self.path)
         self._vocab_index = {tok: i for i, tok in enumerate(self._vocab)}
         self._tokenizer = load_tokenizer(
-            self.path / str(manifest.get("tokenizer", "tokenizer.json"))
+            self.path / (manifest.tokenizer if manifest else "tokenizer.json")
         )
         # CT2's vocabulary may be padded past the tokenizer (CodeGen: one entry per
         # embedding row); those ids are no tokens and are never sampled.
         self.vocab_size = self._check_vocabulary()
         self._padding = tuple(range(self.vocab_size, len(self._vocab)))
         self._token_bytes = [spelling_to_bytes(t) for t in self._vocab]
-        n_ctx = manifest.get("context_length") or manifest.get("n_positions")
-        self.context_length = int(n_ctx or 2048)
-        eos = manifest.get("eos_token_ids")
+        self.context_length = (manifest.context_length if manifest else 0) or 2048
+        eos: Sequence[int] | None = manifest.eos_token_ids if manifest else None
         if eos is None:
             eos_tok = config.get("eos_token", "<|endoftext|>")
             eos = [self._vocab_index[eos_tok]] if eos_tok in self._vocab_index else []
         self.eos_token_ids = frozenset(int(i) for i in eos)
-        bos = manifest.get("bos_token_id")
+        bos = manifest.bos_token_id if manifest else None
         if bos is None:
             bos = self._vocab_index.get(str(config.get("bos_token", "")))
         self._bos = int(bos) if bos is not None else min(self.eos_token_ids, default=0)
-        fim = manifest.get("fim")
-        self.fim_spec = fim if isinstance(fim, dict) else None  # read by engine/fim.py
-        if isinstance(fim, dict) and {"prefix", "suffix", "middle"} <= fim.keys():
+        fim = manifest.fim if manifest else None
+        self.fim_spec = fim  # read by engine/fim.py
+        if fim is not None and {"prefix", "suffix", "middle"} <= fim.keys():
             self.fim = FimTemplate(fim["prefix"], fim["suffix"], fim["middle"])
 
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-        quant = str(manifest.get("quantization") or "")
+        quant = manifest.quantization if manifest else ""
         if compute_type is None:
             cuda_int8 = device == "cuda" and quant.startswith("int8")
             compute_type = "int8_float16" if cuda_int8 else "default"
@@ -157,7 +161,7 @@ class CTranslate2Backend(Backend):
         self.info = BackendInfo(
             backend=self.name,
             path=str(self.path),
-            arch=str(manifest.get("arch", "")),
+            arch=manifest.arch if manifest else "",
             quantization=quant,
             device=device,
             extra={**self._gen_args, "compute_type": self._generator.compute_type},

@@ -33,7 +33,6 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -58,10 +57,9 @@ from fastpilot.backends.llamacpp_native import (
     offload_layers,
     read_pieces,
     real_vocab_size,
-    resolve_gguf,
 )
+from fastpilot.backends.sampling import SequenceSampler
 from fastpilot.backends.scheduler import BatchEntry, KvOp, Scheduler, Seq
-from fastpilot.engine.sampling import SequenceSampler
 from fastpilot.errors import (
     BackendError,
     ContextLengthExceeded,
@@ -69,8 +67,9 @@ from fastpilot.errors import (
     ModelFileError,
     QueueFull,
 )
+from fastpilot.manifest import Manifest, find_gguf
 
-__all__ = ["LlamaCppBackend", "resolve_gguf"]
+__all__ = ["LlamaCppBackend"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +94,8 @@ class LlamaCppBackend(Backend):
 
     Args:
         path: a ``.gguf`` file, or a directory with ``model.gguf`` and ``fastpilot.json``.
+        manifest: the parsed ``fastpilot.json`` (the loader passes the one it
+            verified); None reads the one beside ``path``, if any.
         threads: CPU threads for decoding and prompt processing (default
             ``os.cpu_count()``; llama.cpp's own default is half the cores).
         device: ``"cpu"`` (no offload), ``"cuda"`` (offload every layer; raises
@@ -120,6 +121,7 @@ class LlamaCppBackend(Backend):
     def __init__(
         self,
         path: str | os.PathLike[str],
+        manifest: Manifest | None = None,
         *,
         threads: int | None = None,
         device: str = "cpu",
@@ -132,7 +134,9 @@ class LlamaCppBackend(Backend):
         if slots < 1 or prompt_chunk < 1 or max_queue < 0:
             raise ValueError("slots and prompt_chunk must be >= 1, max_queue >= 0")
         lib = self._lib = load_library()
-        gguf, manifest = resolve_gguf(path)
+        gguf = find_gguf(path)
+        if manifest is None:
+            manifest = Manifest.find(gguf)
         threads = self._threads = threads or os.cpu_count() or 1
         gpu_layers = offload_layers(lib, device)
 
@@ -166,16 +170,20 @@ class LlamaCppBackend(Backend):
             self._free_native()
             raise
 
-        fim = manifest.get("fim")
-        if isinstance(fim, dict) and {"prefix", "suffix", "middle"} <= fim.keys():
+        fim = manifest.fim if manifest else None
+        if fim is not None and {"prefix", "suffix", "middle"} <= fim.keys():
             self.fim = FimTemplate(str(fim["prefix"]), str(fim["suffix"]), str(fim["middle"]))
         self.info = BackendInfo(
             backend=self.name,
             path=str(gguf),
-            arch=str(manifest.get("arch", "")),
-            quantization=str(manifest.get("quantization", "")),
+            arch=manifest.arch if manifest else "",
+            quantization=manifest.quantization if manifest else "",
             device="cuda" if gpu_layers else "cpu",
-            extra={"threads": self._threads, "slots": slots, "manifest": manifest},
+            extra={
+                "threads": self._threads,
+                "slots": slots,
+                "manifest": manifest.to_json() if manifest else {},
+            },
         )
 
         self._cond = threading.Condition()
@@ -196,13 +204,12 @@ class LlamaCppBackend(Backend):
         atexit.register(self.close)
 
     # -- vocabulary ------------------------------------------------------------------
-    def _load_vocab(self, manifest: dict[str, Any]) -> None:
+    def _load_vocab(self, manifest: Manifest | None) -> None:
         lib, vocab = self._lib, self._vocab
         self._pieces = read_pieces(lib, vocab, self.vocab_size)
         # The GGUF's eos/eot, plus any the converter listed (the engine strips them all).
         eos = {int(lib.llama_vocab_eos(vocab)), int(lib.llama_vocab_eot(vocab))}
-        listed = manifest.get("eos_token_ids") or []
-        eos.update(int(t) for t in listed if isinstance(t, int))
+        eos.update(manifest.eos_token_ids if manifest else ())
         self.eos_token_ids = frozenset(t for t in eos if 0 <= t < self.vocab_size)
         self._bos = int(lib.llama_vocab_bos(vocab))
 

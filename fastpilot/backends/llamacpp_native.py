@@ -1,6 +1,6 @@
 """Thin helpers over llama-cpp-python's ctypes API for :mod:`fastpilot.backends.llamacpp`.
 
-Library init and log routing, GGUF + manifest discovery, a NumPy-backed
+Library init and log routing, a NumPy-backed
 ``llama_batch``, the token piece table, and the embedding context. Importing this
 module does not import ``llama_cpp``; :func:`load_library` does.
 """
@@ -8,20 +8,17 @@ module does not import ``llama_cpp``; :func:`load_library` does.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
-import os
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fastpilot.backends.base import Step
+from fastpilot.backends.sampling import log_softmax, top_entries
 from fastpilot.backends.scheduler import BatchEntry, KvCopy, KvOp
-from fastpilot.engine.sampling import log_softmax, top_entries
-from fastpilot.errors import BackendError, ContextLengthExceeded, ModelFileError
+from fastpilot.errors import BackendError, ContextLengthExceeded
 
 __all__ = [
     "Embedder",
@@ -34,7 +31,6 @@ __all__ = [
     "offload_layers",
     "read_pieces",
     "real_vocab_size",
-    "resolve_gguf",
 ]
 
 _native_log = logging.getLogger("fastpilot.backends.llamacpp.native")
@@ -127,37 +123,6 @@ def new_context(
     else:
         cparams.flash_attn_type = 1 if flash_attn else 0
     return lib.llama_init_from_model(model, cparams)
-
-
-def resolve_gguf(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """Find the GGUF file and its ``fastpilot.json`` manifest (``{}`` when absent).
-
-    ``path`` is a ``.gguf`` file or a directory holding ``model.gguf`` (or exactly
-    one ``*.gguf``). Raises :class:`ModelFileError` for anything else.
-    """
-    p = Path(path)
-    if p.is_dir():
-        gguf = p / "model.gguf"
-        if not gguf.is_file():
-            found = sorted(p.glob("*.gguf"))
-            if len(found) != 1:
-                raise ModelFileError(f"{p} holds {len(found)} .gguf files; expected model.gguf")
-            gguf = found[0]
-        manifest_path = p / "fastpilot.json"
-    elif p.is_file():
-        gguf, manifest_path = p, p.parent / "fastpilot.json"
-    else:
-        raise ModelFileError(f"no such model file or directory: {p}")
-    with gguf.open("rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise ModelFileError(f"{gguf} is not a GGUF file")
-    manifest: dict[str, Any] = {}
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as ex:
-            raise ModelFileError(f"unreadable manifest {manifest_path}: {ex}") from ex
-    return gguf, manifest
 
 
 class NativeBatch:

@@ -1,6 +1,7 @@
 """The engine: request semantics shared by every backend.
 
 - ``model``     :class:`Model`, the library API (complete/stream/chat/ask/embed/tokenize).
+- ``context``   what a request in flight needs of its model (``RunContext``), the counters.
 - ``run``       one request in flight: submit, follow, shape; ``CompletionStream``.
 - ``batch``     several prompts in one request: all submitted, ``choices[i*n + j]``.
 - ``prompt``    tokenization, FIM rendering, context fitting, deadlines.
@@ -8,7 +9,10 @@
 - ``detok``, ``stops``, ``chat``  incremental UTF-8, stop matching, chat rendering.
 - ``editor_stops``  llama.cpp's ``n_indent`` / ``t_max_predict_ms`` line stops.
 - ``params``, ``coerce``  the request's fields (declared once), one reader per type.
-- ``sampling``  the shared numpy sampler.
+- ``sampling``  the shared numpy sampler's engine-level names (it lives in
+  :mod:`fastpilot.backends.sampling`, so backends need not import the engine).
 
-Submodules are imported where used; only ``sampling`` needs numpy.
+Dependencies run one way: api -> engine -> backends; nothing here imports
+``fastpilot.api`` (tests/test_imports.py checks it). Submodules are imported
+where used; only ``sampling`` needs numpy.
 """

@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from fastpilot.engine.params import CompletionRequest
-from fastpilot.engine.run import Completion, CompletionStream, Run
+from fastpilot.engine.run import CompletionResult, CompletionStream, Run
 from fastpilot.errors import BackendError, FastpilotError
 
 
@@ -50,9 +50,9 @@ def sum_usage(usages: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def complete(runs: Sequence[Run], n: int) -> Completion:
+def complete(runs: Sequence[Run], n: int) -> CompletionResult:
     """Read every run to its end (they generate concurrently) and join their choices."""
-    results: list[Completion] = []
+    results: list[CompletionResult] = []
     try:
         for run in runs:
             results.append(run.complete())
@@ -61,21 +61,23 @@ def complete(runs: Sequence[Run], n: int) -> Completion:
             run.finish(error=len(results) < len(runs))
     choices = []
     for i, result in enumerate(results):
-        for choice in result["choices"]:
+        for choice in result.body["choices"]:
             choices.append({**choice, "index": i * n + choice["index"]})
-    first = results[0]
-    out = Completion(
-        id=first["id"],
-        object=first["object"],
-        created=first["created"],
-        model=first["model"],
-        choices=choices,
-        usage=sum_usage([r["usage"] for r in results]),
+    first = results[0].body
+    body = {
+        "id": first["id"],
+        "object": first["object"],
+        "created": first["created"],
+        "model": first["model"],
+        "choices": choices,
+        "usage": sum_usage([r.body["usage"] for r in results]),
+    }
+    return CompletionResult(
+        body,
+        fim_used=any(r.fim_used for r in results),
+        suffix_ignored=any(r.suffix_ignored for r in results),
+        truncated=sum(r.truncated for r in results),
     )
-    out.fim_used = any(r.fim_used for r in results)
-    out.suffix_ignored = any(r.suffix_ignored for r in results)
-    out.truncated = sum(r.truncated for r in results)
-    return out
 
 
 _END = object()
@@ -98,7 +100,7 @@ class BatchStream:
         self.suffix_ignored = any(s.suffix_ignored for s in self._streams)
         self.truncated = sum(s.truncated for s in self._streams)
         self.prompt_tokens = sum(s.prompt_tokens for s in self._streams)
-        self._model = runs[0].model.name
+        self._model = runs[0].ctx.name
         self._n = n
         self._include_usage = include_usage
         self._closed = False

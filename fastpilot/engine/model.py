@@ -22,7 +22,6 @@ the chunks generated so far (the server then sends an error event).
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from fastpilot.backends.base import Backend, BackendInfo
 from fastpilot.engine import batch
 from fastpilot.engine import chat as chatfmt
 from fastpilot.engine.coerce import coerce_bool, coerce_int
+from fastpilot.engine.context import RequestCounters, RunContext
 from fastpilot.engine.fim import FimFormat, fim_format
 from fastpilot.engine.params import CompletionRequest, Limits
 from fastpilot.engine.run import Completion, CompletionStream, Run
@@ -66,15 +66,7 @@ class Model:
         self.default_timeout = default_timeout
         self.limits = limits or Limits()
         self._token_text: dict[int, str] = {}
-        self._lock = threading.Lock()
-        self._stats = {
-            "requests_total": 0,
-            "requests_active": 0,
-            "errors_total": 0,
-            "timeouts_total": 0,
-            "prompt_tokens_total": 0,
-            "completion_tokens_total": 0,
-        }
+        self._counters = RequestCounters()
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -130,6 +122,18 @@ class Model:
         return text
 
     # -- completions --------------------------------------------------------------------
+    def _context(self) -> RunContext:
+        """What a request needs of this model, read now (tests may swap ``clock``/``new_id``)."""
+        return RunContext(
+            name=self.name,
+            backend=self.backend,
+            token_text=self.token_text,
+            counters=self._counters,
+            new_id=self.new_id,
+            clock=self.clock,
+            default_timeout=self.default_timeout,
+        )
+
     def _request(
         self, request: CompletionRequest | None, params: Mapping[str, Any]
     ) -> CompletionRequest:
@@ -154,11 +158,11 @@ class Model:
         """
         req = self._request(request, params)
         if len(req.prompts) > 1:
-            return batch.complete(batch.start_runs(req, self._completion_run), req.n)
-        return self._completion_run(req).complete()
+            return Completion.of(batch.complete(batch.start_runs(req, self._completion_run), req.n))
+        return Completion.of(self._completion_run(req).complete())
 
     def _completion_run(self, req: CompletionRequest) -> Run:
-        return Run(self, req, stops=req.stop, chat=False)
+        return Run(self._context(), req, stops=req.stop, chat=False)
 
     def stream(
         self, request: CompletionRequest | None = None, /, **params: Any
@@ -210,12 +214,14 @@ class Model:
         next ``"\\nUser:"``. ``max_tokens`` defaults to 256 here.
         """
         req = self._chat_request(messages, params)
-        return Run(self, req, stops=req.stop + chatfmt.DEFAULT_STOPS, chat=True).complete()
+        run = Run(self._context(), req, stops=req.stop + chatfmt.DEFAULT_STOPS, chat=True)
+        return Completion.of(run.complete())
 
     def stream_chat(self, messages: Any, **params: Any) -> CompletionStream:
         """Like :meth:`chat`, as ``chat.completion.chunk`` dicts with ``delta``."""
         req = self._chat_request(messages, params)
-        return CompletionStream(Run(self, req, stops=req.stop + chatfmt.DEFAULT_STOPS, chat=True))
+        stops = req.stop + chatfmt.DEFAULT_STOPS
+        return CompletionStream(Run(self._context(), req, stops=stops, chat=True))
 
     def ask(self, messages: Any, **params: Any) -> dict[str, Any]:
         """The ``/ask`` shape: ``{"reply": text, "usage": {...}}``."""
@@ -259,15 +265,9 @@ class Model:
         }
 
     # -- bookkeeping --------------------------------------------------------------------
-    def _count(self, **deltas: int) -> None:
-        with self._lock:
-            for key, value in deltas.items():
-                self._stats[key] += value
-
     def stats(self) -> dict[str, float]:
         """Counters for /metrics: this model's requests and tokens, then the backend's."""
-        with self._lock:
-            out: dict[str, float] = dict(self._stats)
+        out: dict[str, float] = dict(self._counters.snapshot())
         for key, value in self.backend.stats().items():
             out[f"backend_{key}"] = value
         return out

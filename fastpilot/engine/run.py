@@ -1,11 +1,12 @@
 """One request in flight: prepared prompt, submitted streams, followed choices, shaped output.
 
 :class:`Run` is created by :class:`fastpilot.engine.model.Model` for every
-completion or chat request. It submits all of the request's sequences at once
+completion or chat request, with a :class:`~fastpilot.engine.context.RunContext`
+(what it needs of the model, nothing more). It submits all of the request's sequences at once
 (so the backend batches them), follows each stream through
 :class:`~fastpilot.engine.sequences.SequenceState`, and shapes OpenAI objects:
-:meth:`Run.complete` for one JSON document, :class:`CompletionStream` for
-chunks. Every exit path cancels every outstanding backend stream.
+:meth:`Run.complete` for one JSON document (a :class:`CompletionResult`),
+:class:`CompletionStream` for chunks. Every exit path cancels every outstanding backend stream.
 """
 
 from __future__ import annotations
@@ -13,42 +14,72 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Generator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from fastpilot.backends.base import GenerationRequest, TokenStream
+from fastpilot.engine.context import RunContext
 from fastpilot.engine.detok import IncrementalDetokenizer
 from fastpilot.engine.params import CompletionRequest
 from fastpilot.engine.prompt import PreparedPrompt, prepare
 from fastpilot.engine.sequences import Delta, SequenceState, TokenEntry, merge_streams
 from fastpilot.errors import BackendError, FastpilotError, Timeout
 
-if TYPE_CHECKING:
-    from fastpilot.engine.model import Model
+
+@dataclass(frozen=True, slots=True)
+class CompletionResult:
+    """One finished request: the OpenAI object to send, and what only the headers say.
+
+    Attributes:
+        body: the ``text_completion`` / ``chat.completion`` object, JSON-ready.
+        fim_used: the suffix went through the model's FIM template.
+        suffix_ignored: a suffix was given but the model cannot infill.
+        truncated: prompt tokens dropped from the left to fit the context.
+    """
+
+    body: dict[str, Any]
+    fim_used: bool
+    suffix_ignored: bool
+    truncated: int
 
 
 class Completion(dict):
-    """An OpenAI response object (a plain dict for JSON) plus what the headers need."""
+    """The library's return value: the OpenAI object (a plain dict for JSON) plus attributes.
+
+    ``Model.complete`` and ``Model.chat`` return it so that
+    ``model.complete(...)["choices"]`` works and ``.fim_used``, ``.suffix_ignored``
+    and ``.truncated`` are at hand; the engine passes :class:`CompletionResult` inside.
+    """
 
     fim_used: bool = False
     suffix_ignored: bool = False
     truncated: int = 0
+
+    @classmethod
+    def of(cls, result: CompletionResult) -> Completion:
+        """The library's view of a finished request."""
+        out = cls(result.body)
+        out.fim_used = result.fim_used
+        out.suffix_ignored = result.suffix_ignored
+        out.truncated = result.truncated
+        return out
 
 
 class Run:
     """One request in flight: its prepared prompt, its streams and its choices."""
 
     def __init__(
-        self, model: Model, req: CompletionRequest, *, stops: Sequence[str], chat: bool
+        self, ctx: RunContext, req: CompletionRequest, *, stops: Sequence[str], chat: bool
     ) -> None:
-        self.model = model
+        self.ctx = ctx
         self.req = req
         self.chat = chat
         self.stops = tuple(stops)
-        self.id = ("chatcmpl-" if chat else "cmpl-") + model.new_id()
-        self.created = max(1, int(model.clock()))
+        self.id = ("chatcmpl-" if chat else "cmpl-") + ctx.new_id()
+        self.created = max(1, int(ctx.clock()))
         self.object = "chat.completion" if chat else "text_completion"
-        backend = model.backend
-        self.prep: PreparedPrompt = prepare(backend, req, default_timeout=model.default_timeout)
+        backend = ctx.backend
+        self.prep: PreparedPrompt = prepare(backend, req, default_timeout=ctx.default_timeout)
         self.want_logprobs = req.logprobs is not None
         self.echo_text = ""
         self.echo_entries: tuple[TokenEntry, ...] = ()
@@ -58,7 +89,7 @@ class Run:
         self.streams: list[TokenStream] = []
         self.states: list[SequenceState] = []
         count = req.num_sequences
-        model._count(requests_total=1, requests_active=1)
+        ctx.counters.add(requests_total=1, requests_active=1)
         self._active = True
         self._settle = threading.Lock()  # finish() may race between close() and the iterator
         if self.prep.max_tokens == 0:
@@ -95,7 +126,7 @@ class Run:
     def _echo(self) -> None:
         """Decode the (possibly truncated) prompt and, when asked, score its tokens."""
         ids = self.prep.echo_ids
-        detok = IncrementalDetokenizer(self.model.backend.token_bytes)
+        detok = IncrementalDetokenizer(self.ctx.backend.token_bytes)
         parts: list[str] = []
         offsets: list[int] = []
         for tok in ids:
@@ -105,7 +136,7 @@ class Run:
         self.echo_text = "".join(parts)
         if self.want_logprobs and ids:
             k = self.req.logprobs or 0
-            scored = self.model.backend.prompt_logprobs(list(self.prep.prompt_ids), k)
+            scored = self.ctx.backend.prompt_logprobs(list(self.prep.prompt_ids), k)
             # prompt_ids may start with a stand-in BOS that echo does not show.
             scored = scored[len(scored) - len(ids) :]
             entries = []
@@ -192,7 +223,7 @@ class Run:
             if not self._active:
                 return
             self._active = False
-            self.model._count(
+            self.ctx.counters.add(
                 requests_active=-1,
                 errors_total=int(error),
                 prompt_tokens_total=len(self.prep.prompt_ids),
@@ -221,7 +252,7 @@ class Run:
             "prompt_tokens_details": {"cached_tokens": min(cached, prompt)},
         }
 
-    def complete(self) -> Completion:
+    def complete(self) -> CompletionResult:
         texts: dict[int, list[str]] = {}
         entries: dict[int, list[TokenEntry]] = {}
         reasons: dict[int, str | None] = {}
@@ -232,10 +263,10 @@ class Run:
                 if d.finish_reason is not None:
                     reasons[d.index] = d.finish_reason
         except Timeout:
-            self.model._count(timeouts_total=1, errors_total=1)
+            self.ctx.counters.add(timeouts_total=1, errors_total=1)
             raise
         except FastpilotError:
-            self.model._count(errors_total=1)
+            self.ctx.counters.add(errors_total=1)
             raise
         order = list(range(self.req.n))
         if self.states and len(self.states) > self.req.n:
@@ -246,18 +277,17 @@ class Run:
             text = "".join(texts.get(i, []))
             lp = self.shape_logprobs(entries.get(i, [])) if self.want_logprobs else None
             choices.append(self.shape_choice(new_index, text, lp, reasons.get(i)))
-        out = Completion(
-            id=self.id,
-            object=self.object,
-            created=self.created,
-            model=self.model.name,
-            choices=choices,
-            usage=self.usage(),
+        body = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.ctx.name,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+        return CompletionResult(
+            body, self.prep.fim_used, self.prep.suffix_ignored, self.prep.truncated
         )
-        out.fim_used = self.prep.fim_used
-        out.suffix_ignored = self.prep.suffix_ignored
-        out.truncated = self.prep.truncated
-        return out
 
     # -- shaping ------------------------------------------------------------------------
     def shape_choice(
@@ -273,14 +303,14 @@ class Run:
         return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
 
     def shape_logprobs(self, entries: Sequence[TokenEntry]) -> dict[str, Any]:
-        text_of = self.model.token_text
+        text_of = self.ctx.token_text
         if self.chat:
 
             def item(tok: int, lp: float) -> dict[str, Any]:
                 return {
                     "token": text_of(tok),
                     "logprob": lp,
-                    "bytes": list(self.model.backend.token_bytes(tok)),
+                    "bytes": list(self.ctx.backend.token_bytes(tok)),
                 }
 
             return {
@@ -365,7 +395,7 @@ class CompletionStream:
             "id": run.id,
             "object": run.object + (".chunk" if run.chat else ""),
             "created": run.created,
-            "model": run.model.name,
+            "model": run.ctx.name,
         }
         with_usage = run.req.include_usage
         started: set[int] = set()
@@ -396,10 +426,10 @@ class CompletionStream:
                     chunk["usage"] = None
                 yield chunk
         except Timeout:
-            run.model._count(timeouts_total=1, errors_total=1)
+            run.ctx.counters.add(timeouts_total=1, errors_total=1)
             raise
         except FastpilotError:
-            run.model._count(errors_total=1)
+            run.ctx.counters.add(errors_total=1)
             raise
         finally:
             run.finish()

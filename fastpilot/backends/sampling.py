@@ -1,0 +1,143 @@
+"""Logits processing and sampling shared by every backend that exposes per-step logits.
+
+One :class:`SequenceSampler` per generated sequence. Given the model's raw
+logits for the next position (a float32 vector of ``vocab_size``) it applies,
+in this order:
+
+1. ``repetition_penalty`` (CTRL / Hugging Face): for every token already seen in
+   the prompt or the output, a positive logit is divided by the penalty and a
+   negative one multiplied by it;
+2. OpenAI's additive penalties over the tokens *this sequence generated*:
+   ``logit[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty``;
+3. ``logit_bias`` (added; ``<= -100`` bans the token outright);
+4. the end-of-sequence ban while fewer than ``min_tokens`` were generated;
+
+then picks the token: ``argmax`` when ``temperature == 0``, otherwise a draw
+from ``softmax(logits / temperature)`` restricted by ``top_k`` and ``top_p``,
+with a NumPy generator seeded from ``seed`` (same seed, same draws).
+
+The reported log-probabilities are ``log_softmax`` of the processed logits at
+the sampling temperature (temperature 1 when greedy), i.e. of the distribution
+the token was drawn from before the top-k/top-p cut -- so alternatives outside
+the nucleus still get their real, finite values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from fastpilot.backends.base import SamplingParams, Step
+
+BAN = -100.0  # OpenAI: a bias of -100 should "result in a ban or exclusive selection"
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis (float64 accumulation)."""
+    m = np.max(x, axis=-1, keepdims=True)
+    shifted = x.astype(np.float64) - m
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def top_entries(logprobs: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    """The ``k`` best ``(token_id, logprob)`` pairs, best first."""
+    if k <= 0:
+        return ()
+    k = min(k, logprobs.shape[-1])
+    idx = np.argpartition(-logprobs, k - 1)[:k]
+    idx = idx[np.argsort(-logprobs[idx], kind="stable")]
+    return tuple((int(i), float(logprobs[i])) for i in idx)
+
+
+class SequenceSampler:
+    """Stateful sampler for one sequence; not thread-safe (one worker owns it)."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab_size: int,
+        eos_token_ids: Iterable[int] = (),
+        prompt_ids: Iterable[int] = (),
+    ) -> None:
+        self.params = params
+        self.vocab_size = vocab_size
+        self.eos = np.array(sorted(set(eos_token_ids)), dtype=np.int64)
+        self.rng = np.random.default_rng(params.seed)
+        self.counts: dict[int, int] = {}
+        self.generated = 0
+        # Tokens seen so far, for the multiplicative repetition penalty.
+        self.seen: set[int] = set(prompt_ids) if params.repetition_penalty != 1.0 else set()
+        self.bias: np.ndarray | None = None
+        if params.logit_bias:
+            bias = np.zeros(vocab_size, dtype=np.float32)
+            for tok, value in params.logit_bias:
+                if 0 <= tok < vocab_size:
+                    bias[tok] = -np.inf if value <= BAN else value
+            self.bias = bias
+
+    def process(self, logits: np.ndarray) -> np.ndarray:
+        """Apply penalties, bias and the EOS ban; returns a new float32 array."""
+        p = self.params
+        x = np.array(logits[: self.vocab_size], dtype=np.float32, copy=True)
+        if p.repetition_penalty != 1.0 and self.seen:
+            ids = np.fromiter(self.seen, dtype=np.int64)
+            ids = ids[ids < self.vocab_size]
+            vals = x[ids]
+            x[ids] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and self.counts:
+            ids = np.fromiter(self.counts.keys(), dtype=np.int64)
+            cnt = np.fromiter(self.counts.values(), dtype=np.float32)
+            x[ids] -= cnt * p.frequency_penalty + (cnt > 0) * p.presence_penalty
+        if self.bias is not None:
+            x += self.bias
+        if self.eos.size and (p.ignore_eos or self.generated < p.min_tokens):
+            x[self.eos[self.eos < self.vocab_size]] = -np.inf
+        return x
+
+    def sample(self, logits: np.ndarray) -> Step:
+        """Pick the next token from raw logits and record it."""
+        p = self.params
+        x = self.process(logits)
+        if p.greedy:
+            token = int(np.argmax(x))
+            if p.logprobs:
+                lp = log_softmax(x)
+                step = Step(token, float(lp[token]), top_entries(lp, p.logprobs))
+            else:
+                # Only the chosen token's logprob: log_softmax at one index.
+                m = float(np.max(x))
+                lse = m + float(np.log(np.sum(np.exp(x.astype(np.float64) - m))))
+                step = Step(token, float(x[token]) - lse)
+        else:
+            lp = log_softmax(x / p.temperature)
+            token = self._draw(lp)
+            step = Step(token, float(lp[token]), top_entries(lp, p.logprobs))
+        self.observe(token)
+        return step
+
+    def observe(self, token: int) -> None:
+        """Record a generated token (for penalties and min_tokens)."""
+        self.generated += 1
+        self.counts[token] = self.counts.get(token, 0) + 1
+        if self.params.repetition_penalty != 1.0:
+            self.seen.add(token)
+
+    def _draw(self, lp: np.ndarray) -> int:
+        p = self.params
+        vocab = lp.shape[0]
+        if 0 < p.top_k < vocab:
+            cand = np.argpartition(-lp, p.top_k - 1)[: p.top_k]
+        else:
+            cand = np.arange(vocab)
+        cand = cand[np.isfinite(lp[cand])]
+        if cand.size == 0:  # everything banned: fall back to the least-bad token
+            return int(np.argmax(lp))
+        order = cand[np.argsort(-lp[cand], kind="stable")]
+        probs = np.exp(lp[order] - lp[order[0]])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            cum = np.cumsum(probs)
+            keep = int(np.searchsorted(cum, p.top_p, side="left")) + 1
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        return int(order[self.rng.choice(order.size, p=probs)])
