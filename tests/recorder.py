@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-# Per-connection headers that a relay must not copy (RFC 9110 section 7.6.1).
-_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host"}
+# Per-connection headers that a relay must not copy (RFC 9110 section 7.6.1). Host is
+# kept: fastpilot builds URLs back to itself from it, and those must lead here again.
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
 @dataclass(frozen=True, slots=True)
