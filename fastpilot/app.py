@@ -99,10 +99,11 @@ def create_app(
     app.add_route("/v1/engines/{engine}", info.OneModel(resolver, created, engines=True))
     app.add_route("/v1/tokenize", info.Tokenize(resolver, body))
     app.add_route("/v1/detokenize", info.Detokenize(resolver, body))
-    # llama.cpp-server names (llama.vim, lm-eval's remote tokenizer).
+    # llama.cpp-server and vLLM names (llama.vim, lm-eval's remote tokenizer).
     app.add_route("/tokenize", llamacpp_compat.Tokenize(resolver, body))
     app.add_route("/detokenize", llamacpp_compat.Detokenize(resolver, body))
     app.add_route("/props", llamacpp_compat.Props(resolver))
+    app.add_route("/tokenizer_info", llamacpp_compat.TokenizerInfo(resolver))
     # The GitHub API as Copilot's language server uses it (see fastpilot/api/github.py).
     app.add_route("/copilot_internal/v2/token", github.CopilotToken(clock))
     app.add_route("/copilot_internal/user", github.CopilotUser())

@@ -92,7 +92,22 @@ def test_llamacpp_tokenize_detokenize_roundtrip(api):
     assert [p["id"] for p in pieces] == ours
     assert "".join(p["piece"] for p in pieces) == "def fib(n):"
     back = api.simulate_post("/detokenize", json={"tokens": ours}).json
-    assert back == {"content": "def fib(n):"}
+    assert back == {"content": "def fib(n):", "prompt": "def fib(n):"}
+    # vLLM's names, as lm-eval's remote tokenizer sends them.
+    vllm = api.simulate_post("/tokenize", json={"prompt": "def fib(n):", "add_special_tokens": False})
+    assert vllm.json == {"tokens": ours}
+
+
+def test_tokenizer_info_names_the_end_of_text_token(api):
+    info = api.simulate_get("/tokenizer_info").json
+    # The fake's end-of-text is its last id; the info names it by its text.
+    last = info["vocab_size"] - 1
+    text = api.simulate_post("/tokenize", json={"content": "x", "with_pieces": True}).json
+    assert text["tokens"][0]["piece"] == "x"
+    assert info["eos_token"] == api.simulate_post("/detokenize", json={"tokens": [last]}).json[
+        "content"
+    ]
+    assert info["model_max_length"] == 128 and info["model"] == "fake"
 
 
 def test_llamacpp_tokenize_pieces_of_a_split_character_are_bytes(api):
@@ -103,7 +118,8 @@ def test_llamacpp_tokenize_pieces_of_a_split_character_are_bytes(api):
 
 def test_llamacpp_routes_refuse_bad_fields_in_the_openai_envelope(api):
     for path, body, param in (
-        ("/tokenize", {"prompt": "x"}, "content"),
+        ("/tokenize", {"text": "x"}, "content"),
+        ("/tokenize", {"prompt": ["x"]}, "prompt"),
         ("/tokenize", {"content": "x", "with_pieces": "yes"}, "with_pieces"),
         ("/detokenize", {"tokens": "1 2"}, "tokens"),
         ("/detokenize", {"tokens": [10**9]}, "tokens"),
@@ -127,9 +143,8 @@ def test_llamacpp_routes_under_the_key_prefix():
         assert c.simulate_get("/props").status_code == 401
         assert c.simulate_get("/k/s3cret/props").json["n_ctx"] == 128
         tok = c.simulate_post("/k/s3cret/tokenize", json={"content": "ab"}).json["tokens"]
-        assert c.simulate_post("/k/s3cret/detokenize", json={"tokens": tok}).json == {
-            "content": "ab"
-        }
+        assert c.simulate_post("/k/s3cret/detokenize", json={"tokens": tok}).json["content"] == "ab"
+        assert c.simulate_get("/k/s3cret/tokenizer_info").json["model_max_length"] == 128
     finally:
         registry.close_all()
 

@@ -1,16 +1,21 @@
-"""llama.cpp-server routes with llama.cpp's field names, for the clients that speak that API.
+"""llama.cpp-server (and vLLM) tokenizer routes and ``/props``, with their field names.
 
 llama.vim / llama.vscode read ``GET /props`` (context size, model, whether the
-model can infill) and lm-evaluation-harness's remote tokenizer posts to
-``/tokenize`` and ``/detokenize``. These are adapters over the same
+model can infill); lm-evaluation-harness's remote tokenizer (``tokenizer_backend
+=remote``, auto-detected) reads ``GET /tokenizer_info`` and posts to ``/tokenize``
+and ``/detokenize`` with vLLM's names. These are adapters over the same
 :class:`fastpilot.engine.model.Model` calls as ``/v1/tokenize``; they differ only
 in names:
 
-- ``POST /tokenize`` ``{content, add_special?, parse_special?, with_pieces?, model?}``
-  -> ``{tokens: [id, ...]}`` or, with ``with_pieces``, ``{tokens: [{id, piece}]}``
-  where ``piece`` is the token's text, or its bytes as a list of ints when the
-  token is part of a UTF-8 character.
-- ``POST /detokenize`` ``{tokens: [id, ...], model?}`` -> ``{content}``.
+- ``POST /tokenize`` ``{content | prompt, add_special? | add_special_tokens?,
+  parse_special?, with_pieces?, model?}`` -> ``{tokens: [id, ...]}`` or, with
+  ``with_pieces``, ``{tokens: [{id, piece}]}`` where ``piece`` is the token's
+  text, or its bytes as a list of ints when the token is part of a UTF-8
+  character.
+- ``POST /detokenize`` ``{tokens: [id, ...], model?}`` -> ``{content, prompt}``
+  (llama.cpp's name and vLLM's, same text).
+- ``GET /tokenizer_info[?model=]`` -> ``{eos_token, bos_token, pad_token,
+  model_max_length, ...}`` (vLLM's shape, what lm-eval checks for).
 - ``GET /props[?model=]`` -> ``{default_generation_settings: {n_ctx, params},
   total_slots, model_path, model_alias, modalities, infill, build_info, ...}``.
 
@@ -54,10 +59,17 @@ class Tokenize(ModelBodyResource):
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         data, model = self._body_and_model(req)
-        content = data.get("content")
+        if "content" not in data and "prompt" not in data:
+            raise InvalidRequest(
+                "send the text to tokenize as 'content' (llama.cpp) or 'prompt' (vLLM)",
+                param="content",
+            )
+        field = "content" if "content" in data else "prompt"
+        content = data[field]
         if not isinstance(content, str):
-            raise InvalidRequest("content must be a string: the text to tokenize", param="content")
+            raise InvalidRequest(f"{field} must be a string: the text to tokenize", param=field)
         _flag(data, "add_special", False)
+        _flag(data, "add_special_tokens", False)
         _flag(data, "parse_special", True)
         with_pieces = _flag(data, "with_pieces", False)
         ids = list(model.tokenize(content))
@@ -75,7 +87,32 @@ class Detokenize(ModelBodyResource):
         ids = data.get("tokens")
         if not isinstance(ids, list):
             raise InvalidRequest("tokens must be a list of token ids", param="tokens")
-        resp.media = {"content": model.detokenize(ids)}
+        text = model.detokenize(ids)
+        resp.media = {"content": text, "prompt": text}
+
+
+class TokenizerInfo:
+    """``GET /tokenizer_info``: the special tokens as text, vLLM's shape."""
+
+    def __init__(self, resolver: ModelResolver) -> None:
+        self._resolver = resolver
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        model = self._resolver.get(req.get_param("model") or None)
+        req.context.record.model = model.name
+        eos_ids = sorted(model.backend.eos_token_ids)
+        eos = model.token_text(eos_ids[0]) if eos_ids else None
+        resp.media = {
+            "model": model.name,
+            "tokenizer_class": "fastpilot",
+            # GPT-2 and CodeGen use one token for all three roles.
+            "eos_token": eos,
+            "bos_token": eos,
+            "pad_token": None,
+            "unk_token": eos,
+            "model_max_length": model.context_length,
+            "vocab_size": model.backend.vocab_size,
+        }
 
 
 class Props:

@@ -300,7 +300,7 @@ def _compat_paths() -> dict[str, Any]:
     """Routes for clients of other servers: GitHub's API (Copilot) and llama.cpp's server."""
     obj = {"description": "OK", "content": _json({"type": "object"})}
     llama_body = {"required": True, "content": _json({"type": "object"})}
-    tokenize = _op("Token ids, llama.cpp's names (content -> tokens)", obj)
+    tokenize = _op("Token ids, llama.cpp's or vLLM's names (content|prompt -> tokens)", obj)
     tokenize["requestBody"] = llama_body
     detokenize = _op("Text of token ids, llama.cpp's names (tokens -> content)", obj)
     detokenize["requestBody"] = llama_body
@@ -315,6 +315,7 @@ def _compat_paths() -> dict[str, Any]:
         "/tokenize": {"post": tokenize},
         "/detokenize": {"post": detokenize},
         "/props": {"get": _op("llama.cpp-server properties (n_ctx, model, infill)", obj)},
+        "/tokenizer_info": {"get": _op("Special tokens as text, vLLM's names (lm-eval)", obj)},
     }
 
 
