@@ -51,9 +51,7 @@ class Recorder:
                     conn.request(self.command, self.path, body=body or None, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
-                    out_headers = [
-                        (k, v) for k, v in resp.getheaders() if k.lower() not in _HOP
-                    ]
+                    out_headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP]
                     status = resp.status
                 finally:
                     conn.close()

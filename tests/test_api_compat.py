@@ -94,7 +94,9 @@ def test_llamacpp_tokenize_detokenize_roundtrip(api):
     back = api.simulate_post("/detokenize", json={"tokens": ours}).json
     assert back == {"content": "def fib(n):", "prompt": "def fib(n):"}
     # vLLM's names, as lm-eval's remote tokenizer sends them.
-    vllm = api.simulate_post("/tokenize", json={"prompt": "def fib(n):", "add_special_tokens": False})
+    vllm = api.simulate_post(
+        "/tokenize", json={"prompt": "def fib(n):", "add_special_tokens": False}
+    )
     assert vllm.json == {"tokens": ours}
 
 
@@ -104,9 +106,10 @@ def test_tokenizer_info_names_the_end_of_text_token(api):
     last = info["vocab_size"] - 1
     text = api.simulate_post("/tokenize", json={"content": "x", "with_pieces": True}).json
     assert text["tokens"][0]["piece"] == "x"
-    assert info["eos_token"] == api.simulate_post("/detokenize", json={"tokens": [last]}).json[
-        "content"
-    ]
+    assert (
+        info["eos_token"]
+        == api.simulate_post("/detokenize", json={"tokens": [last]}).json["content"]
+    )
     assert info["model_max_length"] == 128 and info["model"] == "fake"
 
 
@@ -154,16 +157,21 @@ def test_access_line_names_the_engine_asked_for_not_the_template(caplog):
     c, _, registry = client(Settings(api_key=("s3cret",)))
     try:
         body = {"prompt": "hello", "max_tokens": 2}
-        c.simulate_post("/k/s3cret/v1/engines/copilot-codex/completions", json=body)
+        c.simulate_post(
+            "/k/s3cret/v1/engines/copilot-codex/completions",
+            json=body,
+            headers={"OpenAI-Intent": "copilot-ghost"},
+        )
         c.simulate_post("/k/s3cret/v1/completions", json={**body, "model": "gpt-3.5 turbo"})
         c.simulate_post("/k/s3cret/v1/completions", json={**body, "model": "fake"})
         metrics = c.simulate_get("/k/s3cret/metrics").text
     finally:
         registry.close_all()
     lines = [r.getMessage() for r in caplog.records if r.name == "fastpilot.access"]
-    assert " POST /v1/engines/copilot-codex/completions model=fake asked=copilot-codex " in (
-        lines[0]
+    assert (
+        " POST /v1/engines/copilot-codex/completions model=fake asked=copilot-codex " in (lines[0])
     )
+    assert lines[0].endswith(" intent=copilot-ghost")
     # A space in a name cannot split the line's fields; the key never shows.
     assert " POST /v1/completions model=fake asked=gpt-3.5%20turbo " in lines[1]
     assert "asked=" not in lines[2]

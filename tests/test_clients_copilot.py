@@ -60,7 +60,10 @@ def servers(tiny_gpt2_models):
         Recorder(open_server.port) as open_rec,
         Recorder(keyed_server.port) as keyed_rec,
     ):
-        yield {"open": (open_server, open_rec, "/"), "keyed": (keyed_server, keyed_rec, f"/k/{KEY}/")}
+        yield {
+            "open": (open_server, open_rec, "/"),
+            "keyed": (keyed_server, keyed_rec, f"/k/{KEY}/"),
+        }
 
 
 def start(tmp_path: Path, base_url: str) -> LspClient:
@@ -192,7 +195,11 @@ def test_inline_completion_is_fastpilots_completion(servers, tmp_path, which):
     [direct] = [c["text"] for c in json.loads(raw)["choices"]]
     assert sse_texts(completions[0]) == {0: direct}
     if direct.strip():
-        assert [shown(i) for i in greedy_items] == [expected_suggestion(direct)], (greedy_items, direct, log)
+        assert [shown(i) for i in greedy_items] == [expected_suggestion(direct)], (
+            greedy_items,
+            direct,
+            log,
+        )
     else:  # the client drops whitespace-only suggestions
         assert greedy_items == []
 

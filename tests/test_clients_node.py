@@ -63,7 +63,10 @@ def test_completion(server):
 def test_streaming_completion(server):
     got = sdk(server, "stream")
     want = direct(server, "/v1/completions", {**GREEDY, "prompt": "def fib(n):"})
-    assert got == {"text": want["choices"][0]["text"], "finish": want["choices"][0]["finish_reason"]}
+    assert got == {
+        "text": want["choices"][0]["text"],
+        "finish": want["choices"][0]["finish_reason"],
+    }
 
 
 def test_prompt_list(server):

@@ -6,7 +6,8 @@ plus the metrics when the response is done -- for a stream, when waitress
 closes the body (the client read ``[DONE]`` or went away). The log line names
 the path as asked (``/v1/engines/copilot-codex/completions``, never the key
 prefix) and, when it differs from the model that answered, the model name the
-client asked for (``asked=gpt-4``); the metrics keep the route template, so
+client asked for (``asked=gpt-4``) and Copilot's ``OpenAI-Intent``
+(``intent=copilot-ghost``); the metrics keep the route template, so
 invented engine names cannot grow their label sets. Every response also
 carries ``x-github-request-id`` (the same id): Copilot's language server
 refuses GitHub-API answers without it.
@@ -58,6 +59,7 @@ class RequestRecord:
     started: float
     model: str | None = None
     requested: str | None = None
+    intent: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -95,7 +97,12 @@ class RequestLog:
         given = req.get_header("X-Request-Id")
         request_id = given if given and _SAFE_ID.match(given) else self._new_id()
         req.context.request_id = request_id
-        req.context.record = RequestRecord(request_id=request_id, started=self._timer())
+        req.context.record = RequestRecord(
+            request_id=request_id,
+            started=self._timer(),
+            # Copilot's ghost text vs its panel: worth a column when reading the log.
+            intent=req.get_header("OpenAI-Intent"),
+        )
         req.context.log_prompts = self._log_prompts
 
     def process_resource(
@@ -167,6 +174,8 @@ class RequestLog:
             f"cached={record.cached_tokens}",
             f"ms={seconds * 1000:.0f}",
         ]
+        if record.intent:
+            parts.append(f"intent={_loggable(record.intent)}")
         if record.streaming:
             parts.append("stream")
         if note or record.note:
