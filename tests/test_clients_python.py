@@ -245,11 +245,6 @@ def test_lm_eval_token_id_prompts_one_and_four_per_request(
     assert_close(four, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs special-token text parsed in completion prompts (the fim helper's work): "
-    "'<|endoftext|>' sent as text is scored as several byte tokens today",
-)
 def test_lm_eval_string_prompts(server, tmp_path, tiny_tokenizer_dir, lm_eval_env):
     # The empty question makes lm-eval send "<|endoftext|>" as text: it must be the one
     # special token, as the token-id path sends it.
