@@ -124,7 +124,6 @@ class Props:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         model = self._resolver.get(req.get_param("model") or None)
         req.context.record.model = model.name
-        info = model.info
         n_ctx = model.context_length
         defaults = CompletionRequest()
         resp.media = {
@@ -144,7 +143,8 @@ class Props:
                 },
             },
             "total_slots": 1,
-            "model_path": getattr(info, "path", ""),
+            # The served name, never the file's path: answers do not reveal the disk layout.
+            "model_path": model.name,
             "model_alias": model.name,
             "n_ctx": n_ctx,
             "vocab_size": model.backend.vocab_size,
