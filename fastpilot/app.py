@@ -17,7 +17,7 @@ from typing import Any
 
 import falcon
 
-from fastpilot.api import completions, infill, info, openapi
+from fastpilot.api import completions, github, infill, info, llamacpp_compat, openapi
 from fastpilot.api.errors import install_error_handlers
 from fastpilot.api.metrics import Metrics
 from fastpilot.api.middleware import Guard, RequestLog
@@ -25,7 +25,13 @@ from fastpilot.api.resolve import ModelResolver
 from fastpilot.engine.params import ContextMode
 from fastpilot.settings import Settings
 
-EXPOSED_HEADERS = ("x-request-id", "openai-processing-ms", "openai-model", "x-fastpilot-suffix")
+EXPOSED_HEADERS = (
+    "x-request-id",
+    "x-github-request-id",
+    "openai-processing-ms",
+    "openai-model",
+    "x-fastpilot-suffix",
+)
 
 
 def create_app(
@@ -93,7 +99,17 @@ def create_app(
     app.add_route("/v1/engines/{engine}", info.OneModel(resolver, created, engines=True))
     app.add_route("/v1/tokenize", info.Tokenize(resolver, body))
     app.add_route("/v1/detokenize", info.Detokenize(resolver, body))
-    app.add_route("/copilot_internal/v2/token", info.CopilotToken(clock))
+    # llama.cpp-server and vLLM names (llama.vim, lm-eval's remote tokenizer).
+    app.add_route("/tokenize", llamacpp_compat.Tokenize(resolver, body))
+    app.add_route("/detokenize", llamacpp_compat.Detokenize(resolver, body))
+    app.add_route("/props", llamacpp_compat.Props(resolver))
+    app.add_route("/tokenizer_info", llamacpp_compat.TokenizerInfo(resolver))
+    # The GitHub API as Copilot's language server uses it (see fastpilot/api/github.py).
+    app.add_route("/copilot_internal/v2/token", github.CopilotToken(clock))
+    app.add_route("/copilot_internal/user", github.CopilotUser())
+    app.add_route("/models", github.CapiModels(resolver))
+    app.add_route("/embeddings/models", github.EmbeddingModels())
+    app.add_route("/telemetry", github.Telemetry(body))
     app.add_route("/health", info.Health(resolver))
     app.add_route("/metrics", info.MetricsResource(metrics))
     app.add_route("/", info.Playground(auth_required=guard.auth_required))

@@ -241,7 +241,7 @@ def test_health_metrics_token(api):
     assert "fastpilot_request_seconds_bucket" in text
     assert 'fastpilot_model_backend_queue_depth{model="fake"}' in text
     tok = api.simulate_get("/copilot_internal/v2/token").json
-    assert tok["expires_at"] > CREATED and tok["endpoints"]["api"] == "http://127.0.0.1:5000"
+    assert tok["expires_at"] > CREATED and tok["endpoints"]["api"] == "http://127.0.0.1:5000/"
 
 
 def test_health_503_while_loading():
@@ -449,7 +449,7 @@ def test_api_keys_bearer_and_prefix():
         assert c.simulate_get("/").status_code == 200
         assert "const AUTH_REQUIRED = true;" in c.simulate_get("/").text
         tok = c.simulate_get("/k/s3cret/copilot_internal/v2/token").json
-        assert tok["endpoints"]["api"].endswith("/k/s3cret")
+        assert tok["endpoints"]["api"].endswith("/k/s3cret/")
     finally:
         registry.close_all()
 

@@ -42,6 +42,9 @@ BODIES = {
     "/v1/embeddings": {"input": "x"},
     "/v1/tokenize": {"prompt": "x"},
     "/v1/detokenize": {"tokens": [104]},
+    "/tokenize": {"content": "x"},
+    "/detokenize": {"tokens": [104]},
+    "/telemetry": {"name": "event"},
     "/infill": {"input_prefix": "x", "input_suffix": "y", "n_predict": 1},
 }
 

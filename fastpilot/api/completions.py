@@ -123,7 +123,7 @@ class Completions:
         name = engine if engine is not None else model_name(data)
         model = self._resolver.get(name)
         record = _record(req)
-        record.model = model.name
+        record.model, record.requested = model.name, name
         request = CompletionRequest.from_dict(data, limits=self._limits, context_mode=self._mode)
         if isinstance(request.prompt, str) and len(request.prompts) == 1:
             record.prompt_text = request.prompt

@@ -1,8 +1,7 @@
-"""Non-generating resources: listings, tokenizer, health, metrics, token stub, playground."""
+"""Non-generating resources: listings, tokenizer, health, metrics, playground."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -146,33 +145,6 @@ class MetricsResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = CONTENT_TYPE
         resp.data = self._metrics.render()
-
-
-class CopilotToken:
-    """``GET /copilot_internal/v2/token``: a stub so copilot.vim-style agents carry on.
-
-    The agents exchange their GitHub token here for a short-lived one and then
-    call ``endpoints.api``; we point that back at this server (keeping the
-    ``/k/<key>`` prefix), and the token we hand out is not a credential.
-    """
-
-    def __init__(self, clock: Callable[[], float], lifetime: int = 3600) -> None:
-        self._clock = clock
-        self._lifetime = lifetime
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        now = int(self._clock())
-        base = req.prefix + getattr(req.context, "path_prefix", "")
-        expires = now + self._lifetime
-        resp.media = {
-            "token": f"tid=fastpilot;exp={expires};sku=fastpilot",
-            "expires_at": expires,
-            "refresh_in": self._lifetime // 2,
-            "endpoints": {"api": base, "proxy": base, "origin-tracker": base, "telemetry": base},
-            "chat_enabled": True,
-            "annotations_enabled": False,
-            "sku": "fastpilot",
-        }
 
 
 class Playground:

@@ -3,7 +3,14 @@
 :class:`RequestLog` gives every request an id, times it, sets the
 ``x-request-id`` and ``openai-processing-ms`` headers, and writes one log line
 plus the metrics when the response is done -- for a stream, when waitress
-closes the body (the client read ``[DONE]`` or went away).
+closes the body (the client read ``[DONE]`` or went away). The log line names
+the path as asked (``/v1/engines/copilot-codex/completions``, never the key
+prefix) and, when it differs from the model that answered, the model name the
+client asked for (``asked=gpt-4``) and Copilot's ``OpenAI-Intent``
+(``intent=copilot-ghost``); the metrics keep the route template, so
+invented engine names cannot grow their label sets. Every response also
+carries ``x-github-request-id`` (the same id): Copilot's language server
+refuses GitHub-API answers without it.
 
 :class:`Guard` enforces, in order: the ``Host`` check on a loopback bind
 (DNS rebinding: a page on ``evil.example`` resolving to 127.0.0.1 sends
@@ -35,6 +42,10 @@ from fastpilot.api.metrics import Metrics
 log = logging.getLogger("fastpilot.access")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# What of a path or a model name goes into a log line as is; the rest is %-escaped,
+# so a crafted path cannot forge a line or a field.
+_LOG_SAFE = re.compile(r"[^A-Za-z0-9._~/:@!$&'()*+,;=%\-]")
+_LOG_MAX = 200
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 # Paths reachable without a key (after the /k/<key> prefix is removed).
 OPEN_PATHS = frozenset({"/health", "/"})
@@ -47,6 +58,8 @@ class RequestRecord:
     request_id: str
     started: float
     model: str | None = None
+    requested: str | None = None
+    intent: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -84,8 +97,21 @@ class RequestLog:
         given = req.get_header("X-Request-Id")
         request_id = given if given and _SAFE_ID.match(given) else self._new_id()
         req.context.request_id = request_id
-        req.context.record = RequestRecord(request_id=request_id, started=self._timer())
+        req.context.record = RequestRecord(
+            request_id=request_id,
+            started=self._timer(),
+            # Copilot's ghost text vs its panel: worth a column when reading the log.
+            intent=req.get_header("OpenAI-Intent"),
+        )
         req.context.log_prompts = self._log_prompts
+
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict
+    ) -> None:
+        record: RequestRecord | None = getattr(req.context, "record", None)
+        asked = params.get("engine") or params.get("model_id")
+        if record is not None and isinstance(asked, str):
+            record.requested = asked
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
@@ -94,21 +120,31 @@ class RequestLog:
         if record is None:  # process_request never ran (Falcon-level failure)
             return
         resp.set_header("x-request-id", record.request_id)
+        resp.set_header("x-github-request-id", record.request_id)
         resp.set_header("openai-processing-ms", str(int((self._timer() - record.started) * 1000)))
         if record.model:
             resp.set_header("openai-model", record.model)
         route = req.uri_template or "unmatched"
+        # req.path has lost the /k/<key> prefix by now (Guard strips it), so no key is logged.
+        path = _loggable(req.path)
         status = resp.status_code
         if record.streaming and resp.stream is not None:
             # The body is still being generated: the stream calls back when closed.
             req.context.finish_stream = lambda note="": self.finish(
-                req.method, route, status, record, note
+                req.method, route, status, record, note, path=path
             )
             return
-        self.finish(req.method, route, status, record, "")
+        self.finish(req.method, route, status, record, "", path=path)
 
     def finish(
-        self, method: str, route: str, status: int, record: RequestRecord, note: str
+        self,
+        method: str,
+        route: str,
+        status: int,
+        record: RequestRecord,
+        note: str,
+        *,
+        path: str | None = None,
     ) -> None:
         """Write the access line and the metrics once per request."""
         if record.finished:
@@ -126,14 +162,20 @@ class RequestLog:
         )
         parts = [
             record.request_id,
-            f"{method} {route}",
-            f"model={record.model or '-'}",
+            f"{method} {path or route}",
+            f"model={_loggable(record.model) if record.model else '-'}",
+        ]
+        if record.requested and record.requested != record.model:
+            parts.append(f"asked={_loggable(record.requested)}")
+        parts += [
             f"status={status}",
             f"prompt={record.prompt_tokens}",
             f"completion={record.completion_tokens}",
             f"cached={record.cached_tokens}",
             f"ms={seconds * 1000:.0f}",
         ]
+        if record.intent:
+            parts.append(f"intent={_loggable(record.intent)}")
         if record.streaming:
             parts.append("stream")
         if note or record.note:
@@ -141,6 +183,13 @@ class RequestLog:
         if self._log_prompts and record.prompt_text is not None:
             parts.append("prompt_text=" + repr(record.prompt_text[:2000]))
         log.info(" ".join(parts))
+
+
+def _loggable(text: str) -> str:
+    """``text`` for one field of a log line: no spaces or control characters, bounded."""
+    return _LOG_SAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), text)[
+        :_LOG_MAX
+    ]
 
 
 def _host_name(host_header: str) -> str:

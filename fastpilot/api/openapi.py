@@ -296,6 +296,29 @@ def _ok(schema: str, description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": _json(_ref(schema))}
 
 
+def _compat_paths() -> dict[str, Any]:
+    """Routes for clients of other servers: GitHub's API (Copilot) and llama.cpp's server."""
+    obj = {"description": "OK", "content": _json({"type": "object"})}
+    llama_body = {"required": True, "content": _json({"type": "object"})}
+    tokenize = _op("Token ids, llama.cpp's or vLLM's names (content|prompt -> tokens)", obj)
+    tokenize["requestBody"] = llama_body
+    detokenize = _op("Text of token ids, llama.cpp's names (tokens -> content)", obj)
+    detokenize["requestBody"] = llama_body
+    return {
+        "/copilot_internal/user": {"get": _op("Copilot account stub (no quotas)", obj)},
+        "/models": {"get": _op("The models as GitHub's catalogue (Copilot)", obj)},
+        "/embeddings/models": {"get": _op("Embedding models for Copilot: none", obj)},
+        "/telemetry": {
+            "get": _op("Copilot experiments: none", obj),
+            "post": _op("Copilot telemetry events: counted and dropped", obj),
+        },
+        "/tokenize": {"post": tokenize},
+        "/detokenize": {"post": detokenize},
+        "/props": {"get": _op("llama.cpp-server properties (n_ctx, model, infill)", obj)},
+        "/tokenizer_info": {"get": _op("Special tokens as text, vLLM's names (lm-eval)", obj)},
+    }
+
+
 def build_document(version: str = "0.1.0") -> dict[str, Any]:
     """The OpenAPI 3.1 document (a fresh dict; callers may change it)."""
     engine = [_path_param("engine")]
@@ -352,6 +375,7 @@ def build_document(version: str = "0.1.0") -> dict[str, Any]:
                 {"description": "token", "content": _json({"type": "object"})},
             )
         },
+        **_compat_paths(),
         "/health": {
             "get": _op(
                 "Readiness: 200 when loaded, 503 while loading",

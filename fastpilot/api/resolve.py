@@ -75,6 +75,8 @@ class ModelBodyResource:
     def _body_and_model(self, req: falcon.Request) -> tuple[dict[str, Any], Any]:
         """Read the body (capped), resolve its model and note it in the access record."""
         data = json_body(req, self._max_body)
-        model = self._resolver.get(model_name(data))
+        asked = model_name(data)
+        req.context.record.requested = asked
+        model = self._resolver.get(asked)
         req.context.record.model = model.name
         return data, model
