@@ -45,7 +45,7 @@ from fastpilot.backends.base import (
     Step,
     TokenStream,
 )
-from fastpilot.engine.sampling import SequenceSampler, log_softmax, top_entries
+from fastpilot.backends.sampling import SequenceSampler, log_softmax, top_entries
 from fastpilot.errors import BackendError, InvalidRequest, QueueFull
 
 WORDS = (

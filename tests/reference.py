@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastpilot.engine.sampling import log_softmax
+from fastpilot.backends.sampling import log_softmax
 
 
 class Ref:

@@ -33,7 +33,7 @@ from fastpilot.backends.base import (
     Step,
     TokenStream,
 )
-from fastpilot.engine.sampling import log_softmax
+from fastpilot.backends.sampling import log_softmax
 from fastpilot.errors import BackendError, InvalidRequest, QueueFull
 from tests import tinymodels
 

@@ -17,8 +17,8 @@ import pytest
 
 import fastpilot
 from fastpilot.backends.base import FinishReason
+from fastpilot.backends.sampling import log_softmax
 from fastpilot.engine.model import Model
-from fastpilot.engine.sampling import log_softmax
 from fastpilot.errors import ContextLengthExceeded, NotSupported
 from tests.gates import WorkerGate, wait_until
 

@@ -188,7 +188,7 @@ def test_dependencies_run_one_way() -> None:
 @pytest.mark.parametrize(
     ("importer", "dep"),
     [
-        ("fastpilot.backends.llamacpp", "fastpilot.engine.sampling"),
+        ("fastpilot.backends.llamacpp", "fastpilot.engine.run"),
         ("fastpilot.backends.base", "fastpilot.api.errors"),
         ("fastpilot.engine.run", "fastpilot.api.completions"),
         ("fastpilot.engine.model", "falcon"),

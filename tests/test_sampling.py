@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastpilot.backends.base import SamplingParams
-from fastpilot.engine.sampling import SequenceSampler, log_softmax, top_entries
+from fastpilot.backends.sampling import SequenceSampler, log_softmax, top_entries
 
 LOGITS = np.array([2.0, 1.0, 0.5, -1.0, 0.0], dtype=np.float32)
 

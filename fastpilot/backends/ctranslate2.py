@@ -16,7 +16,7 @@ Two decoding paths, chosen per request:
   (CT2's own one skips the prompt tokens) and ``seed`` (CT2's sampler uses a
   ``thread_local`` RNG seeded once per thread, so ``set_random_seed`` cannot
   reseed a running generator). The token is picked by
-  :class:`fastpilot.engine.sampling.SequenceSampler` from CT2's raw logits, so the
+  :class:`fastpilot.backends.sampling.SequenceSampler` from CT2's raw logits, so the
   semantics equal the llama.cpp backend's. CT2 has no logits-processor hook, so
   we let CT2 decode greedily and accept its steps while our pick equals its
   argmax; on the first disagreement the call stops and a new call restarts from

@@ -9,10 +9,9 @@
 - ``detok``, ``stops``, ``chat``  incremental UTF-8, stop matching, chat rendering.
 - ``editor_stops``  llama.cpp's ``n_indent`` / ``t_max_predict_ms`` line stops.
 - ``params``, ``coerce``  the request's fields (declared once), one reader per type.
-- ``sampling``  the shared numpy sampler's engine-level names (it lives in
-  :mod:`fastpilot.backends.sampling`, so backends need not import the engine).
 
 Dependencies run one way: api -> engine -> backends; nothing here imports
 ``fastpilot.api`` (tests/test_imports.py checks it). Submodules are imported
-where used; only ``sampling`` needs numpy.
+where used. The numpy sampler lives in :mod:`fastpilot.backends.sampling`, so
+backends need not import the engine.
 """
