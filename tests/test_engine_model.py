@@ -351,15 +351,47 @@ def test_consumer_abandoning_the_loop_cancels(monkeypatch: pytest.MonkeyPatch) -
         s = model.stream(prompt="hello", max_tokens=2000, temperature=0, ignore_eos=True)
         for _ in s:
             break
-        # Dropped without close(): the finalizer still cancels. The stream and its
-        # generator refer to each other, so it is the cycle collector that finalizes it
-        # (an abandoned stream runs on until the next collection); collect it now.
-        del s
-        gc.collect()
-        gate.release()
-        assert b.wait_idle()
+        # Dropped without close(): the finalizer cancels as soon as the last reference
+        # goes, with the cycle collector off (a stream that its own generator referred
+        # to ran on until the next collection).
+        gc.disable()
+        try:
+            del s
+            gate.release()
+            assert b.wait_idle()
+        finally:
+            gc.enable()
         assert b.streams[-1].finish_reason is FinishReason.CANCELLED
         assert b.decode_steps <= gate.after + 1  # 2000 without cancellation
+        assert model.stats()["requests_active"] == 0
+    finally:
+        gate.release()
+        b.close()
+
+
+def test_consumer_abandoning_a_several_prompt_stream_cancels_every_prompt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    b = FakeBackend(SCRIPT, context_length=4096)
+    gate = WorkerGate(monkeypatch, b, after=2)
+    try:
+        model = Model("fake", b)
+        s = model.stream(
+            prompt=["hello", "def fib"], max_tokens=2000, temperature=0, ignore_eos=True
+        )
+        for _ in s:
+            break
+        # Each prompt's reader thread holds its own stream; dropping the request must
+        # still cancel both, without the cycle collector's help.
+        gc.disable()
+        try:
+            del s
+            gate.release()
+            assert b.wait_idle()
+        finally:
+            gc.enable()
+        assert [st.finish_reason for st in b.streams[-2:]] == [FinishReason.CANCELLED] * 2
+        assert b.decode_steps <= gate.after + 2  # the steps under way; 4000 without cancelling
         assert model.stats()["requests_active"] == 0
     finally:
         gate.release()

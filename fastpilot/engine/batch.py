@@ -102,9 +102,13 @@ class BatchStream:
         self.prompt_tokens = sum(s.prompt_tokens for s in self._streams)
         self._model = runs[0].ctx.name
         self._n = n
-        self._include_usage = include_usage
-        self._closed = False
-        self._chunks = self._generate()
+        self._closed = threading.Event()
+        # A function of the parts, not a bound method: a generator holding ``self``
+        # would make a cycle, and an abandoned request would run on until the cycle
+        # collector found it instead of being cancelled by ``__del__``.
+        self._chunks = _batch_chunks(
+            self._streams, n, include_usage, self._closed, (self.id, self.created, self._model)
+        )
 
     def __iter__(self) -> BatchStream:
         return self
@@ -114,7 +118,7 @@ class BatchStream:
 
     def close(self) -> None:
         """Cancel every prompt's sequences and end the iteration; idempotent."""
-        self._closed = True
+        self._closed.set()
         for stream in self._streams:
             stream.close()
         try:
@@ -124,46 +128,66 @@ class BatchStream:
 
     cancel = close
 
+    def __del__(self) -> None:
+        # Dropped without close(): the prompts' reader threads hold their streams, so
+        # cancel them here or they would generate to the end.
+        for stream in getattr(self, "_streams", ()):
+            stream.close()
+
     def usage(self) -> dict[str, Any]:
         """Usage so far, summed over the prompts (complete once the iteration ended)."""
         return sum_usage([s.usage() for s in self._streams])
 
-    def _generate(self) -> Generator[dict[str, Any], None, None]:
-        events: queue.SimpleQueue[tuple[int, object]] = queue.SimpleQueue()
 
-        def pump(i: int, stream: CompletionStream) -> None:
-            try:
-                for chunk in stream:
-                    events.put((i, chunk))
-            except BaseException as ex:  # noqa: BLE001 - handed to the consumer thread
-                events.put((i, ex))
-            else:
-                events.put((i, _END))
+def _batch_chunks(
+    streams: Sequence[CompletionStream],
+    n: int,
+    include_usage: bool,
+    closed: threading.Event,
+    head: tuple[str, int, str],
+) -> Generator[dict[str, Any], None, None]:
+    """Every prompt's chunks, re-indexed ``i * n + j``, in the order they are made."""
+    request_id, created, model = head
+    events: queue.SimpleQueue[tuple[int, object]] = queue.SimpleQueue()
 
-        for i, stream in enumerate(self._streams):
-            threading.Thread(
-                target=pump, args=(i, stream), name=f"fastpilot-prompt-{i}", daemon=True
-            ).start()
-        live = len(self._streams)
+    def pump(i: int, stream: CompletionStream) -> None:
         try:
-            while live:
-                i, item = events.get()
-                if item is _END:
-                    live -= 1
-                elif isinstance(item, BaseException):
-                    if isinstance(item, FastpilotError):
-                        raise item
-                    raise BackendError(f"generation failed: {item}") from item
-                else:
-                    assert isinstance(item, dict)
-                    choices = [{**c, "index": i * self._n + c["index"]} for c in item["choices"]]
-                    chunk = {**item, "id": self.id, "created": self.created, "choices": choices}
-                    if self._include_usage:
-                        chunk["usage"] = None  # as for one prompt: only the last event has it
-                    yield chunk
-        finally:
-            for stream in self._streams:
-                stream.close()
-        if self._include_usage and not self._closed:
-            base = {"id": self.id, "object": "text_completion", "created": self.created}
-            yield {**base, "model": self._model, "choices": [], "usage": self.usage()}
+            for chunk in stream:
+                events.put((i, chunk))
+        except BaseException as ex:  # noqa: BLE001 - handed to the consumer thread
+            events.put((i, ex))
+        else:
+            events.put((i, _END))
+
+    for i, stream in enumerate(streams):
+        threading.Thread(
+            target=pump, args=(i, stream), name=f"fastpilot-prompt-{i}", daemon=True
+        ).start()
+    live = len(streams)
+    try:
+        while live:
+            i, item = events.get()
+            if item is _END:
+                live -= 1
+            elif isinstance(item, BaseException):
+                if isinstance(item, FastpilotError):
+                    raise item
+                raise BackendError(f"generation failed: {item}") from item
+            else:
+                assert isinstance(item, dict)
+                choices = [{**c, "index": i * n + c["index"]} for c in item["choices"]]
+                chunk = {**item, "id": request_id, "created": created, "choices": choices}
+                if include_usage:
+                    chunk["usage"] = None  # as for one prompt: only the last event has it
+                yield chunk
+    finally:
+        for stream in streams:
+            stream.close()
+    if include_usage and not closed.is_set():
+        base = {"id": request_id, "object": "text_completion", "created": created}
+        yield {
+            **base,
+            "model": model,
+            "choices": [],
+            "usage": sum_usage([s.usage() for s in streams]),
+        }

@@ -360,7 +360,10 @@ class CompletionStream:
         self.suffix_ignored = run.prep.suffix_ignored
         self.truncated = run.prep.truncated
         self.prompt_tokens = len(run.prep.prompt_ids)
-        self._chunks = self._generate()
+        # A function of the run, not a bound method: a generator holding ``self`` would
+        # make a cycle, and an abandoned stream would run on until the cycle collector
+        # found it instead of being cancelled when its last reference goes.
+        self._chunks = _chunks(run)
 
     def __iter__(self) -> CompletionStream:
         return self
@@ -389,49 +392,50 @@ class CompletionStream:
         """Usage so far (complete once the iteration ended)."""
         return self._run.usage()
 
-    def _generate(self) -> Generator[dict[str, Any], None, None]:
-        run = self._run
-        base = {
-            "id": run.id,
-            "object": run.object + (".chunk" if run.chat else ""),
-            "created": run.created,
-            "model": run.ctx.name,
-        }
-        with_usage = run.req.include_usage
-        started: set[int] = set()
-        try:
-            for d in run.deltas(lookahead=True):
-                lp = run.shape_logprobs(d.entries) if run.want_logprobs else None
-                if run.chat:
-                    text = d.text  # exactly as generated: leading whitespace included
-                    delta: dict[str, Any] = {"content": text} if text else {}
-                    if d.index not in started:
-                        delta = {"role": "assistant", "content": text}
-                        started.add(d.index)
-                    choice: dict[str, Any] = {
-                        "index": d.index,
-                        "delta": delta,
-                        "logprobs": lp,
-                        "finish_reason": d.finish_reason,
-                    }
-                else:
-                    choice = {
-                        "text": d.text,
-                        "index": d.index,
-                        "logprobs": lp,
-                        "finish_reason": d.finish_reason,
-                    }
-                chunk = {**base, "choices": [choice]}
-                if with_usage:
-                    chunk["usage"] = None
-                yield chunk
-        except Timeout:
-            run.ctx.counters.add(timeouts_total=1, errors_total=1)
-            raise
-        except FastpilotError:
-            run.ctx.counters.add(errors_total=1)
-            raise
-        finally:
-            run.finish()
-        if with_usage and not run.closed:
-            yield {**base, "choices": [], "usage": run.usage()}
+
+def _chunks(run: Run) -> Generator[dict[str, Any], None, None]:
+    """The chunks of ``run`` as dicts ready for ``data:`` lines; finishes the run."""
+    base = {
+        "id": run.id,
+        "object": run.object + (".chunk" if run.chat else ""),
+        "created": run.created,
+        "model": run.ctx.name,
+    }
+    with_usage = run.req.include_usage
+    started: set[int] = set()
+    try:
+        for d in run.deltas(lookahead=True):
+            lp = run.shape_logprobs(d.entries) if run.want_logprobs else None
+            if run.chat:
+                text = d.text  # exactly as generated: leading whitespace included
+                delta: dict[str, Any] = {"content": text} if text else {}
+                if d.index not in started:
+                    delta = {"role": "assistant", "content": text}
+                    started.add(d.index)
+                choice: dict[str, Any] = {
+                    "index": d.index,
+                    "delta": delta,
+                    "logprobs": lp,
+                    "finish_reason": d.finish_reason,
+                }
+            else:
+                choice = {
+                    "text": d.text,
+                    "index": d.index,
+                    "logprobs": lp,
+                    "finish_reason": d.finish_reason,
+                }
+            chunk = {**base, "choices": [choice]}
+            if with_usage:
+                chunk["usage"] = None
+            yield chunk
+    except Timeout:
+        run.ctx.counters.add(timeouts_total=1, errors_total=1)
+        raise
+    except FastpilotError:
+        run.ctx.counters.add(errors_total=1)
+        raise
+    finally:
+        run.finish()
+    if with_usage and not run.closed:
+        yield {**base, "choices": [], "usage": run.usage()}
