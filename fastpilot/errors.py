@@ -8,6 +8,8 @@ from __future__ import annotations
 
 
 class FastpilotError(Exception):
+    """Base of every typed error: a server error (500) unless a subclass says otherwise."""
+
     status = 500
     type = "server_error"
     code: str | None = None
@@ -63,8 +65,9 @@ class QueueFull(FastpilotError):
 
 
 class ModelLoading(FastpilotError):
+    """The models are still loading (503)."""
+
     status = 503
-    type = "server_error"
     code = "model_loading"
 
 
@@ -83,16 +86,12 @@ class Timeout(FastpilotError):
 class BackendError(FastpilotError):
     """The native library failed while generating (500; the server keeps serving)."""
 
-    status = 500
-    type = "server_error"
     code = "backend_error"
 
 
 class ModelFileError(FastpilotError):
     """A model file or directory is missing, truncated, corrupted or unverified."""
 
-    status = 500
-    type = "server_error"
     code = "model_file_error"
 
 

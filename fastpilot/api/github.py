@@ -36,7 +36,7 @@ import falcon
 
 from fastpilot.api.parsing import loads_untrusted, read_body
 from fastpilot.api.resolve import ModelResolver
-from fastpilot.errors import InvalidRequest, ModelLoading
+from fastpilot.errors import InvalidRequest
 
 # The tokenizer the client counts prompt tokens with; it ships only these two
 # (dist/resources/*.tiktoken), and our models' own BPE is close to neither, so
@@ -134,9 +134,7 @@ class CapiModels:
         self._resolver = resolver
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if self._resolver.loading:
-            raise ModelLoading("models are still loading; retry shortly")
-        data = [capi_model(name, model) for name, model in self._resolver.models()]
+        data = [capi_model(name, model) for name, model in self._resolver.listing()]
         resp.media = {"object": "list", "data": data}
 
 

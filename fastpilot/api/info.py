@@ -51,9 +51,7 @@ class Listing:
         self._shape = engine_object if engines else model_object
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if self._resolver.loading:
-            raise ModelLoading("models are still loading; retry shortly")
-        data = [self._shape(name, model, self._created) for name, model in self._resolver.models()]
+        data = [self._shape(name, model, self._created) for name, model in self._resolver.listing()]
         resp.media = {"object": "list", "data": data}
 
 

@@ -91,15 +91,24 @@ class Detokenize(ModelBodyResource):
         resp.media = {"content": text, "prompt": text}
 
 
-class TokenizerInfo:
-    """``GET /tokenizer_info``: the special tokens as text, vLLM's shape."""
+class _QueryModelResource:
+    """Base of the GET routes that name their model in the query (``?model=``)."""
 
     def __init__(self, resolver: ModelResolver) -> None:
         self._resolver = resolver
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    def _model(self, req: falcon.Request) -> Any:
+        """The model asked for (the default without ``?model=``), noted in the access record."""
         model = self._resolver.get(req.get_param("model") or None)
         req.context.record.model = model.name
+        return model
+
+
+class TokenizerInfo(_QueryModelResource):
+    """``GET /tokenizer_info``: the special tokens as text, vLLM's shape."""
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        model = self._model(req)
         eos_ids = sorted(model.backend.eos_token_ids)
         eos = model.token_text(eos_ids[0]) if eos_ids else None
         resp.media = {
@@ -115,15 +124,11 @@ class TokenizerInfo:
         }
 
 
-class Props:
+class Props(_QueryModelResource):
     """``GET /props``: what llama.cpp's server says about itself, for one model."""
 
-    def __init__(self, resolver: ModelResolver) -> None:
-        self._resolver = resolver
-
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        model = self._resolver.get(req.get_param("model") or None)
-        req.context.record.model = model.name
+        model = self._model(req)
         n_ctx = model.context_length
         defaults = CompletionRequest()
         resp.media = {

@@ -40,9 +40,22 @@ class ModelResolver:
             ModelLoading: the registry is still loading models.
             UnknownModel: strict and no model has that name, or no model at all.
         """
+        self._require_loaded()
+        return self.registry.get(name or None, strict=self.strict if strict is None else strict)
+
+    def _require_loaded(self) -> None:
         if self.loading:
             raise ModelLoading("models are still loading; retry shortly")
-        return self.registry.get(name or None, strict=self.strict if strict is None else strict)
+
+    def listing(self) -> list[tuple[str, Any]]:
+        """:meth:`models` for a listing route.
+
+        Raises:
+            ModelLoading: the registry is still loading models (a partial list would
+                tell a client that a model it asked for does not exist).
+        """
+        self._require_loaded()
+        return self.models()
 
     def models(self) -> list[tuple[str, Any]]:
         """(name, model) for every loaded model, for listings and metrics."""

@@ -1,4 +1,4 @@
-"""Files and bookkeeping for the CTranslate2 backend: spelling, model files, jobs, prefix plans.
+"""Files and bookkeeping for the CTranslate2 backend: spelling, model files, jobs, batches.
 
 Kept apart from ``ctranslate2.py`` so the backend module holds only the
 scheduling and decoding; nothing here imports ctranslate2.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,68 @@ class PrefixPlanner:
         self.used = 0
 
 
+def take_batch(
+    pending: collections.deque[Job],
+    planner: PrefixPlanner,
+    max_batch: int,
+    stop: Callable[[TokenStream], None],
+) -> list[Job]:
+    """Pop the oldest live job and the compatible ones behind it (caller holds the lock).
+
+    Cancelled jobs met at the head are handed to ``stop``. The head gets its
+    static prefix from ``planner``; a native job batches with the head when it
+    shares the head's key and static prefix and its remaining prompt has about
+    the head's length (exactly, where step counts or logits rows depend on it).
+    """
+    while pending:
+        head = pending.popleft()
+        if head.stream.cancelled:
+            stop(head.stream)
+            continue
+        break
+    else:
+        return []
+    assign_static(head, planner)
+    if head.key is None:
+        return [head]
+    batch = [head]
+    for job in list(pending):
+        if len(batch) >= max_batch:
+            break
+        if job.key is None or job.stream.cancelled:
+            continue
+        prefix = head.static
+        full = job.start
+        if prefix and tuple(full[: len(prefix)]) != prefix:
+            continue
+        rest = len(full) - len(prefix)
+        if rest < 1 or job.key != head.key:
+            continue
+        # min_length counts decode steps, which include a longer prompt's fed tokens;
+        # and per-example logits rows are only laid out by batch index when every
+        # prompt has the same length (see StepLogits).
+        exact = head.key.min_length or wants_logits(head) or wants_logits(job)
+        tolerance = 0 if exact else LENGTH_TOLERANCE
+        if abs(rest - len(head.start)) > tolerance:
+            continue
+        pending.remove(job)
+        job.static, job.start = prefix, full[len(prefix) :]
+        job.stream.cached_tokens = head.stream.cached_tokens
+        batch.append(job)
+    return batch
+
+
+def assign_static(job: Job, planner: PrefixPlanner) -> None:
+    """Split the job's start tokens into the static prefix ``planner`` chooses and the rest."""
+    prefix, hit = planner.plan(job.start)
+    if job.key is None and not prefix and len(job.start) > 1:
+        # Stepwise restarts reuse the prompt's state: always make it static.
+        prefix, hit = tuple(job.start[:-1]), False
+    if prefix:
+        job.static, job.start = prefix, job.start[len(prefix) :]
+        job.stream.cached_tokens = len(prefix) if hit else 0
+
+
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -188,6 +250,30 @@ def read_vocabulary(path: Path) -> list[str]:
     else:
         raise ModelFileError(f"{path} has no vocabulary.json or vocabulary.txt")
     return [str(t) for t in vocab]
+
+
+def check_vocabulary(path: Path, tokenizer: Any, vocab: Sequence[str]) -> int:
+    """CT2's vocabulary must spell the tokenizer's ids; padding rows may follow.
+
+    Returns the tokenizer's size: ids from there on are padding.
+
+    Raises:
+        ModelFileError: the tokenizer has more tokens than the CT2 vocabulary, or
+            spells an id differently.
+    """
+    tokens = tokenizer.get_vocab(with_added_tokens=True)
+    if len(tokens) > len(vocab):
+        raise ModelFileError(
+            f"{path}: tokenizer.json has {len(tokens)} tokens but the CT2 vocabulary "
+            f"has {len(vocab)}"
+        )
+    bad = [t for t, i in tokens.items() if i >= len(vocab) or vocab[i] != t]
+    if bad:
+        raise ModelFileError(
+            f"{path}: the CT2 vocabulary disagrees with tokenizer.json "
+            f"({len(bad)} tokens, e.g. {bad[:3]!r})"
+        )
+    return max(tokens.values(), default=-1) + 1
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -58,15 +58,16 @@ from fastpilot.backends.base import (
     TokenStream,
 )
 from fastpilot.backends.ct2_support import (
-    LENGTH_TOLERANCE,
     Job,
     PrefixPlanner,
     StepLogits,
+    check_vocabulary,
     load_tokenizer,
     plan_job,
     read_json,
     read_vocabulary,
     spelling_to_bytes,
+    take_batch,
     wants_logits,
 )
 from fastpilot.backends.sampling import SequenceSampler, log_softmax, top_entries
@@ -127,7 +128,7 @@ class CTranslate2Backend(Backend):
         )
         # CT2's vocabulary may be padded past the tokenizer (CodeGen: one entry per
         # embedding row); those ids are no tokens and are never sampled.
-        self.vocab_size = self._check_vocabulary()
+        self.vocab_size = check_vocabulary(self.path, self._tokenizer, self._vocab)
         self._padding = tuple(range(self.vocab_size, len(self._vocab)))
         self._token_bytes = [spelling_to_bytes(t) for t in self._vocab]
         self.context_length = (manifest.context_length if manifest else 0) or 2048
@@ -224,7 +225,7 @@ class CTranslate2Backend(Backend):
                         self._stop(job.stream)
                     self._pending.clear()
                     break
-                batch = self._take_batch()
+                batch = take_batch(self._pending, self._planner, self.max_batch, self._stop)
                 self._running = batch
                 self._active = len(batch)
             try:
@@ -237,54 +238,6 @@ class CTranslate2Backend(Backend):
                 self._active = 0
                 self._running = []
         self._generator = None  # type: ignore[assignment]
-
-    def _take_batch(self) -> list[Job]:
-        """Pop the oldest live job and the compatible ones behind it (under the lock)."""
-        while self._pending:
-            head = self._pending.popleft()
-            if head.stream.cancelled:
-                self._stop(head.stream)
-                continue
-            break
-        else:
-            return []
-        self._assign_static(head)
-        if head.key is None:
-            return [head]
-        batch = [head]
-        for job in list(self._pending):
-            if len(batch) >= self.max_batch:
-                break
-            if job.key is None or job.stream.cancelled:
-                continue
-            prefix = head.static
-            full = job.start
-            if prefix and tuple(full[: len(prefix)]) != prefix:
-                continue
-            rest = len(full) - len(prefix)
-            if rest < 1 or job.key != head.key:
-                continue
-            # min_length counts decode steps, which include a longer prompt's fed tokens;
-            # and per-example logits rows are only laid out by batch index when every
-            # prompt has the same length (see StepLogits).
-            exact = head.key.min_length or wants_logits(head) or wants_logits(job)
-            tolerance = 0 if exact else LENGTH_TOLERANCE
-            if abs(rest - len(head.start)) > tolerance:
-                continue
-            self._pending.remove(job)
-            job.static, job.start = prefix, full[len(prefix) :]
-            job.stream.cached_tokens = head.stream.cached_tokens
-            batch.append(job)
-        return batch
-
-    def _assign_static(self, job: Job) -> None:
-        prefix, hit = self._planner.plan(job.start)
-        if job.key is None and not prefix and len(job.start) > 1:
-            # Stepwise restarts reuse the prompt's state: always make it static.
-            prefix, hit = tuple(job.start[:-1]), False
-        if prefix:
-            job.static, job.start = prefix, job.start[len(prefix) :]
-            job.stream.cached_tokens = len(prefix) if hit else 0
 
     def _execute(self, batch: list[Job]) -> None:
         static = batch[0].static
@@ -511,25 +464,6 @@ class CTranslate2Backend(Backend):
             self._worker.join()
         self._generator = None
         atexit.unregister(self._atexit)
-
-    def _check_vocabulary(self) -> int:
-        """CT2's vocabulary must spell the tokenizer's ids; padding rows may follow.
-
-        Returns the tokenizer's size: ids from there on are padding.
-        """
-        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
-        if len(vocab) > len(self._vocab):
-            raise ModelFileError(
-                f"{self.path}: tokenizer.json has {len(vocab)} tokens but the CT2 vocabulary "
-                f"has {len(self._vocab)}"
-            )
-        bad = [t for t, i in vocab.items() if i >= len(self._vocab) or self._vocab[i] != t]
-        if bad:
-            raise ModelFileError(
-                f"{self.path}: the CT2 vocabulary disagrees with tokenizer.json "
-                f"({len(bad)} tokens, e.g. {bad[:3]!r})"
-            )
-        return max(vocab.values(), default=-1) + 1
 
 
 def _close_at_exit(ref: weakref.ref[CTranslate2Backend]) -> None:

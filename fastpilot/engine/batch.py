@@ -14,14 +14,13 @@ every sequence already submitted.
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from fastpilot.engine.params import CompletionRequest
-from fastpilot.engine.run import CompletionResult, CompletionStream, Run
-from fastpilot.errors import BackendError, FastpilotError
+from fastpilot.engine.run import ChunkIterator, CompletionResult, CompletionStream, Run
+from fastpilot.engine.sequences import interleave
 
 
 def start_runs(req: CompletionRequest, new_run: Callable[[CompletionRequest], Run]) -> list[Run]:
@@ -80,10 +79,7 @@ def complete(runs: Sequence[Run], n: int) -> CompletionResult:
     )
 
 
-_END = object()
-
-
-class BatchStream:
+class BatchStream(ChunkIterator):
     """The chunks of several prompts' streams as one stream, indices remapped to ``i * n + j``.
 
     Behaves like :class:`CompletionStream` (same attributes, ``close()`` from
@@ -110,21 +106,12 @@ class BatchStream:
             self._streams, n, include_usage, self._closed, (self.id, self.created, self._model)
         )
 
-    def __iter__(self) -> BatchStream:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        return next(self._chunks)
-
     def close(self) -> None:
         """Cancel every prompt's sequences and end the iteration; idempotent."""
         self._closed.set()
         for stream in self._streams:
             stream.close()
-        try:
-            self._chunks.close()
-        except ValueError:
-            pass  # being iterated in another thread: it ends at its next chunk
+        self._end_chunks()
 
     cancel = close
 
@@ -148,33 +135,9 @@ def _batch_chunks(
 ) -> Generator[dict[str, Any], None, None]:
     """Every prompt's chunks, re-indexed ``i * n + j``, in the order they are made."""
     request_id, created, model = head
-    events: queue.SimpleQueue[tuple[int, object]] = queue.SimpleQueue()
-
-    def pump(i: int, stream: CompletionStream) -> None:
-        try:
-            for chunk in stream:
-                events.put((i, chunk))
-        except BaseException as ex:  # noqa: BLE001 - handed to the consumer thread
-            events.put((i, ex))
-        else:
-            events.put((i, _END))
-
-    for i, stream in enumerate(streams):
-        threading.Thread(
-            target=pump, args=(i, stream), name=f"fastpilot-prompt-{i}", daemon=True
-        ).start()
-    live = len(streams)
     try:
-        while live:
-            i, item = events.get()
-            if item is _END:
-                live -= 1
-            elif isinstance(item, BaseException):
-                if isinstance(item, FastpilotError):
-                    raise item
-                raise BackendError(f"generation failed: {item}") from item
-            else:
-                assert isinstance(item, dict)
+        for i, item in interleave(streams, "fastpilot-prompt"):
+            if item is not None:
                 choices = [{**c, "index": i * n + c["index"]} for c in item["choices"]]
                 chunk = {**item, "id": request_id, "created": created, "choices": choices}
                 if include_usage:

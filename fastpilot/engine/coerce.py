@@ -12,6 +12,7 @@ naming ``param`` and returns ``default`` for a missing (``None``) value.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastpilot.errors import InvalidRequest
@@ -27,6 +28,20 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _number(value: Any, param: str, what: str, parse: Callable[[str], Any]) -> Any:
+    """``value`` with a string parsed by ``parse``; a boolean is refused (it is not a number)."""
+    if isinstance(value, bool):
+        raise InvalidRequest(f"{param} must be {what}, not a boolean", param=param)
+    if isinstance(value, str):
+        try:
+            return parse(value.strip())
+        except ValueError:
+            raise InvalidRequest(
+                f"{param} must be {what}, got {value[:40]!r}", param=param
+            ) from None
+    return value
+
+
 def coerce_int(value: Any, param: str, default: T, *, lo: int, hi: int) -> int | T:
     """An integer in ``[lo, hi]`` from an int, an integral float or a decimal string.
 
@@ -34,19 +49,11 @@ def coerce_int(value: Any, param: str, default: T, *, lo: int, hi: int) -> int |
     """
     if value is None:
         return default
-    if isinstance(value, bool):
-        raise InvalidRequest(f"{param} must be an integer, not a boolean", param=param)
+    value = _number(value, param, "an integer", int)
     if isinstance(value, float):
         if not math.isfinite(value) or value != int(value):
             raise InvalidRequest(f"{param} must be an integer, got {value!r}", param=param)
         value = int(value)
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise InvalidRequest(
-                f"{param} must be an integer, got {value[:40]!r}", param=param
-            ) from None
     if not isinstance(value, int):
         raise InvalidRequest(f"{param} must be an integer, got {_type_name(value)}", param=param)
     if not lo <= value <= hi:
@@ -58,15 +65,7 @@ def coerce_float(value: Any, param: str, default: T, *, lo: float, hi: float) ->
     """A finite number in ``[lo, hi]`` from an int, a float or a numeric string."""
     if value is None:
         return default
-    if isinstance(value, bool):
-        raise InvalidRequest(f"{param} must be a number, not a boolean", param=param)
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise InvalidRequest(
-                f"{param} must be a number, got {value[:40]!r}", param=param
-            ) from None
+    value = _number(value, param, "a number", float)
     if not isinstance(value, (int, float)):
         raise InvalidRequest(f"{param} must be a number, got {_type_name(value)}", param=param)
     value = float(value)

@@ -15,7 +15,7 @@ import dataclasses
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastpilot.backends.base import GenerationRequest, TokenStream
 from fastpilot.engine.context import RunContext
@@ -230,6 +230,13 @@ class Run:
                 completion_tokens_total=self.completion_tokens,
             )
 
+    def count_error(self, ex: FastpilotError) -> None:
+        """Count a failed request: every error, and a passed deadline as a timeout too."""
+        if isinstance(ex, Timeout):
+            self.ctx.counters.add(timeouts_total=1, errors_total=1)
+        else:
+            self.ctx.counters.add(errors_total=1)
+
     def close(self) -> None:
         self.closed = True
         for stream in self.streams:
@@ -262,11 +269,8 @@ class Run:
                 entries.setdefault(d.index, []).extend(d.entries)
                 if d.finish_reason is not None:
                     reasons[d.index] = d.finish_reason
-        except Timeout:
-            self.ctx.counters.add(timeouts_total=1, errors_total=1)
-            raise
-        except FastpilotError:
-            self.ctx.counters.add(errors_total=1)
+        except FastpilotError as ex:
+            self.count_error(ex)
             raise
         order = list(range(self.req.n))
         if self.states and len(self.states) > self.req.n:
@@ -343,7 +347,29 @@ class Run:
         }
 
 
-class CompletionStream:
+_S = TypeVar("_S", bound="ChunkIterator")
+
+
+class ChunkIterator:
+    """Iterates the generator ``_chunks`` a subclass sets; closing may come from any thread."""
+
+    _chunks: Generator[dict[str, Any], None, None]
+
+    def __iter__(self: _S) -> _S:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._chunks)
+
+    def _end_chunks(self) -> None:
+        """End the iteration now, or at its next chunk when another thread is inside it."""
+        try:
+            self._chunks.close()
+        except ValueError:
+            pass  # being iterated in another thread: it ends at its next chunk
+
+
+class CompletionStream(ChunkIterator):
     """Chunks of one streaming request, as dicts ready for ``data:`` lines.
 
     Iterate it from one thread. :meth:`close` (alias :meth:`cancel`) may be
@@ -365,19 +391,10 @@ class CompletionStream:
         # found it instead of being cancelled when its last reference goes.
         self._chunks = _chunks(run)
 
-    def __iter__(self) -> CompletionStream:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        return next(self._chunks)
-
     def close(self) -> None:
         """Cancel the request's backend streams and end the iteration; idempotent."""
         self._run.close()
-        try:
-            self._chunks.close()
-        except ValueError:
-            pass  # being iterated in another thread: it ends at its next step
+        self._end_chunks()
         self._run.finish()
 
     cancel = close
@@ -429,11 +446,8 @@ def _chunks(run: Run) -> Generator[dict[str, Any], None, None]:
             if with_usage:
                 chunk["usage"] = None
             yield chunk
-    except Timeout:
-        run.ctx.counters.add(timeouts_total=1, errors_total=1)
-        raise
-    except FastpilotError:
-        run.ctx.counters.add(errors_total=1)
+    except FastpilotError as ex:
+        run.count_error(ex)
         raise
     finally:
         run.finish()

@@ -13,8 +13,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 from fastpilot.backends.base import FinishReason, Step, TokenStream
 from fastpilot.engine.detok import IncrementalDetokenizer
@@ -183,14 +184,13 @@ class SequenceState:
 
 
 _END = object()
+T = TypeVar("T")
 
 
 def merge_streams(streams: Sequence[TokenStream]) -> Iterator[tuple[int, Step | None]]:
     """Yield ``(index, step)`` from every stream as steps arrive; ``(index, None)`` at each end.
 
-    One stream is read directly. Several are read by one daemon thread each
-    (a stream can only be waited on by blocking), feeding a shared queue; the
-    threads end when their stream ends, which cancelling guarantees. Errors
+    One stream is read directly; several through :func:`interleave`. Errors
     raised by a stream are re-raised here as :class:`FastpilotError`.
     """
     if len(streams) == 1:
@@ -204,22 +204,33 @@ def merge_streams(streams: Sequence[TokenStream]) -> Iterator[tuple[int, Step | 
         yield 0, None
         return
 
+    yield from interleave(streams, "fastpilot-pump")
+
+
+def interleave(sources: Sequence[Iterable[T]], name: str) -> Iterator[tuple[int, T | None]]:
+    """Yield ``(index, item)`` from every source as items arrive; ``(index, None)`` at each end.
+
+    Each source is read by its own daemon thread (named ``{name}-{index}``), all
+    feeding one queue, because a stream can only be waited on by blocking. A
+    thread ends when its source ends, which cancelling the source guarantees.
+    The first error a source raises is re-raised here, as
+    :class:`FastpilotError` (a bare exception is wrapped in
+    :class:`BackendError`); the remaining threads run on until their sources end.
+    """
     events: queue.SimpleQueue[tuple[int, object]] = queue.SimpleQueue()
 
-    def pump(i: int, stream: TokenStream) -> None:
+    def pump(i: int, source: Iterable[T]) -> None:
         try:
-            for step in stream:
-                events.put((i, step))
+            for item in source:
+                events.put((i, item))
         except BaseException as ex:  # noqa: BLE001 - handed to the consumer thread
             events.put((i, ex))
         else:
             events.put((i, _END))
 
-    for i, stream in enumerate(streams):
-        threading.Thread(
-            target=pump, args=(i, stream), name=f"fastpilot-pump-{i}", daemon=True
-        ).start()
-    live = len(streams)
+    for i, source in enumerate(sources):
+        threading.Thread(target=pump, args=(i, source), name=f"{name}-{i}", daemon=True).start()
+    live = len(sources)
     while live:
         i, item = events.get()
         if item is _END:
@@ -230,5 +241,4 @@ def merge_streams(streams: Sequence[TokenStream]) -> Iterator[tuple[int, Step | 
                 raise item
             raise BackendError(f"generation failed: {item}") from item
         else:
-            assert isinstance(item, Step)
-            yield i, item
+            yield i, cast(T, item)
