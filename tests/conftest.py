@@ -18,6 +18,9 @@ Fixtures (all session-scoped; nothing is downloaded):
 ``tiny_gpt2_models`` / ``tiny_codegen_models`` -> dict[str, Path]
     Shortcuts for ``tiny_models["gpt2"]`` / ``tiny_models["codegen"]``.
 
+And ``browser`` (module-scoped): a headless chromium for the playground page
+tests, skipped where chromium or playwright is missing (``tests/playground.py``).
+
 Treat every path as read-only: they may live in a persistent cache shared by test
 runs, ``~/.cache/fastpilot/test-models/<hash>`` where the hash covers
 ``tests/tinymodels.py``, the ``conversion/`` sources and the library versions, so any
@@ -32,12 +35,15 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests import tinymodels
+from tests.playground import launch_browser
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_KEYS = ("ct2-float32", "ct2-int8", "gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
@@ -159,3 +165,10 @@ def tiny_gpt2_hf(tiny_models: dict[str, dict[str, Path]]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_codegen_hf(tiny_models: dict[str, dict[str, Path]]) -> Path:
     return tiny_models["codegen"]["hf"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """A headless chromium for the playground tests (skipped without it; tests/playground.py)."""
+    with launch_browser() as b:
+        yield b

@@ -144,18 +144,19 @@ def _write(
 
     t = gguf.MODEL_TENSOR
     kv = N_EMBD // N_HEAD * N_HEAD_KV
+
+    def add_qkv(i: int) -> None:  # both architectures: Q, K, V of layer i, each with a bias
+        for kind, rows in ((t.ATTN_Q, N_EMBD), (t.ATTN_K, kv), (t.ATTN_V, kv)):
+            writer.add_tensor(_name(kind, i), w(rows, N_EMBD))
+            writer.add_tensor(_name(kind, i, "bias"), w(rows))
+
     writer.add_tensor(_name(t.TOKEN_EMBD), w(n_vocab, N_EMBD, scale=1.0))
     if arch == "qwen2":
         writer.add_layer_norm_rms_eps(1e-6)
         writer.add_tensor(_name(t.OUTPUT_NORM), 1 + w(N_EMBD, scale=0.1))
         for i in range(N_LAYER):
             writer.add_tensor(_name(t.ATTN_NORM, i), 1 + w(N_EMBD, scale=0.1))
-            writer.add_tensor(_name(t.ATTN_Q, i), w(N_EMBD, N_EMBD))
-            writer.add_tensor(_name(t.ATTN_Q, i, "bias"), w(N_EMBD))
-            writer.add_tensor(_name(t.ATTN_K, i), w(kv, N_EMBD))
-            writer.add_tensor(_name(t.ATTN_K, i, "bias"), w(kv))
-            writer.add_tensor(_name(t.ATTN_V, i), w(kv, N_EMBD))
-            writer.add_tensor(_name(t.ATTN_V, i, "bias"), w(kv))
+            add_qkv(i)
             writer.add_tensor(_name(t.ATTN_OUT, i), w(N_EMBD, N_EMBD))
             writer.add_tensor(_name(t.FFN_NORM, i), 1 + w(N_EMBD, scale=0.1))
             writer.add_tensor(_name(t.FFN_GATE, i), w(N_FF, N_EMBD))
@@ -173,9 +174,7 @@ def _write(
             for norm in (t.ATTN_NORM, t.FFN_NORM):
                 writer.add_tensor(_name(norm, i), 1 + w(N_EMBD, scale=0.1))
                 writer.add_tensor(_name(norm, i, "bias"), w(N_EMBD, scale=0.1))
-            for kind, rows in ((t.ATTN_Q, N_EMBD), (t.ATTN_K, kv), (t.ATTN_V, kv)):
-                writer.add_tensor(_name(kind, i), w(rows, N_EMBD))
-                writer.add_tensor(_name(kind, i, "bias"), w(rows))
+            add_qkv(i)
             writer.add_tensor(_name(t.ATTN_OUT, i), w(N_EMBD, N_EMBD))
             writer.add_tensor(_name(t.ATTN_OUT, i, "bias"), w(N_EMBD))
             writer.add_tensor(_name(t.FFN_UP, i), w(N_FF, N_EMBD))

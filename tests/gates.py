@@ -1,4 +1,6 @@
-"""A gate that parks a backend's worker thread mid-generation (this module holds no tests).
+"""Driving a backend's worker thread from a test: a gate that parks it, hooks, a plain run.
+
+This module holds no tests.
 
 Tiny models write a hundred tokens in a few milliseconds, so a test that
 cancels a stream and then sees it end cannot tell cancellation from the model
@@ -12,7 +14,9 @@ the steps counted afterwards show whether generation stopped.
 
 The wrapper stores and forwards the step unchanged; it only delays the worker.
 It also records the streams that ``backend.submit`` hands out, through the
-public contract, so a test can check how each one finished.
+public contract, so a test can check how each one finished. :func:`hook_put`
+runs a test's action on the worker after a stream's n-th step, and :func:`run`
+generates one request to its end.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from fastpilot.backends.base import Backend, Step, TokenStream
+from fastpilot.backends.base import Backend, GenerationRequest, SamplingParams, Step, TokenStream
 
 
 class WorkerGate:
@@ -87,3 +91,24 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+def run(backend: Backend, ids: list[int], **kw: Any) -> tuple[list[Step], TokenStream]:
+    kw.setdefault("temperature", 0.0)
+    stream = backend.submit(GenerationRequest(list(ids), SamplingParams(**kw)))
+    return list(stream), stream
+
+
+def hook_put(monkeypatch: pytest.MonkeyPatch, actions: dict[str, Callable[..., None]]) -> None:
+    """Run ``actions[request_id](stream, n)`` in the worker right after a stream's n-th step."""
+    original = TokenStream.put
+    counts: dict[int, int] = {}
+
+    def put(self: TokenStream, step: Step) -> None:
+        original(self, step)
+        action = actions.get(self.request.request_id)
+        if action is not None:
+            counts[id(self)] = counts.get(id(self), 0) + 1
+            action(self, counts[id(self)])
+
+    monkeypatch.setattr(TokenStream, "put", put)

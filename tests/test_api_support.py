@@ -9,7 +9,8 @@ deterministic, with ``step_delay`` for timing tests).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import falcon.testing
@@ -17,6 +18,7 @@ import falcon.testing
 from fastpilot.app import create_app
 from fastpilot.engine.model import Model
 from fastpilot.models import Registry
+from fastpilot.serve import RunningServer, start_in_thread
 from fastpilot.settings import Settings
 from tests.fakes import FakeBackend
 
@@ -41,6 +43,21 @@ def make_registry(*backends: tuple[str, FakeBackend], timeout: float | None = No
             ),
         )
     return registry
+
+
+@contextmanager
+def serving(settings: Settings, *backends: tuple[str, FakeBackend]) -> Iterator[RunningServer]:
+    """The real app over ``backends`` (see :func:`make_registry`) on waitress in a thread.
+
+    Yields once the socket listens; stops the server and closes the models after.
+    """
+    registry = make_registry(*backends)
+    running = start_in_thread(create_app(settings, registry), settings)
+    try:
+        yield running
+    finally:
+        running.stop()
+        registry.close_all()
 
 
 def client(

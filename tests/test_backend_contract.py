@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -36,6 +35,7 @@ from fastpilot.backends.base import (
 from fastpilot.backends.sampling import log_softmax
 from fastpilot.errors import BackendError, InvalidRequest, QueueFull
 from tests import tinymodels
+from tests.gates import hook_put, run
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -143,27 +143,6 @@ def backend(subject: Subject) -> Iterator[Backend]:
 
 def _eos(backend: Backend) -> int:
     return min(backend.eos_token_ids)
-
-
-def run(backend: Backend, ids: list[int], **kw: Any) -> tuple[list[Step], TokenStream]:
-    kw.setdefault("temperature", 0.0)
-    stream = backend.submit(GenerationRequest(list(ids), SamplingParams(**kw)))
-    return list(stream), stream
-
-
-def hook_put(monkeypatch: pytest.MonkeyPatch, actions: dict[str, Callable[..., None]]) -> None:
-    """Run ``actions[request_id](stream, n)`` in the worker right after a stream's n-th step."""
-    original = TokenStream.put
-    counts: dict[int, int] = {}
-
-    def put(self: TokenStream, step: Step) -> None:
-        original(self, step)
-        action = actions.get(self.request.request_id)
-        if action is not None:
-            counts[id(self)] = counts.get(id(self), 0) + 1
-            action(self, counts[id(self)])
-
-    monkeypatch.setattr(TokenStream, "put", put)
 
 
 def _masked(x: np.ndarray, banned: int) -> np.ndarray:
@@ -407,6 +386,27 @@ def test_concurrent_requests_equal_serial_runs(subject: Subject, backend, monkey
 
 
 # -- the queue and closing ------------------------------------------------------------------
+def start_parked(
+    b: Backend,
+    monkeypatch: pytest.MonkeyPatch,
+    park: Callable[[TokenStream, int], None],
+    inside: threading.Event,
+    *,
+    max_tokens: int,
+) -> tuple[TokenStream, list[int], SamplingParams]:
+    """Submit a greedy request of ``PROMPT`` whose worker runs ``park`` after each step.
+
+    Returns once ``park`` has set ``inside`` (the worker is held): the stream,
+    the prompt ids and the parameters, for more requests like it.
+    """
+    hook_put(monkeypatch, {"parked": park})
+    ids = b.tokenize(PROMPT)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    stream = b.submit(GenerationRequest(ids, params, request_id="parked"))
+    assert inside.wait(30)
+    return stream, ids, params
+
+
 def test_max_queue_counts_requests_waiting_beyond_the_capacity(subject: Subject, monkeypatch):
     b = subject.make(slots=1, max_queue=2)
     gate, inside = threading.Event(), threading.Event()
@@ -416,11 +416,7 @@ def test_max_queue_counts_requests_waiting_beyond_the_capacity(subject: Subject,
         gate.wait(10)
 
     try:
-        hook_put(monkeypatch, {"held": hold})
-        ids = b.tokenize(PROMPT)
-        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-        held = b.submit(GenerationRequest(ids, params, request_id="held"))
-        assert inside.wait(30)
+        held, ids, params = start_parked(b, monkeypatch, hold, inside, max_tokens=4)
         cancelled = b.submit(GenerationRequest(ids, params))
         expired = b.submit(GenerationRequest(ids, params))
         assert b.stats()["queue_depth"] == 2
@@ -451,11 +447,7 @@ def test_close_fails_open_streams_and_is_idempotent(subject: Subject, monkeypatc
         while not b._closed and time.monotonic() < deadline:  # set first thing in close()
             time.sleep(0.002)
 
-    hook_put(monkeypatch, {"run": park})
-    ids = b.tokenize(PROMPT)
-    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
-    running = b.submit(GenerationRequest(ids, params, request_id="run"))
-    assert inside.wait(30)
+    running, ids, params = start_parked(b, monkeypatch, park, inside, max_tokens=100)
     queued = b.submit(GenerationRequest(ids, params))
     closer = threading.Thread(target=b.close)
     closer.start()

@@ -19,6 +19,7 @@ import pytest
 from fastpilot.backends.base import FinishReason, GenerationRequest, SamplingParams, TokenStream
 from fastpilot.errors import NotSupported
 from tests import tinymodels
+from tests.gates import hook_put, run
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 LONG = tinymodels.SNIPPETS[2] + tinymodels.SNIPPETS[3]  # > 2 prefix chunks of 16
@@ -49,26 +50,6 @@ def backend(built: dict[str, Path], arch: str):
     b.close()
 
 
-def run(backend, ids: list[int], **kw) -> tuple[list, TokenStream]:
-    stream = backend.submit(GenerationRequest(list(ids), SamplingParams(**kw)))
-    return list(stream), stream
-
-
-def _hook_put(monkeypatch: pytest.MonkeyPatch, actions: dict) -> None:
-    """Run ``actions[request_id](stream, n)`` on the worker thread after each n-th step."""
-    original = TokenStream.put
-    counts: dict[int, int] = {}
-
-    def put(self: TokenStream, step) -> None:
-        original(self, step)
-        action = actions.get(self.request.request_id)
-        if action is not None:
-            counts[id(self)] = counts.get(id(self), 0) + 1
-            action(self, counts[id(self)])
-
-    monkeypatch.setattr(TokenStream, "put", put)
-
-
 def test_a_cancelled_sequence_leaves_its_batch_mate_alone(backend, monkeypatch) -> None:
     """Cancelling one sequence of a generate_batch call ends only that one, in one call."""
     ids = backend.tokenize(PROMPT)
@@ -79,7 +60,7 @@ def test_a_cancelled_sequence_leaves_its_batch_mate_alone(backend, monkeypatch) 
             stream.cancel()
 
     gate = threading.Event()
-    _hook_put(monkeypatch, {"victim": cancel_at_3, "blocker": lambda s, n: gate.wait(10)})
+    hook_put(monkeypatch, {"victim": cancel_at_3, "blocker": lambda s, n: gate.wait(10)})
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     blocker_params = SamplingParams(max_tokens=1, temperature=0.5)  # another batch key
     batches = backend.stats()["batches"]

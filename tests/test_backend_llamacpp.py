@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -101,6 +104,24 @@ def _prompt(backend, text: str, n: int) -> list[int]:
 
 def _long_text() -> str:
     return "".join(tinymodels.SNIPPETS) * 3
+
+
+@contextmanager
+def _cached_and_cold(built: dict[str, Path], arch: str) -> Iterator[tuple[Any, Any]]:
+    """A two-slot backend with a 16-token prompt cache and a one-slot one to compare with."""
+    b = _new(built, arch, slots=2, prompt_chunk=16)
+    cold = _new(built, arch, slots=1)
+    try:
+        yield b, cold
+    finally:
+        b.close()
+        cold.close()
+
+
+def _base_and_longer(b: Any, n_base: int, n_more: int) -> tuple[list[int], list[int]]:
+    """``n_base`` tokens of the long text, and them followed by ``n_more`` other tokens."""
+    base = _prompt(b, _long_text(), n_base)
+    return base, base + _prompt(b, "    return fibonacci(n - 1)\n", n_more)
 
 
 # -- model facts -----------------------------------------------------------------------
@@ -217,11 +238,8 @@ def test_identical_prompts_share_one_prefill(built, arch) -> None:
 
 # -- prompt cache ---------------------------------------------------------------------
 def test_prompt_cache_evaluates_only_new_tokens(built, arch) -> None:
-    b = _new(built, arch, slots=2, prompt_chunk=16)
-    cold = _new(built, arch, slots=1)
-    try:
-        base = _prompt(b, _long_text(), 70)
-        longer = base + _prompt(b, "    return fibonacci(n - 1)\n", 10)
+    with _cached_and_cold(built, arch) as (b, cold):
+        base, longer = _base_and_longer(b, 70, 10)
         _run(b, base, _greedy(1))
         before = b.stats()
         toks, stream = _run(b, longer, _greedy(10, ignore_eos=True))
@@ -233,9 +251,6 @@ def test_prompt_cache_evaluates_only_new_tokens(built, arch) -> None:
         toks2, stream2 = _run(b, longer, _greedy(10, ignore_eos=True))
         assert toks2 == toks and stream2.cached_tokens == len(longer) - 1
         assert b.stats()["prompt_tokens_evaluated"] - after["prompt_tokens_evaluated"] == 1
-    finally:
-        b.close()
-        cold.close()
 
 
 def test_slot_choice_prefers_longest_prefix(built, arch) -> None:
@@ -254,11 +269,8 @@ def test_slot_choice_prefers_longest_prefix(built, arch) -> None:
 
 
 def test_prefix_is_copied_from_a_running_request(built, arch) -> None:
-    b = _new(built, arch, slots=2, prompt_chunk=16)
-    cold = _new(built, arch, slots=1)
-    try:
-        base = _prompt(b, _long_text(), 60)
-        longer = base + _prompt(b, "    return fibonacci(n - 1)\n", 8)
+    with _cached_and_cold(built, arch) as (b, cold):
+        base, longer = _base_and_longer(b, 60, 8)
         want = _run(cold, longer, _greedy(8, ignore_eos=True))[0]
         late: list[TokenStream] = []
 
@@ -276,9 +288,6 @@ def test_prefix_is_copied_from_a_running_request(built, arch) -> None:
         assert cached >= len(base)
         assert b.stats()["prefix_copies"] == 1
         assert b.stats()["prompt_tokens_evaluated"] == len(base) + len(longer) - cached
-    finally:
-        b.close()
-        cold.close()
 
 
 def test_batches_are_in_slot_order_and_busy_slots_stay_contiguous(built, arch) -> None:

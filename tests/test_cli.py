@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 
 from fastpilot import cli
-from fastpilot.app import create_app
-from fastpilot.serve import discover_models, ordered_specs, start_in_thread
+from fastpilot.serve import discover_models, ordered_specs
 from fastpilot.settings import Settings, SettingsError, build_parser, load_settings
 from tests.fakes import FakeBackend
 from tests.servers import ServeProcess
-from tests.test_api_support import make_registry
+from tests.test_api_support import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = " world\n\ndef fib(n):\n    return n\n"
@@ -174,12 +173,8 @@ def _complete_args(**kw) -> Namespace:
 
 @pytest.fixture
 def fake_server():
-    registry = make_registry(("fake", FakeBackend()))
-    settings = Settings(port=0, api_key=("ck",))
-    running = start_in_thread(create_app(settings, registry), settings)
-    yield running
-    running.stop()
-    registry.close_all()
+    with serving(Settings(port=0, api_key=("ck",)), ("fake", FakeBackend())) as running:
+        yield running
 
 
 @pytest.mark.parametrize("stream", [False, True])

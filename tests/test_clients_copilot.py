@@ -102,6 +102,31 @@ def initialize(lsp: LspClient, project: Path) -> None:
     )
 
 
+def one_file_project(tmp_path: Path, name: str, text: str) -> tuple[Path, Path]:
+    """A project folder holding one file ``name`` with ``text``: (folder, file)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    source = project / name
+    source.write_text(text)
+    return project, source
+
+
+def open_in_editor(lsp: LspClient, project: Path, source: Path, text: str) -> None:
+    """What an editor sends on opening ``source`` in ``project``: initialize, then didOpen."""
+    initialize(lsp, project)
+    lsp.notify(
+        "textDocument/didOpen",
+        {
+            "textDocument": {
+                "uri": source.as_uri(),
+                "languageId": "python",
+                "version": 1,
+                "text": text,
+            }
+        },
+    )
+
+
 def inline(lsp: LspClient, uri: str, trigger: int) -> list[dict[str, Any]]:
     """``textDocument/inlineCompletion``; trigger 1 = invoked (3 choices), 2 = automatic."""
     result = lsp.request(
@@ -144,24 +169,10 @@ def expected_suggestion(choice_text: str) -> str:
 @pytest.mark.parametrize("which", ["open", "keyed"])
 def test_inline_completion_is_fastpilots_completion(servers, tmp_path, which):
     server, recorder, prefix = servers[which]
-    project = tmp_path / "project"
-    project.mkdir()
-    source = project / "lines.py"
-    source.write_text(DOCUMENT)
+    project, source = one_file_project(tmp_path, "lines.py", DOCUMENT)
     before = len(recorder.exchanges)
     with start(tmp_path, recorder.url + prefix) as lsp:
-        initialize(lsp, project)
-        lsp.notify(
-            "textDocument/didOpen",
-            {
-                "textDocument": {
-                    "uri": source.as_uri(),
-                    "languageId": "python",
-                    "version": 1,
-                    "text": DOCUMENT,
-                }
-            },
-        )
+        open_in_editor(lsp, project, source, DOCUMENT)
         greedy_items = inline(lsp, source.as_uri(), trigger=2)
         sampled_items = inline(lsp, source.as_uri(), trigger=1)
         log = lsp.log()
@@ -236,24 +247,10 @@ def block_cut(text: str, n_indent: int) -> str:
 
 def test_block_suggestion_ends_where_the_indentation_says(servers, tmp_path):
     server, recorder, prefix = servers["open"]
-    project = tmp_path / "project"
-    project.mkdir()
-    source = project / "loop.py"
-    source.write_text(BLOCK_DOCUMENT)
+    project, source = one_file_project(tmp_path, "loop.py", BLOCK_DOCUMENT)
     before = len(recorder.exchanges)
     with start(tmp_path, recorder.url + prefix) as lsp:
-        initialize(lsp, project)
-        lsp.notify(
-            "textDocument/didOpen",
-            {
-                "textDocument": {
-                    "uri": source.as_uri(),
-                    "languageId": "python",
-                    "version": 1,
-                    "text": BLOCK_DOCUMENT,
-                }
-            },
-        )
+        open_in_editor(lsp, project, source, BLOCK_DOCUMENT)
         result = lsp.request(
             "textDocument/inlineCompletion",
             {

@@ -343,24 +343,35 @@ def test_close_from_another_thread_ends_iteration(monkeypatch: pytest.MonkeyPatc
         b.close()
 
 
+def abandon_after_one_chunk(
+    model: Model, b: FakeBackend, gate: WorkerGate, *, prompt: str | list[str]
+) -> None:
+    """Read one chunk of a 2000-token stream, then drop the stream without close().
+
+    The cycle collector is off meanwhile, so only the stream's own finalizer can
+    cancel it; returns once ``gate`` is released and the backend is idle.
+    """
+    s = model.stream(prompt=prompt, max_tokens=2000, temperature=0, ignore_eos=True)
+    for _ in s:
+        break
+    gc.disable()
+    try:
+        del s
+        gate.release()
+        assert b.wait_idle()
+    finally:
+        gc.enable()
+
+
 def test_consumer_abandoning_the_loop_cancels(monkeypatch: pytest.MonkeyPatch) -> None:
     b = FakeBackend(SCRIPT, context_length=4096)
     gate = WorkerGate(monkeypatch, b, after=2)  # parked until the loop has been abandoned
     try:
         model = Model("fake", b)
-        s = model.stream(prompt="hello", max_tokens=2000, temperature=0, ignore_eos=True)
-        for _ in s:
-            break
         # Dropped without close(): the finalizer cancels as soon as the last reference
         # goes, with the cycle collector off (a stream that its own generator referred
         # to ran on until the next collection).
-        gc.disable()
-        try:
-            del s
-            gate.release()
-            assert b.wait_idle()
-        finally:
-            gc.enable()
+        abandon_after_one_chunk(model, b, gate, prompt="hello")
         assert b.streams[-1].finish_reason is FinishReason.CANCELLED
         assert b.decode_steps <= gate.after + 1  # 2000 without cancellation
         assert model.stats()["requests_active"] == 0
@@ -376,20 +387,9 @@ def test_consumer_abandoning_a_several_prompt_stream_cancels_every_prompt(
     gate = WorkerGate(monkeypatch, b, after=2)
     try:
         model = Model("fake", b)
-        s = model.stream(
-            prompt=["hello", "def fib"], max_tokens=2000, temperature=0, ignore_eos=True
-        )
-        for _ in s:
-            break
         # Each prompt's reader thread holds its own stream; dropping the request must
         # still cancel both, without the cycle collector's help.
-        gc.disable()
-        try:
-            del s
-            gate.release()
-            assert b.wait_idle()
-        finally:
-            gc.enable()
+        abandon_after_one_chunk(model, b, gate, prompt=["hello", "def fib"])
         assert [st.finish_reason for st in b.streams[-2:]] == [FinishReason.CANCELLED] * 2
         assert b.decode_steps <= gate.after + 2  # the steps under way; 4000 without cancelling
         assert model.stats()["requests_active"] == 0

@@ -30,13 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from fastpilot.app import create_app
 from fastpilot.backends.base import FinishReason
-from fastpilot.serve import start_in_thread
 from fastpilot.settings import Settings
 from tests.fakes import FakeBackend
 from tests.servers import ServeProcess
-from tests.test_api_support import make_registry
+from tests.test_api_support import serving
 
 pytestmark = [
     pytest.mark.slow,
@@ -169,13 +167,9 @@ def call(port: int, body: dict, key: str, path: str = "/v1/completions"):
 def slow_replica():
     """The real app on waitress over a backend that takes 50 ms per token (timing is visible)."""
     backend = FakeBackend(step_delay=STEP)
-    registry = make_registry(("slow", backend))
-    settings = Settings(port=0)
-    running = start_in_thread(create_app(settings, registry), settings)
-    running.backend = backend
-    yield running
-    running.stop()
-    registry.close_all()
+    with serving(Settings(port=0), ("slow", backend)) as running:
+        running.backend = backend
+        yield running
 
 
 def open_stream(port: int, tokens: int) -> tuple[socket.socket, float]:

@@ -27,7 +27,7 @@ from fastpilot.backends.base import FimTemplate
 from fastpilot.serve import start_in_thread
 from fastpilot.settings import Settings
 from tests.fakes import FakeBackend
-from tests.test_api_support import make_registry
+from tests.test_api_support import make_registry, serving
 from tests.test_openapi import app_routes
 
 KEYS = ("k-first-0123456789", "k-second-abcdefghij", "k-third-zyxwvutsrq")
@@ -137,12 +137,9 @@ def test_keys_are_compared_in_constant_time(keyed, monkeypatch):
 
 @pytest.fixture(scope="module")
 def live():
-    registry = make_registry(("fake", FakeBackend()))
     settings = Settings(port=0, allowed_host=("fastpilot.internal",))
-    running = start_in_thread(create_app(settings, registry), settings)
-    yield running
-    running.stop()
-    registry.close_all()
+    with serving(settings, ("fake", FakeBackend())) as running:
+        yield running
 
 
 def _raw_get(port: int, head: bytes) -> tuple[int, bytes]:
