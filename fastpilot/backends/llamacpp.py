@@ -59,7 +59,7 @@ from fastpilot.backends.llamacpp_native import (
     real_vocab_size,
 )
 from fastpilot.backends.sampling import SequenceSampler
-from fastpilot.backends.scheduler import BatchEntry, KvOp, Scheduler, Seq
+from fastpilot.backends.scheduler import BatchEntry, KvOp, Scheduler, Seq, batch_capacity
 from fastpilot.errors import (
     BackendError,
     ContextLengthExceeded,
@@ -111,6 +111,12 @@ class LlamaCppBackend(Backend):
         flash_attn: ``None`` (default) disables flash attention on CPU -- measured
             ~1.5-2x slower per token at 1000 positions on an AVX2 EPYC -- and lets
             llama.cpp decide when layers are offloaded to a GPU.
+        speculative: ``"off"`` or ``"ngram"``: draft tokens by n-gram lookup in the
+            prompt and output and verify them in the same decode (see
+            :mod:`fastpilot.backends.scheduler`). Output is unchanged -- greedy text
+            byte for byte, sampled text in distribution (with a seed, the same draws).
+        draft_max: most tokens a sequence drafts per step; the batch grows by
+            ``3 * draft_max`` tokens to hold them.
 
     Loading blocks (mmap + context allocation). The worker thread starts at once
     and is the only thread that touches the generation context.
@@ -130,9 +136,13 @@ class LlamaCppBackend(Backend):
         context_length: int | None = None,
         prompt_chunk: int = 256,
         flash_attn: bool | None = None,
+        speculative: str = "off",
+        draft_max: int = 8,
     ) -> None:
-        if slots < 1 or prompt_chunk < 1 or max_queue < 0:
-            raise ValueError("slots and prompt_chunk must be >= 1, max_queue >= 0")
+        if slots < 1 or prompt_chunk < 1 or max_queue < 0 or draft_max < 1:
+            raise ValueError("slots, prompt_chunk, draft_max must be >= 1, max_queue >= 0")
+        if speculative not in ("off", "ngram"):
+            raise ValueError(f"speculative must be 'off' or 'ngram', not {speculative!r}")
         lib = self._lib = load_library()
         gguf = find_gguf(path)
         if manifest is None:
@@ -156,14 +166,16 @@ class LlamaCppBackend(Backend):
             per_slot = min(trained, context_length) if context_length else trained
             self._slots_n = slots
             self._chunk = prompt_chunk
+            spec = speculative == "ngram"
+            capacity = batch_capacity(slots, prompt_chunk, draft_max if spec else 0)
             self._ctx = new_context(
-                lib, self._model, per_slot, slots, prompt_chunk, threads, flash_attn, gpu_layers
+                lib, self._model, per_slot, slots, capacity, threads, flash_attn, gpu_layers
             )
             if not self._ctx:
                 raise BackendError(f"llama.cpp could not create a context for {gguf}")
             self.context_length = min(per_slot, int(lib.llama_n_ctx_seq(self._ctx)))
             self._mem = lib.llama_get_memory(self._ctx)
-            self._batch = NativeBatch(lib, prompt_chunk + slots)
+            self._batch = NativeBatch(lib, capacity)
             self._load_vocab(manifest)
             self.fim_tokens = read_fim_tokens(lib, self._vocab)  # engine/fim.py renders them
         except BaseException:
@@ -182,6 +194,8 @@ class LlamaCppBackend(Backend):
             extra={
                 "threads": self._threads,
                 "slots": slots,
+                "speculative": speculative,
+                "draft_max": draft_max,
                 "manifest": manifest.to_json() if manifest else {},
             },
         )
@@ -191,7 +205,12 @@ class LlamaCppBackend(Backend):
         self._jobs: deque[_ScoreJob] = deque()
         self._max_queue = max_queue
         self._sched: Scheduler[_Request] = Scheduler(
-            slots, prompt_chunk, self.context_length, self.eos_token_ids
+            slots,
+            prompt_chunk,
+            self.context_length,
+            self.eos_token_ids,
+            speculative=spec,
+            draft_max=draft_max,
         )
         self._free = slots  # free slots, read by submit() under the lock
         self._closed = False
@@ -388,12 +407,24 @@ class LlamaCppBackend(Backend):
     def _after_decode(self, entries: list[BatchEntry[_Request]]) -> None:
         lib, ctx, n_rows = self._lib, self._ctx, self._n_rows
         for sample in self._sched.update_from_output(entries):
-            # (n_rows,) float32 view into llama.cpp's output buffer; valid until the next
-            # decode. The sampler reads the first vocab_size rows: padding rows never win.
-            row = lib.llama_get_logits_ith(ctx, sample.row)
-            self._emit(sample.seq, np.ctypeslib.as_array(row, shape=(n_rows,)))
+            row = sample.row
+            # A speculating sequence: rows after the first hold the logits after each
+            # draft; sample them in order while the token matches the draft.
+            while True:
+                # (n_rows,) float32 view into llama.cpp's output buffer; valid until the next
+                # decode. The sampler reads the first vocab_size rows: padding rows never win.
+                logits = lib.llama_get_logits_ith(ctx, row)
+                more = self._emit(sample.seq, np.ctypeslib.as_array(logits, shape=(n_rows,)))
+                if not more:
+                    break
+                if sample.seq.owner.stream.cancelled:  # nothing more once cancelled
+                    self._sched.finish(sample.seq, FinishReason.CANCELLED)
+                    self._finished(sample.seq)
+                    break
+                row += 1
 
-    def _emit(self, seq: Seq[_Request], logits: np.ndarray) -> None:
+    def _emit(self, seq: Seq[_Request], logits: np.ndarray) -> bool:
+        """Sample, push and maybe finish; True when the next row is this sequence's too."""
         stream = seq.owner.stream
         if seq.generated == 0:  # the first token: the prompt cache's share is settled
             stream.cached_tokens = seq.cached_tokens
@@ -405,6 +436,7 @@ class LlamaCppBackend(Backend):
         if verdict.finish is not None:
             stream.finish(verdict.finish)
             self._free_slot()
+        return verdict.more
 
     def _finished(self, seq: Seq[_Request]) -> None:
         assert seq.finish_reason is not None

@@ -99,22 +99,22 @@ def new_context(
     model: Any,
     per_slot: int,
     slots: int,
-    prompt_chunk: int,
+    batch_tokens: int,
     threads: int,
     flash_attn: bool | None,
     gpu_layers: int,
 ) -> Any:
     """A generation context with one KV stream of ``per_slot`` cells per slot (NULL on failure).
 
-    A batch holds ``prompt_chunk + slots`` tokens. ``flash_attn`` ``None`` disables
-    flash attention on CPU (measured ~1.5-2x slower per token at 1000 positions on
-    an AVX2 EPYC) and lets llama.cpp decide when layers are offloaded.
+    A batch holds ``batch_tokens`` tokens (the scheduler's capacity). ``flash_attn``
+    ``None`` disables flash attention on CPU (measured ~1.5-2x slower per token at
+    1000 positions on an AVX2 EPYC) and lets llama.cpp decide when layers are offloaded.
     """
     cparams = lib.llama_context_default_params()
     # llama.cpp pads each KV stream to a multiple of 256 cells; ask for that directly.
     cparams.n_ctx = -(-per_slot // 256) * 256 * slots
     cparams.n_seq_max = slots
-    cparams.n_batch = cparams.n_ubatch = prompt_chunk + slots
+    cparams.n_batch = cparams.n_ubatch = batch_tokens
     cparams.n_threads = cparams.n_threads_batch = threads
     cparams.kv_unified = False  # one KV stream per slot: attention only over its own cells
     cparams.no_perf = True

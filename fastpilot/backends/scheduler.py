@@ -36,8 +36,31 @@ cache:
   reason as the slot choice.
 
 A plan entry may carry several tokens and asks for logits of its last
-``n_logits`` tokens; speculative decoding (a ``SPECULATING`` state whose entry
-holds the draft tokens, each with logits) and KV shifting fit this shape.
+``n_logits`` tokens. **Speculative decoding** (``speculative=True``) uses it:
+
+* **Drafting**: a DECODING sequence's entry becomes ``[next_token] + drafts``
+  with logits for every token, the drafts from its own history by n-gram lookup
+  (:class:`fastpilot.backends.ngram.NgramDrafter`), all verified in the same
+  ``llama_decode`` as the other sequences' tokens. No sequence drafts when the
+  rest of the batch (other decoding tokens, prompt chunks) holds more than
+  :data:`SPEC_BUSY` tokens: with many streams the batch already uses the weights
+  well and drafts would only add work (multi-client throughput comes first).
+* **Verifying**: the backend samples row after row (:attr:`Sample.drafts`); each
+  sampled token goes through :meth:`Scheduler.on_token`, which accepts it into the
+  KV when it equals the next draft (``Verdict.more``: sample the next row too) and
+  otherwise ends the verification, queueing a :class:`KvRemove` of the cells past
+  the last accepted token. Sampling decides, the draft only proposes: a token is
+  emitted exactly when plain decoding would have emitted it from the same logits,
+  so greedy output is unchanged and so is the sampled distribution (accepting
+  draft ``x`` iff the draw from the processed distribution ``p`` equals ``x``
+  happens with probability ``p(x)``; otherwise the draw is ``p`` without ``x``,
+  renormalized -- the speculative-sampling rule for a one-token proposal).
+* **Adapting**: each sequence's draft length starts at ``min(4, draft_max)``,
+  grows by one after a fully accepted draft and halves after a rejection
+  (within ``1..draft_max``); drafts never exceed what ``max_tokens`` or the
+  context can still take.
+
+KV shifting will fit the same entry shape.
 
 Not thread-safe: only the backend's worker thread uses a scheduler.
 """
@@ -51,9 +74,11 @@ from enum import Enum
 from typing import Generic, TypeVar
 
 from fastpilot.backends.base import FinishReason
+from fastpilot.backends.ngram import NgramDrafter
 
 __all__ = [
     "MIN_COPY",
+    "SPEC_BUSY",
     "BatchEntry",
     "KvCopy",
     "KvRemove",
@@ -64,6 +89,7 @@ __all__ = [
     "SeqState",
     "Slot",
     "Verdict",
+    "batch_capacity",
     "choose_slot",
     "common_prefix",
     "runs",
@@ -73,11 +99,17 @@ __all__ = [
 # The copy moves the whole stream (n_ctx cells x layers), about the cost of a few tokens.
 MIN_COPY = 16
 
+# Most tokens of *other* sequences a batch may hold for a sequence to still draft:
+# up to this many streams speculate together; beyond it the batch is busy enough.
+SPEC_BUSY = 2
+# A new sequence's first draft length (capped by draft_max).
+DRAFT_START = 4
+
 OwnerT = TypeVar("OwnerT")
 
 
 class SeqState(str, Enum):
-    """Where a sequence is. (``SPECULATING`` will sit between DECODING steps.)"""
+    """Where a sequence is. A speculating sequence is DECODING with ``Seq.drafts`` in flight."""
 
     WAITING = "waiting"  # added, no slot yet
     PREFILLING = "prefilling"  # holds a slot; prompt tokens still to evaluate (or shared)
@@ -111,6 +143,9 @@ class Seq(Generic[OwnerT]):
     next_token: int = -1  # DECODING: the sampled token the next step feeds
     generated: int = 0
     finish_reason: FinishReason | None = None
+    drafter: NgramDrafter | None = None  # speculative: prompt + emitted tokens, indexed
+    draft_len: int = 0  # speculative: tokens to draft next time (adaptive)
+    drafts: list[int] = field(default_factory=list)  # in the KV, not yet verified
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +180,7 @@ class BatchEntry(Generic[OwnerT]):
     seq_id: int
     tokens: tuple[int, ...]
     pos0: int
-    n_logits: int  # logits wanted for this many trailing tokens (0 or 1 today)
+    n_logits: int  # logits wanted for this many trailing tokens (1 + drafts when drafting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,18 +193,34 @@ class Plan(Generic[OwnerT]):
 
 @dataclass(frozen=True, slots=True)
 class Sample(Generic[OwnerT]):
-    """Sample ``seq``'s next token from the logits at batch row ``row``."""
+    """Sample ``seq``'s next token from the logits at batch row ``row``.
+
+    With ``drafts``, rows ``row + 1 ..`` hold the logits after each draft: sample
+    them in order while :meth:`Scheduler.on_token` answers ``more``.
+    """
 
     seq: Seq[OwnerT]
     row: int
+    drafts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """What :meth:`Scheduler.on_token` decided: push the step? did the sequence finish?"""
+    """What :meth:`Scheduler.on_token` decided: push the step? did the sequence finish?
+
+    ``more``: the token matched the next draft, so the following logits row is this
+    sequence's next position -- sample it too.
+    """
 
     emit: bool
     finish: FinishReason | None = None
+    more: bool = False
+
+
+def batch_capacity(slots: int, prompt_chunk: int, draft_max: int = 0) -> int:
+    """Most tokens in one plan's batch: a token per slot, a prompt chunk and the drafts
+    of at most ``SPEC_BUSY + 1`` speculating sequences (``draft_max`` 0: speculation off)."""
+    return prompt_chunk + slots + (SPEC_BUSY + 1) * draft_max
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -207,6 +258,8 @@ class Scheduler(Generic[OwnerT]):
         prompt_chunk: prompt tokens per step, shared by every prefilling sequence.
         context_length: cells per slot; a sequence finishes ``LENGTH`` when full.
         eos_token_ids: tokens that finish a sequence ``STOP`` (no step is pushed).
+        speculative: draft tokens by n-gram lookup and verify them in the batch.
+        draft_max: most tokens one sequence drafts per step.
     """
 
     def __init__(
@@ -215,9 +268,14 @@ class Scheduler(Generic[OwnerT]):
         prompt_chunk: int,
         context_length: int,
         eos_token_ids: Iterable[int] = (),
+        *,
+        speculative: bool = False,
+        draft_max: int = 8,
     ) -> None:
-        if slots < 1 or prompt_chunk < 1:
-            raise ValueError("slots and prompt_chunk must be >= 1")
+        if slots < 1 or prompt_chunk < 1 or draft_max < 1:
+            raise ValueError("slots, prompt_chunk and draft_max must be >= 1")
+        self.speculative = speculative
+        self.draft_max = draft_max
         self.slots = [Slot(i) for i in range(slots)]
         self.chunk = prompt_chunk
         self.context_length = context_length
@@ -230,11 +288,18 @@ class Scheduler(Generic[OwnerT]):
                 "cached_prompt_tokens",
                 "shared_prefills",
                 "prefix_copies",
+                "draft_tokens_accepted",
+                "draft_tokens_rejected",
             ),
             0,
         )
         self._ops: list[KvOp] = []
         self._clock = 0
+
+    @property
+    def capacity(self) -> int:
+        """Most tokens one plan's batch holds (see :func:`batch_capacity`)."""
+        return batch_capacity(len(self.slots), self.chunk, self.draft_max * self.speculative)
 
     # -- admission ---------------------------------------------------------------------
     def add(self, owner: OwnerT, prompt: list[int], max_tokens: int) -> Seq[OwnerT]:
@@ -287,6 +352,9 @@ class Scheduler(Generic[OwnerT]):
         if leader is not None:
             seq.leader = leader
             leader.followers.append(seq)
+        if self.speculative:
+            seq.drafter = NgramDrafter(prompt)
+            seq.draft_len = min(DRAFT_START, self.draft_max)
         self.running.append(seq)
 
     def _leader_for(self, prompt: list[int]) -> Seq[OwnerT] | None:
@@ -334,17 +402,32 @@ class Scheduler(Generic[OwnerT]):
         used, sorted by slot id. Followers of a shared prefill are left out.
         """
         entries: list[BatchEntry[OwnerT]] = []
-        for seq in self.running:
-            if seq.state is SeqState.DECODING:
-                entries.append(self._entry(seq, [seq.next_token], 1))
+        decoding = [s for s in self.running if s.state is SeqState.DECODING]
         budget = self.chunk
         for seq in self.running:
             if budget and seq.todo and seq.leader is None:
                 chunk = seq.todo[:budget]
                 budget -= len(chunk)
                 entries.append(self._entry(seq, chunk, 1 if len(chunk) == len(seq.todo) else 0))
+        # Other sequences' tokens each decoding sequence would share the batch with.
+        others = len(decoding) - 1 + self.chunk - budget
+        draft = self.speculative and others <= SPEC_BUSY
+        for seq in decoding:
+            drafts = self._drafts(seq) if draft else []
+            entries.append(self._entry(seq, [seq.next_token, *drafts], 1 + len(drafts)))
         entries.sort(key=lambda e: e.seq_id)
         return Plan(self.take_kv_ops(), tuple(entries))
+
+    def _drafts(self, seq: Seq[OwnerT]) -> list[int]:
+        """Up to ``seq.draft_len`` n-gram drafts, no more than max_tokens and the context
+        can still take (the token after the drafts is the model's own)."""
+        assert seq.slot is not None and seq.drafter is not None
+        room = min(
+            seq.max_tokens - seq.generated - 1,
+            # next_token sits at len(tokens); drafts after it, all before the context's end
+            self.context_length - len(seq.slot.tokens) - 2,
+        )
+        return seq.drafter.draft(min(seq.draft_len, room))
 
     @staticmethod
     def _entry(seq: Seq[OwnerT], tokens: list[int], n_logits: int) -> BatchEntry[OwnerT]:
@@ -364,6 +447,12 @@ class Scheduler(Generic[OwnerT]):
             seq, slot = e.seq, e.seq.slot
             assert slot is not None
             row += len(e.tokens)  # the batch index of this entry's last token
+            if seq.state is SeqState.DECODING and len(e.tokens) > 1:
+                # Only next_token is certain; the drafts join slot.tokens once verified.
+                slot.tokens.append(e.tokens[0])
+                seq.drafts = list(e.tokens[1:])
+                samples.append(Sample(seq, row - len(seq.drafts), tuple(seq.drafts)))
+                continue
             slot.tokens.extend(e.tokens)
             if seq.state is SeqState.PREFILLING:
                 self.counters["prompt_tokens_evaluated"] += len(e.tokens)
@@ -397,19 +486,41 @@ class Scheduler(Generic[OwnerT]):
 
         End-of-sequence finishes it ``STOP`` with nothing to push. Otherwise the
         step is pushed; the sequence finishes ``LENGTH`` at ``max_tokens`` or when
-        prompt + generated tokens fill the slot, else it is DECODING this token next.
+        prompt + generated tokens fill the slot, else it is DECODING this token next
+        -- unless the token equals the next draft in flight: then the draft's KV
+        cell is kept and ``more`` asks for the next row. A token that differs ends
+        the verification: the cells of the drafts still in flight are removed
+        (a queued :class:`KvRemove`), whatever the outcome.
         """
         if token in self.eos:
             self._release(seq, FinishReason.STOP)
             return Verdict(emit=False, finish=FinishReason.STOP)
         seq.generated += 1
         assert seq.slot is not None
+        if seq.drafter is not None:
+            seq.drafter.extend((token,))
         # The KV holds len(tokens); the token just sampled would take one more cell.
         if seq.generated >= seq.max_tokens or len(seq.slot.tokens) + 1 >= self.context_length:
             self._release(seq, FinishReason.LENGTH)
             return Verdict(emit=True, finish=FinishReason.LENGTH)
+        if seq.drafts and token == seq.drafts[0]:
+            seq.slot.tokens.append(seq.drafts.pop(0))  # its KV cell is the right one
+            self.counters["draft_tokens_accepted"] += 1
+            if not seq.drafts:  # all held; the row after the last is the model's own token
+                seq.draft_len = min(self.draft_max, seq.draft_len + 1)
+            return Verdict(emit=True, more=True)
+        if seq.drafts:
+            seq.draft_len = max(1, seq.draft_len // 2)
+            self._reject_drafts(seq)
         seq.next_token, seq.state = token, SeqState.DECODING
         return Verdict(emit=True)
+
+    def _reject_drafts(self, seq: Seq[OwnerT]) -> None:
+        """Drop the KV cells of drafts still in flight (positions past the kept tokens)."""
+        assert seq.slot is not None
+        self.counters["draft_tokens_rejected"] += len(seq.drafts)
+        self._ops.append(KvRemove(seq.slot.seq_id, len(seq.slot.tokens)))
+        seq.drafts = []
 
     # -- finishing ---------------------------------------------------------------------
     def finish(self, seq: Seq[OwnerT], reason: FinishReason, *, kv_lost: bool = False) -> None:
@@ -437,6 +548,8 @@ class Scheduler(Generic[OwnerT]):
             for f in rest:
                 f.leader = head
             seq.followers = []
+        if seq.drafts:  # finished mid-verification: the unverified cells go
+            self._reject_drafts(seq)
         seq.state, seq.finish_reason = SeqState.FINISHED, reason
         if seq.slot is not None:
             seq.slot.busy = False
