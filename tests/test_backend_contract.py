@@ -1,8 +1,9 @@
 """The backend contract (fastpilot/backends/base.py), one suite over every backend.
 
 Each test runs against the test fake (tests/fakes.py), CTranslate2 (float32) and
-llama.cpp (f32 GGUF), the real ones on both tiny random models (GPT-2 and
-CodeGen, whose vocabulary is padded from 800 tokens to 896 rows). Exactness is
+llama.cpp (f32 GGUF; plain and with n-gram speculative decoding), the real ones
+on both tiny random models (GPT-2 and CodeGen, whose vocabulary is padded from
+800 tokens to 896 rows). Exactness is
 checked against a reference: transformers on the same HF checkpoint for the
 real backends, the fake's own bigram table for the fake. The only test hook
 wraps ``TokenStream.put`` to act in the worker thread at a given step, which
@@ -40,7 +41,16 @@ from tests.gates import hook_put, run
 pytestmark = pytest.mark.timeout(300)
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
-SUBJECTS = ("fake", "ct2-gpt2", "ct2-codegen", "llamacpp-gpt2", "llamacpp-codegen")
+# llamaspec: the llama.cpp backend with n-gram speculative decoding on (same contract).
+SUBJECTS = (
+    "fake",
+    "ct2-gpt2",
+    "ct2-codegen",
+    "llamacpp-gpt2",
+    "llamacpp-codegen",
+    "llamaspec-gpt2",
+    "llamaspec-codegen",
+)
 
 
 @dataclass
@@ -107,7 +117,12 @@ def _real_subject(name: str, models: dict[str, dict[str, Path]]) -> Subject:
             path = models[arch]["gguf-f32"]
             # prompt_chunk 16: the tiny prompts still need several prefill chunks.
             return LlamaCppBackend(
-                path, threads=2, slots=slots, max_queue=max_queue, prompt_chunk=16
+                path,
+                threads=2,
+                slots=slots,
+                max_queue=max_queue,
+                prompt_chunk=16,
+                speculative="ngram" if kind == "llamaspec" else "off",
             )
 
         def batched(before: dict[str, float], after: dict[str, float], n: int) -> None:
