@@ -107,13 +107,19 @@ def ordered_specs(settings: Settings) -> list[tuple[str, str]]:
 
 
 def backend_options(fmt: str, settings: Settings) -> dict[str, Any]:
-    """``--slots``/``--max-queue`` in each backend's own terms.
+    """``--slots``/``--max-queue`` (and llama.cpp's speculation) in each backend's own terms.
 
-    llama.cpp decodes ``slots`` sequences in one context (one KV stream each);
-    CTranslate2 batches up to ``max_batch`` sequences per ``generate_batch``.
+    llama.cpp decodes ``slots`` sequences in one context (one KV stream each) and
+    takes ``--speculative``/``--draft-max``; CTranslate2 batches up to ``max_batch``
+    sequences per ``generate_batch`` and has no speculative decoding (ignored).
     """
     if fmt == "gguf":
-        return {"slots": settings.slots, "max_queue": settings.max_queue}
+        return {
+            "slots": settings.slots,
+            "max_queue": settings.max_queue,
+            "speculative": settings.speculative,
+            "draft_max": settings.draft_max,
+        }
     return {"max_batch": settings.slots, "max_queue": settings.max_queue}
 
 

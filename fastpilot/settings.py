@@ -25,6 +25,7 @@ from fastpilot.engine.params import Limits
 
 ENV_PREFIX = "FASTPILOT_"
 DEFAULT_MAX_BODY = 4 * 1024 * 1024  # 4 MiB: a 1500-token Copilot prompt is ~10 KiB
+SPECULATIVE = ("off", "ngram")  # --speculative choices (the llama.cpp backend's)
 
 
 class SettingsError(ValueError):
@@ -87,6 +88,23 @@ class Settings:
         default=4,
         metadata=_opt(
             "Generation slots per model: sequences decoded together in one batch.", kind="int"
+        ),
+    )
+    speculative: str = field(
+        default="off",
+        metadata=_opt(
+            "Speculative decoding for llama.cpp models: off, or ngram (draft tokens by "
+            "matching the last tokens against the prompt and output, verify them in the "
+            "same batch; output unchanged). Off by default until `make bench` shows it "
+            "pays. CTranslate2 models ignore it."
+        ),
+    )
+    draft_max: int = field(
+        default=8,
+        metadata=_opt(
+            "Most tokens one sequence drafts per step with --speculative ngram "
+            "(the draft length adapts within 1..this). CTranslate2 models ignore it.",
+            kind="int",
         ),
     )
     max_queue: int = field(
@@ -253,9 +271,14 @@ class Settings:
                 "this address could use the server. Give --api-key KEY (or --api-key-file FILE), "
                 "bind --host 127.0.0.1, or pass --insecure-public if you really mean it."
             )
-        for name in ("slots", "max_queue", "max_body_bytes", "max_tokens", "max_n", "max_stop"):
+        names = ("slots", "max_queue", "max_body_bytes", "max_tokens", "max_n", "max_stop")
+        for name in (*names, "draft_max"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.speculative not in SPECULATIVE:
+            raise SettingsError(
+                f"--speculative must be one of {', '.join(SPECULATIVE)}, not {self.speculative!r}"
+            )
         if self.timeout <= 0:
             raise SettingsError("--timeout must be positive")
 

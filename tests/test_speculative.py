@@ -223,3 +223,22 @@ def test_capacity_holds_the_drafts() -> None:
     assert spec(slots=4, chunk=64, draft_max=8).capacity == 68 + (SPEC_BUSY + 1) * 8
     with pytest.raises(ValueError):
         Scheduler(1, 1, 16, speculative=True, draft_max=0)
+
+
+def test_settings_reach_the_llamacpp_options_only() -> None:
+    from fastpilot.serve import backend_options
+    from fastpilot.settings import SettingsError, load_settings
+
+    s = load_settings(["--speculative", "ngram", "--draft-max", "5"], environ={})
+    assert backend_options("gguf", s) == {
+        "slots": 4,
+        "max_queue": 64,
+        "speculative": "ngram",
+        "draft_max": 5,
+    }
+    assert "speculative" not in backend_options("ct2", s)  # CTranslate2 has no speculation
+    assert load_settings([], environ={}).speculative == "off"
+    with pytest.raises(SettingsError, match="--speculative must be one of off, ngram"):
+        load_settings(["--speculative", "eagle"], environ={}).check()
+    with pytest.raises(SettingsError, match="--draft-max"):
+        load_settings(["--draft-max", "0"], environ={}).check()

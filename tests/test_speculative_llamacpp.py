@@ -148,3 +148,34 @@ def test_speculation_settings_are_checked_and_reported(tiny_models) -> None:
         assert b.context_length == tinymodels.N_CTX
     finally:
         b.close()
+
+
+def test_serve_flags_reach_the_backend_and_metrics(tiny_models) -> None:
+    """``--speculative ngram --draft-max`` through the CLI, loader and a real server."""
+    import json
+
+    from fastpilot.backends.llamacpp import LlamaCppBackend
+    from tests.servers import ServeProcess, run_serve
+
+    path = tiny_models["gpt2"]["gguf-f32"]
+    refused = run_serve(["--model", f"m={path}", "--speculative", "eagle"])
+    assert refused.returncode != 0 and "--speculative must be one of off, ngram" in refused.stderr
+    plain = LlamaCppBackend(path, threads=1, slots=1)
+    try:
+        want, _ = run(plain, plain.tokenize(REPEATING), max_tokens=24)
+        text = plain.detokenize([s.token_id for s in want])
+    finally:
+        plain.close()
+    args = ["--model", f"m={path}", "--trust-unverified-models", "--threads", "1"]
+    with ServeProcess([*args, "--speculative", "ngram", "--draft-max", "4"]) as server:
+        body = {"model": "m", "prompt": REPEATING, "max_tokens": 24, "temperature": 0}
+        status, data = server.request("POST", "/v1/completions", body)
+        assert status == 200, data[:500]
+        assert json.loads(data)["choices"][0]["text"] == text
+        status, data = server.request("GET", "/metrics")
+        (line,) = [
+            ln
+            for ln in data.decode().splitlines()
+            if ln.startswith("fastpilot_model_backend_draft_tokens_accepted{")
+        ]
+        assert float(line.split()[-1]) > 0
