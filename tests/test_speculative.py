@@ -138,8 +138,8 @@ def test_accepted_drafts_stay_and_a_rejection_rolls_the_kv_back() -> None:
     assert entry.tokens == (5, 6, 7, 8, 5)
     assert seq.slot.tokens[L:] == [5, 6, 7]  # next_token + the two accepted drafts
     assert seq.next_token == 1 and seq.generated == 4 and seq.drafts == []
-    assert s.counters["draft_tokens_accepted"] == 2
-    assert s.counters["draft_tokens_rejected"] == 2
+    assert s.counters["draft_tokens_accepted"] == 2 and seq.accepted == 2
+    assert s.counters["draft_tokens_rejected"] == 2 and seq.rejected == 2
     # The cells of 8 and 5 (positions L+3, L+4) are dropped before the next decode.
     nxt = s.plan_step()
     assert nxt.kv_ops == (KvRemove(seq.slot.seq_id, L + 3),)
@@ -242,3 +242,22 @@ def test_settings_reach_the_llamacpp_options_only() -> None:
         load_settings(["--speculative", "eagle"], environ={}).check()
     with pytest.raises(SettingsError, match="--draft-max"):
         load_settings(["--draft-max", "0"], environ={}).check()
+
+
+def test_multi_prompt_usage_sums_the_prediction_details() -> None:
+    from fastpilot.engine.batch import sum_usage
+
+    base = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    spec_usage = {
+        **base,
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": 2,
+            "rejected_prediction_tokens": 1,
+        },
+    }
+    out = sum_usage([spec_usage, base, spec_usage])
+    assert out["completion_tokens_details"] == {
+        "accepted_prediction_tokens": 4,
+        "rejected_prediction_tokens": 2,
+    }
+    assert "completion_tokens_details" not in sum_usage([base, base])

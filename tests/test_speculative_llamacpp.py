@@ -171,7 +171,16 @@ def test_serve_flags_reach_the_backend_and_metrics(tiny_models) -> None:
         body = {"model": "m", "prompt": REPEATING, "max_tokens": 24, "temperature": 0}
         status, data = server.request("POST", "/v1/completions", body)
         assert status == 200, data[:500]
-        assert json.loads(data)["choices"][0]["text"] == text
+        reply = json.loads(data)
+        assert reply["choices"][0]["text"] == text
+        details = reply["usage"]["completion_tokens_details"]
+        assert details["accepted_prediction_tokens"] > 0
+        assert details["rejected_prediction_tokens"] >= 0
+        # The same request with speculation off on another model would carry no details;
+        # here a prompt with nothing to match drafts nothing, so none are reported.
+        body = {"model": "m", "prompt": "q", "max_tokens": 1, "temperature": 0}
+        status, data = server.request("POST", "/v1/completions", body)
+        assert status == 200 and "completion_tokens_details" not in json.loads(data)["usage"]
         status, data = server.request("GET", "/metrics")
         (line,) = [
             ln

@@ -107,6 +107,10 @@ class TokenStream:
         self.request = request
         self.finish_reason: FinishReason | None = None
         self.cached_tokens = 0  # prompt tokens served from the prompt cache
+        # Speculative decoding (llama.cpp): drafted tokens the model confirmed / refused.
+        # Written by the worker before the step or finish that follows; 0 without drafts.
+        self.accepted_prediction_tokens = 0
+        self.rejected_prediction_tokens = 0
         self.prompt_tokens = len(request.prompt_ids)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._cancel = threading.Event()

@@ -430,6 +430,9 @@ class LlamaCppBackend(Backend):
             stream.cached_tokens = seq.cached_tokens
         step = seq.owner.sampler.sample(logits)
         verdict = self._sched.on_token(seq, step.token_id)
+        if seq.drafter is not None:  # before put/finish: the consumer reads them after
+            stream.accepted_prediction_tokens = seq.accepted
+            stream.rejected_prediction_tokens = seq.rejected
         if verdict.emit:
             stream.put(step)
             self._counters["tokens_generated"] += 1

@@ -146,6 +146,8 @@ class Seq(Generic[OwnerT]):
     drafter: NgramDrafter | None = None  # speculative: prompt + emitted tokens, indexed
     draft_len: int = 0  # speculative: tokens to draft next time (adaptive)
     drafts: list[int] = field(default_factory=list)  # in the KV, not yet verified
+    accepted: int = 0  # drafts confirmed so far
+    rejected: int = 0  # drafts refused so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,6 +508,7 @@ class Scheduler(Generic[OwnerT]):
         if seq.drafts and token == seq.drafts[0]:
             seq.slot.tokens.append(seq.drafts.pop(0))  # its KV cell is the right one
             self.counters["draft_tokens_accepted"] += 1
+            seq.accepted += 1
             if not seq.drafts:  # all held; the row after the last is the model's own token
                 seq.draft_len = min(self.draft_max, seq.draft_len + 1)
             return Verdict(emit=True, more=True)
@@ -519,6 +522,7 @@ class Scheduler(Generic[OwnerT]):
         """Drop the KV cells of drafts still in flight (positions past the kept tokens)."""
         assert seq.slot is not None
         self.counters["draft_tokens_rejected"] += len(seq.drafts)
+        seq.rejected += len(seq.drafts)
         self._ops.append(KvRemove(seq.slot.seq_id, len(seq.slot.tokens)))
         seq.drafts = []
 

@@ -41,12 +41,19 @@ def sum_usage(usages: Sequence[dict[str, Any]]) -> dict[str, Any]:
     prompt = sum(u["prompt_tokens"] for u in usages)
     completion = sum(u["completion_tokens"] for u in usages)
     cached = sum(u.get("prompt_tokens_details", {}).get("cached_tokens", 0) for u in usages)
-    return {
+    out: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    details = [u["completion_tokens_details"] for u in usages if "completion_tokens_details" in u]
+    if details:  # speculative decoding ran for some prompt
+        out["completion_tokens_details"] = {
+            key: sum(d[key] for d in details)
+            for key in ("accepted_prediction_tokens", "rejected_prediction_tokens")
+        }
+    return out
 
 
 def complete(runs: Sequence[Run], n: int) -> CompletionResult:

@@ -252,12 +252,22 @@ class Run:
         # min: sequences of one request share their prefill, which a backend may
         # report as cached for all but the first; usage counts cross-request hits.
         cached = min((s.cached_tokens for s in self.streams), default=0)
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": min(cached, prompt)},
         }
+        # Speculative decoding ran (OpenAI's names): drafted tokens the model confirmed,
+        # and drafted tokens it refused (evaluated, never emitted nor counted above).
+        accepted = sum(s.accepted_prediction_tokens for s in self.streams)
+        rejected = sum(s.rejected_prediction_tokens for s in self.streams)
+        if accepted or rejected:
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": accepted,
+                "rejected_prediction_tokens": rejected,
+            }
+        return usage
 
     def complete(self) -> CompletionResult:
         texts: dict[int, list[str]] = {}
