@@ -261,3 +261,22 @@ def test_multi_prompt_usage_sums_the_prediction_details() -> None:
         "rejected_prediction_tokens": 2,
     }
     assert "completion_tokens_details" not in sum_usage([base, base])
+
+
+def test_a_refused_rollback_reevaluates_the_sequence_and_stops_speculating() -> None:
+    s = spec()
+    seq = decoding(s, LOOP * 4)
+    assert seq.slot is not None
+    verify(s, lambda q, i: [6, 1][i])  # one draft held, then a rejection
+    history = [*(LOOP * 4), 5, 6, 1]  # prompt, next_token, the held draft, the new token
+    (op,) = s.plan_step().kv_ops  # planned, but the memory refuses a partial removal
+    assert op == KvRemove(seq.slot.seq_id, len(LOOP * 4) + 2)
+    s.kv_restarted(op.seq_id)
+    plan = s.plan_step()
+    assert [e.tokens for e in plan.entries] == [tuple(history[:64])]
+    assert plan.entries[0].pos0 == 0 and not s.speculative
+    for sample in s.update_from_output(plan.entries):  # the prefill ends on next_token
+        assert sample.seq is seq and sample.drafts == ()
+        s.on_token(seq, 5)
+    assert seq.slot.tokens == history and seq.generated == 4
+    assert len(s.plan_step().entries[0].tokens) == 1  # no drafts any more

@@ -391,6 +391,12 @@ class Scheduler(Generic[OwnerT]):
             self.counters["cached_prompt_tokens"] -= owner.cached_tokens
             owner.cached_tokens = 0
             owner.todo = list(owner.prompt)
+        elif owner is not None and owner.drafter is not None:
+            # A draft rollback was refused (recurrent or sliding-window memory): evaluate
+            # the confirmed tokens again, next_token last, whose logits are the next
+            # sample; and stop speculating, as every rollback would cost this again.
+            owner.todo, owner.state = list(owner.drafter.tokens), SeqState.PREFILLING
+            self.speculative = False
 
     # -- one step ----------------------------------------------------------------------
     def plan_step(self) -> Plan[OwnerT]:
