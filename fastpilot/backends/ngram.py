@@ -16,6 +16,31 @@ predictor). A match may run into the current suffix; the draft then continues
 periodically (``a b a b`` drafts ``a b a ...``), which is what a loop does.
 
 Pure Python, no NumPy: one dict insert per size per token, O(1) per draft token.
+
+How :class:`fastpilot.backends.scheduler.Scheduler` speculates with it:
+
+* **Drafting**: a DECODING sequence's batch entry becomes ``[next_token] + drafts``
+  with logits for every token, verified in the same ``llama_decode`` as the other
+  sequences' tokens. No sequence drafts when the rest of the batch (other
+  decoding tokens, prompt chunks) holds more than ``SPEC_BUSY`` tokens: with many
+  streams the batch already uses the weights well and drafts would only add work
+  (multi-client throughput comes first).
+* **Verifying**: the backend samples row after row (``Sample.drafts``); each
+  sampled token goes through ``Scheduler.on_token``, which keeps the draft's KV
+  cell when the token equals the next draft (``Verdict.more``: sample the next row
+  too) and otherwise ends the verification, queueing a ``KvRemove`` of the cells
+  past the last kept token. Sampling decides, the draft only proposes: a token is
+  emitted exactly when plain decoding would have emitted it from the same logits
+  and the same sampler state, so greedy output is unchanged and so is the sampled
+  distribution (accepting draft ``x`` iff the draw from the processed
+  distribution ``p`` equals ``x`` happens with probability ``p(x)``; otherwise the
+  draw is ``p`` without ``x``, renormalized -- the speculative-sampling rule for a
+  one-token proposal, here coupled to the plain draw so a seed gives the same text).
+* **Adapting**: each sequence's draft length starts at ``min(4, draft_max)``,
+  grows by one after a fully accepted draft and halves after a rejection (within
+  ``1..draft_max``); drafts never exceed what ``max_tokens`` or the context can
+  still take. A memory that refuses the rollback (recurrent, sliding-window) makes
+  the sequence re-evaluate its tokens once and turns speculation off.
 """
 
 from __future__ import annotations

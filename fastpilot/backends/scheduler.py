@@ -36,31 +36,10 @@ cache:
   reason as the slot choice.
 
 A plan entry may carry several tokens and asks for logits of its last
-``n_logits`` tokens. **Speculative decoding** (``speculative=True``) uses it:
-
-* **Drafting**: a DECODING sequence's entry becomes ``[next_token] + drafts``
-  with logits for every token, the drafts from its own history by n-gram lookup
-  (:class:`fastpilot.backends.ngram.NgramDrafter`), all verified in the same
-  ``llama_decode`` as the other sequences' tokens. No sequence drafts when the
-  rest of the batch (other decoding tokens, prompt chunks) holds more than
-  :data:`SPEC_BUSY` tokens: with many streams the batch already uses the weights
-  well and drafts would only add work (multi-client throughput comes first).
-* **Verifying**: the backend samples row after row (:attr:`Sample.drafts`); each
-  sampled token goes through :meth:`Scheduler.on_token`, which accepts it into the
-  KV when it equals the next draft (``Verdict.more``: sample the next row too) and
-  otherwise ends the verification, queueing a :class:`KvRemove` of the cells past
-  the last accepted token. Sampling decides, the draft only proposes: a token is
-  emitted exactly when plain decoding would have emitted it from the same logits,
-  so greedy output is unchanged and so is the sampled distribution (accepting
-  draft ``x`` iff the draw from the processed distribution ``p`` equals ``x``
-  happens with probability ``p(x)``; otherwise the draw is ``p`` without ``x``,
-  renormalized -- the speculative-sampling rule for a one-token proposal).
-* **Adapting**: each sequence's draft length starts at ``min(4, draft_max)``,
-  grows by one after a fully accepted draft and halves after a rejection
-  (within ``1..draft_max``); drafts never exceed what ``max_tokens`` or the
-  context can still take.
-
-KV shifting will fit the same entry shape.
+``n_logits`` tokens. **Speculative decoding** (``speculative=True``) uses it: a
+DECODING sequence's entry is ``[next_token] + drafts`` with logits for each, the
+drafts from :mod:`fastpilot.backends.ngram` (which explains the rules: when a
+sequence drafts, how drafts are verified and rolled back, how the length adapts).
 
 Not thread-safe: only the backend's worker thread uses a scheduler.
 """
