@@ -64,6 +64,24 @@ def test_greedy_output_and_logprobs_are_unchanged(pair) -> None:
     assert plain.stats()["draft_tokens_accepted"] == 0
 
 
+def test_penalties_and_bias_see_exactly_the_emitted_tokens(pair) -> None:
+    """Row i+1 of a draft is processed with the counts after token i, as plain decoding does."""
+    plain, spec = pair
+    ids = plain.tokenize(REPEATING)
+    before = spec.stats()["draft_tokens_accepted"]
+    for kw in (
+        {"frequency_penalty": 0.3, "presence_penalty": 0.2},
+        {"repetition_penalty": 1.1, "logit_bias": ((ids[3], 2.0),)},
+        {"temperature": 0.7, "top_p": 0.9, "seed": 11, "frequency_penalty": 0.2},
+    ):
+        params = {"max_tokens": 30, "ignore_eos": True, "logprobs": 2, **kw}
+        want, _ = run(plain, ids, **params)
+        got, _ = run(spec, ids, **params)
+        assert [s.token_id for s in got] == [s.token_id for s in want], kw
+        assert [s.logprob for s in got] == pytest.approx([s.logprob for s in want], abs=1e-3)
+    assert spec.stats()["draft_tokens_accepted"] > before
+
+
 def test_max_tokens_is_never_exceeded(pair) -> None:
     plain, spec = pair
     ids = plain.tokenize(REPEATING)
