@@ -119,13 +119,13 @@ def test_seeded_sampling_is_unchanged_and_first_tokens_keep_their_distribution(p
     """Sampled output keeps its distribution: first-3-token frequencies over 150 seeds.
 
     A draft is accepted exactly when the sampler's own draw equals it, so the
-    distribution is the plain one by construction and, with the same seed, so is
-    the text; the test checks both: identical text for (nearly) every seed, and a
-    total-variation distance between the two empirical distributions of each of
-    the first three tokens below 0.1 (for 150 samples per side, sampling noise
-    alone would stay well under that only if they are the same distribution run
-    on the same draws; a different distribution at this temperature moves it far
-    more -- see the check against a hotter temperature).
+    distribution is the plain one and, with the same seed, so is the text. The
+    test checks both: the same text for every seed but at most two (a float
+    difference between a batched and a single row may flip a near tie), and a
+    total-variation distance below 0.1 between the two empirical distributions
+    of each of the first three tokens. That tolerance is far above what the
+    coupled draws give (0 when every seed agrees) and below what a different
+    distribution gives: a hotter plain run is checked to exceed it.
     """
     plain, spec = pair
     ids = plain.tokenize(REPEATING)
@@ -206,3 +206,38 @@ def test_serve_flags_reach_the_backend_and_metrics(tiny_models) -> None:
             if ln.startswith("fastpilot_model_backend_draft_tokens_accepted{")
         ]
         assert float(line.split()[-1]) > 0
+
+
+def test_stop_strings_logprobs_and_usage_through_the_engine(tiny_models) -> None:
+    """The library's completions are the same JSON with speculation on (but its details)."""
+    import fastpilot
+
+    path = tiny_models["gpt2"]["gguf-f32"]
+    kw = {"trust_unverified": True, "threads": 1, "slots": 1}
+    plain = fastpilot.load(path, **kw)
+    spec = fastpilot.load(path, speculative="ngram", **kw)
+    try:
+        req = {"prompt": REPEATING, "max_tokens": 40, "temperature": 0, "logprobs": 2}
+        full = plain.complete(**req)["choices"][0]["text"]
+        spec.complete(**req)  # both prompt caches warm alike: cached_tokens compare too
+        stops = [full[len(full) // 2 : len(full) // 2 + 3]]
+        assert stops[0] and len(full) > 10
+        for extra in ({}, {"stop": stops}):
+            want = plain.complete(**req, **extra)
+            got = spec.complete(**req, **extra)
+            (g,), (w,) = got["choices"], want["choices"]
+            assert (g["text"], g["finish_reason"]) == (w["text"], w["finish_reason"])
+            for key in ("tokens", "text_offset"):
+                assert g["logprobs"][key] == w["logprobs"][key]
+            assert g["logprobs"]["token_logprobs"] == pytest.approx(
+                w["logprobs"]["token_logprobs"], abs=1e-3
+            )
+            details = got["usage"].pop("completion_tokens_details", None)
+            if not extra:  # (a stop string may end it before any draft was verified)
+                assert details is not None and details["accepted_prediction_tokens"] > 0
+            assert got["usage"] == want["usage"]
+        assert want["choices"][0]["finish_reason"] == "stop"
+        assert len(want["choices"][0]["text"]) < len(full)
+    finally:
+        plain.close()
+        spec.close()
