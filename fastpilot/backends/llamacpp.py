@@ -11,8 +11,10 @@ next iteration.
 
 The *policy* -- sequence states, slot choice, the prompt cache (a slot's own KV,
 a copy of a running sequence's, one prefill shared by identical prompts),
-prefill chunking, batch order -- is :class:`fastpilot.backends.scheduler.Scheduler`,
-which plans each step; this module applies the plans with native calls and samples.
+prefill chunking, batch order, speculative drafts -- is
+:class:`fastpilot.backends.scheduler.Scheduler`, which plans each step; this module
+applies the plans with native calls and samples (a speculating sequence row after
+row while its drafts hold, see :mod:`fastpilot.backends.ngram`).
 
 Padded vocabularies (converted CodeGen): ``vocab_size`` counts the tokenizer's
 ids, the trailing ``UNUSED`` rows are never sampled nor listed in ``top_logprobs``.
