@@ -115,10 +115,10 @@ class LlamaCppBackend(Backend):
             llama.cpp decide when layers are offloaded to a GPU.
         speculative: ``"off"`` or ``"ngram"``: draft tokens by n-gram lookup in the
             prompt and output and verify them in the same decode (see
-            :mod:`fastpilot.backends.scheduler`). Output is unchanged -- greedy text
+            :mod:`fastpilot.backends.ngram`). Output is unchanged -- greedy text
             byte for byte, sampled text in distribution (with a seed, the same draws).
         draft_max: most tokens a sequence drafts per step; the batch grows by
-            ``3 * draft_max`` tokens to hold them.
+            ``(SPEC_BUSY + 1) * draft_max`` tokens to hold them.
 
     Loading blocks (mmap + context allocation). The worker thread starts at once
     and is the only thread that touches the generation context.

@@ -79,7 +79,7 @@ __all__ = [
 MIN_COPY = 16
 
 # Most tokens of *other* sequences a batch may hold for a sequence to still draft:
-# up to this many streams speculate together; beyond it the batch is busy enough.
+# up to SPEC_BUSY + 1 streams speculate together; beyond that the batch is busy enough.
 SPEC_BUSY = 2
 # A new sequence's first draft length (capped by draft_max).
 DRAFT_START = 4
