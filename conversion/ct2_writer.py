@@ -9,7 +9,7 @@ needs roughly the model's float32 size in RAM on top of the loaded checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,12 +19,15 @@ from .model import Activation, DecoderModel, Linear, Norm
 from .progress import steps
 from .tokenizer import TokenizerData
 
-__all__ = ["CT2_QUANTIZATIONS", "write_ct2"]
+if TYPE_CHECKING:
+    from .t5 import Seq2SeqModel as Seq2SeqModel
+
+__all__ = ["CT2_QUANTIZATIONS", "Copier", "write_ct2"]
 
 CT2_QUANTIZATIONS = ("float32", "float16", "int8", "int8_float16")
 
 
-class _Copier:
+class Copier:
     """Hand ctranslate2 private copies: ``spec.optimize`` quantizes arrays in place.
 
     Without copies, writing ct2-int8 first would corrupt the shared canonical model
@@ -42,13 +45,13 @@ class _Copier:
         return self._copies[key]
 
 
-def _set_linear(spec: Any, linear: Linear, copy: _Copier) -> None:
+def _set_linear(spec: Any, linear: Linear, copy: Copier) -> None:
     spec.weight = copy(linear.weight)  # (out, in), as CT2 expects
     if linear.bias is not None:
         spec.bias = copy(linear.bias)
 
 
-def _set_norm(spec: Any, norm: Norm, copy: _Copier) -> None:
+def _set_norm(spec: Any, norm: Norm, copy: Copier) -> None:
     spec.gamma = copy(norm.gamma)
     spec.beta = copy(norm.beta)
 
@@ -72,7 +75,7 @@ def build_spec(model: DecoderModel, tokenizer: TokenizerData) -> Any:
         parallel_residual=parallel,
         shared_layer_norm=parallel,
     )
-    copy = _Copier()
+    copy = Copier()
     dec = spec.decoder
     dec.scale_embeddings = False
     dec.embeddings.weight = copy(model.token_embd)  # (vocab, n_embd)
@@ -106,9 +109,12 @@ def build_spec(model: DecoderModel, tokenizer: TokenizerData) -> Any:
 
 
 def write_ct2(
-    model: DecoderModel, tokenizer: TokenizerData, out_dir: Path, quantization: str
+    model: DecoderModel | Seq2SeqModel, tokenizer: TokenizerData, out_dir: Path, quantization: str
 ) -> list[str]:
-    """Write a CTranslate2 model (model.bin, config.json, vocabulary.json) to ``out_dir``.
+    """Write a CTranslate2 model (model.bin, config.json, vocabulary) to ``out_dir``.
+
+    A decoder-only model becomes a ``Generator`` directory (``vocabulary.json``); a T5
+    becomes a ``Translator`` directory (``shared_vocabulary.json``).
 
     Args:
         quantization: one of :data:`CT2_QUANTIZATIONS`; weights are stored that way
@@ -123,7 +129,12 @@ def write_ct2(
             f"choose from {', '.join(CT2_QUANTIZATIONS)}"
         )
     with steps(f"ctranslate2 {quantization}", 3) as progress:
-        spec = build_spec(model, tokenizer)
+        from .t5 import Seq2SeqModel, build_t5_spec
+
+        if isinstance(model, Seq2SeqModel):
+            spec = build_t5_spec(model, tokenizer)
+        else:
+            spec = build_spec(model, tokenizer)
         progress.update()
         spec.optimize(quantization=quantization)
         progress.update()
