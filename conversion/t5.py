@@ -13,8 +13,9 @@ T5 facts the writer relies on (checked for logit parity against transformers):
   and shared by the others; decoder buckets are causal (one-directional);
 * feed-forward ``wo(act(wi x))``, or gated ``wo(act(wi_0 x) * wi_1 x)``
   (``feed_forward_proj = "gated-gelu"``, T5 v1.1);
-* a tied LM head (CodeT5, CodeT5+) rescales the decoder output by
-  ``d_model ** -0.5`` before projecting with the shared embedding.
+* CodeT5 and CodeT5+ (T5 v1.0) rescale the decoder output by ``d_model ** -0.5``
+  before projecting with the shared embedding; T5 v1.1 does not rescale (config:
+  ``tie_word_embeddings: false``, or transformers 5's ``scale_decoder_outputs``).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class Seq2SeqHyper:
     layer_norm_eps: float
     activation: FfnActivation
     gated: bool
-    tied: bool  # LM head = shared embedding, decoder output scaled by d_model**-0.5
+    scale_output: bool  # decoder output scaled by d_model**-0.5 before the LM head
     relative_max_distance: int
     decoder_start_token_id: int
 
@@ -134,7 +135,13 @@ class T5Loader(ArchitectureLoader):
         buckets = int(self.cfg("relative_attention_num_buckets", default=32))
         activation, gated = self._activation()
         names = self.checkpoint.weights.names
-        tied = bool(self.config.get("tie_word_embeddings", True))
+        # T5 v1.0 (CodeT5, CodeT5+) ties the head to the embedding and rescales the
+        # decoder output; v1.1 does neither. Older configs say so with
+        # tie_word_embeddings; transformers >= 5 writes scale_decoder_outputs and always
+        # ties (then the checkpoint holds no separate lm_head.weight).
+        tie_flag = self.config.get("tie_word_embeddings", True)
+        scale = self.config.get("scale_decoder_outputs")
+        scale_output = bool(tie_flag is not False if scale is None else scale)
         hp = Seq2SeqHyper(
             arch="t5",
             n_layer=n_enc,
@@ -148,7 +155,7 @@ class T5Loader(ArchitectureLoader):
             layer_norm_eps=float(self.cfg("layer_norm_epsilon", default=1e-6)),
             activation=activation,
             gated=gated,
-            tied=tied,
+            scale_output=scale_output,
             relative_max_distance=int(self.cfg("relative_attention_max_distance", default=128)),
             decoder_start_token_id=int(self.cfg("decoder_start_token_id", default=0)),
         )
@@ -214,7 +221,7 @@ class T5Loader(ArchitectureLoader):
             "shared.weight",
         )
         embedding = self.tensor(emb_name, (vocab, d_model))
-        if tied or "lm_head.weight" not in names:
+        if tie_flag is not False or "lm_head.weight" not in names:
             lm_head = embedding
         else:
             lm_head = self.tensor("lm_head.weight", (vocab, d_model))
@@ -312,7 +319,7 @@ def build_t5_spec(model: Seq2SeqModel, tokenizer: TokenizerData) -> Any:
     dec.scale_embeddings = False
     dec.layer_norm.gamma = copy(model.decoder_norm)
     dec.projection.weight = copy(model.lm_head)
-    if hp.tied:
+    if hp.scale_output:
         dec.scale_outputs = hp.d_model**-0.5
     for layer_spec, block in zip(dec.layer, model.decoder, strict=True):
         assert block.cross is not None and block.cross_norm is not None

@@ -21,6 +21,7 @@ from tests.servers import ServeProcess
 PROMPT = "def fibonacci(n):\n    if n < 2:\n"
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
 MAX_TOKENS = 10
+MIN_TOKENS = 6  # the tiny model would often close at once; this keeps the text non-empty
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +44,21 @@ def model(model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def _hf_greedy(
-    hf: Path, source: list[int], forced: list[int], ends: set[int], n: int
+    hf: Path, source: list[int], forced: list[int], ends: set[int], n: int, min_tokens: int = 0
 ) -> tuple[list[int], list[float]]:
-    """transformers' greedy tokens after ``[start, *forced]`` and their log-probs."""
+    """transformers' greedy tokens after ``[start, *forced]`` and their log-probs.
+
+    The end tokens are masked for the first ``min_tokens`` steps (``min_tokens`` keeps a
+    tiny model from ending at once), and log-probs are of that masked distribution.
+    """
     tokens: list[int] = []
     lps: list[float] = []
     for _ in range(n):
         logits = tinymodels_infill.t5_reference(hf, source, [0, *forced, *tokens])[-1]
-        lp = logits.astype(np.float64) - logits.max()
+        logits = logits.astype(np.float64)
+        if len(tokens) < min_tokens:
+            logits[sorted(ends)] = -np.inf
+        lp = logits - logits.max()
         lp -= np.log(np.exp(lp).sum())
         tok = int(lp.argmax())
         if tok in ends:
@@ -86,8 +94,10 @@ def test_completion_equals_transformers_greedy_with_real_logprobs(
     model, model_dir: Path, hf_dir: Path
 ) -> None:  # type: ignore[no-untyped-def]
     source = _ids(model_dir, PROMPT)  # <s> prompt </s>, as the tokenizer wraps it
-    expected, lps = _hf_greedy(hf_dir, source, [], _ends(model_dir), MAX_TOKENS)
-    out = model.complete(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, logprobs=1)
+    expected, lps = _hf_greedy(hf_dir, source, [], _ends(model_dir), MAX_TOKENS, MIN_TOKENS)
+    out = model.complete(
+        prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, logprobs=1, min_tokens=MIN_TOKENS
+    )
     choice = out["choices"][0]
     assert choice["text"] == model.backend.detokenize(expected)
     assert np.allclose(choice["logprobs"]["token_logprobs"], lps, atol=1e-3)
@@ -95,8 +105,9 @@ def test_completion_equals_transformers_greedy_with_real_logprobs(
 
 
 def test_stream_equals_complete(model) -> None:  # type: ignore[no-untyped-def]
-    full = model.complete(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
-    chunks = list(model.stream(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0))
+    args = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "min_tokens": MIN_TOKENS}
+    full = model.complete(**args)
+    chunks = list(model.stream(**args))
     text = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
     assert len([c for c in chunks if c.get("choices")]) >= 2  # streamed, not one blob
     assert text == full["choices"][0]["text"]
@@ -104,25 +115,29 @@ def test_stream_equals_complete(model) -> None:  # type: ignore[no-untyped-def]
 
 def test_stepwise_path_greedy_equals_native(model) -> None:  # type: ignore[no-untyped-def]
     """``seed`` routes through the sampler-over-logits path; at temperature 0 it is argmax."""
-    native = model.complete(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
-    stepwise = model.complete(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, seed=7)
+    args = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "min_tokens": MIN_TOKENS}
+    native = model.complete(**args, logprobs=0)
+    stepwise = model.complete(**args, logprobs=0, seed=7)
     assert stepwise["choices"][0]["text"] == native["choices"][0]["text"]
+    assert np.allclose(
+        stepwise["choices"][0]["logprobs"]["token_logprobs"],
+        native["choices"][0]["logprobs"]["token_logprobs"],
+        atol=1e-4,
+    )
 
 
 def test_infill_through_suffix_and_rendered_sentinel(model, model_dir: Path, hf_dir: Path) -> None:  # type: ignore[no-untyped-def]
     source = _ids(model_dir, PREFIX + "<extra_id_0>" + SUFFIX)
     sentinel = _token_id(model_dir, "<extra_id_0>")
-    expected, lps = _hf_greedy(hf_dir, source, [sentinel], _ends(model_dir), MAX_TOKENS)
+    ends = _ends(model_dir)
+    expected, lps = _hf_greedy(hf_dir, source, [sentinel], ends, MAX_TOKENS, MIN_TOKENS)
     want = model.backend.detokenize(expected)
+    args = {"max_tokens": MAX_TOKENS, "temperature": 0, "min_tokens": MIN_TOKENS}
 
-    rendered = model.complete(
-        prompt=PREFIX + "<extra_id_0>" + SUFFIX, max_tokens=MAX_TOKENS, temperature=0, logprobs=0
-    )
+    rendered = model.complete(prompt=PREFIX + "<extra_id_0>" + SUFFIX, logprobs=0, **args)
     assert rendered["choices"][0]["text"] == want
     assert np.allclose(rendered["choices"][0]["logprobs"]["token_logprobs"], lps, atol=1e-3)
-    through_suffix = model.complete(
-        prompt=PREFIX, suffix=SUFFIX, max_tokens=MAX_TOKENS, temperature=0
-    )
+    through_suffix = model.complete(prompt=PREFIX, suffix=SUFFIX, **args)
     assert through_suffix["choices"][0]["text"] == want
     assert "<extra_id" not in want
 
@@ -149,7 +164,13 @@ def test_http_serves_t5_and_answers_400_for_echo(model_dir: Path) -> None:
         status, body = server.request(
             "POST",
             "/v1/completions",
-            {"model": "codet5", "prompt": PROMPT, "max_tokens": 4, "temperature": 0},
+            {
+                "model": "codet5",
+                "prompt": PROMPT,
+                "max_tokens": 4,
+                "min_tokens": 2,
+                "temperature": 0,
+            },
         )
         assert status == 200, body
         assert json.loads(body)["choices"][0]["text"]

@@ -46,8 +46,10 @@ TRAINED_T5 = "codet5-base"  # the backend tests' model: needs a trained shape
 
 # name -> T5Config overrides. codet5-base / codet5p-220m are T5-base shaped (relu,
 # tied embeddings, 12 heads of 64); codet5p-770m is T5-large shaped (16 heads of 64,
-# deeper). Scaled down, plus a T5 v1.1-style variant (gated-gelu, untied head, inner
-# width != d_model) so the converter's other branches are checked too.
+# deeper). Scaled down, plus a T5 v1.1-style variant (gated-gelu, no output rescale,
+# inner width != d_model) so the converter's other branches are checked too.
+# (transformers >= 5 ties the head even for v1.1 and says "do not rescale" with
+# scale_decoder_outputs; a separate lm_head.weight is not exercised here.)
 T5_SHAPES: dict[str, dict[str, object]] = {
     "codet5-base": {"d_model": 256, "num_heads": 4, "d_kv": 64, "d_ff": 512, "num_layers": 2},
     "codet5p-770m": {"d_model": 256, "num_heads": 8, "d_kv": 32, "d_ff": 1024, "num_layers": 3},
