@@ -190,3 +190,53 @@ def test_http_serves_t5_and_answers_400_for_echo(model_dir: Path) -> None:
             "POST", "/v1/completions", {"model": "codet5", "prompt": "x", "max_tokens": 2}
         )
         assert status == 200  # still serving
+
+
+def test_close_fails_open_streams(model_dir: Path) -> None:
+    """The backend contract: close() fails running and queued streams; later submits fail."""
+    from fastpilot.backends.base import GenerationRequest, SamplingParams
+    from fastpilot.errors import BackendError
+    from fastpilot.loader import load
+
+    m = load(model_dir, name="t5-close", threads=1, max_batch=1)
+    backend = m.backend
+    ids = backend.tokenize(PROMPT)
+    params = SamplingParams(max_tokens=400, min_tokens=400, temperature=0)
+    streams = [backend.submit(GenerationRequest(list(ids), params)) for _ in range(3)]
+    first = iter(streams[0])
+    next(first)  # the worker is generating the first one; the others wait (max_batch=1)
+    m.close()
+    with pytest.raises(BackendError, match="closed"):
+        list(first)
+    for queued in streams[1:]:
+        with pytest.raises(BackendError, match="closed"):
+            list(queued)
+    with pytest.raises(BackendError):
+        backend.submit(GenerationRequest(list(ids), params))
+
+
+@pytest.mark.parametrize("logprobs", [0, None])
+def test_concurrent_requests_equal_solo_ones(model, logprobs: int | None) -> None:  # type: ignore[no-untyped-def]
+    """Requests submitted together (batched, or one by one when reading logits) = alone."""
+    import threading
+
+    prompts = [PROMPT, "import os\n", PREFIX + "<extra_id_0>" + SUFFIX, "class A:\n"]
+    args = {"max_tokens": MAX_TOKENS, "temperature": 0, "min_tokens": 3, "logprobs": logprobs}
+    solo = [model.complete(prompt=p, **args)["choices"][0] for p in prompts]
+    together: list[dict | None] = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        together[i] = model.complete(prompt=prompts[i], **args)["choices"][0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for a, b in zip(solo, together, strict=True):
+        assert b is not None and a["text"] == b["text"]
+        if logprobs is not None:
+            assert np.allclose(
+                a["logprobs"]["token_logprobs"], b["logprobs"]["token_logprobs"], atol=1e-4
+            )
+    assert model.backend.stats()["batches"] > 0

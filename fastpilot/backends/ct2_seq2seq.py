@@ -11,7 +11,8 @@ Two decoding paths, as in the decoder-only CTranslate2 backend:
 
 * **native** -- ``translate_batch`` with CT2's own greedy/top-k/top-p/temperature,
   ``min_decoding_length`` and ``suppress_sequences``; concurrent requests with the
-  same options share one call, each step streamed through ``callback``.
+  same options share one call, each step streamed through ``callback`` (those that
+  read logits -- ``logprobs`` or a temperature -- run one per call).
 * **stepwise** -- for ``seed``, the additive penalties, HF's repetition penalty and
   a non-ban ``logit_bias``: :class:`fastpilot.engine.sampling.SequenceSampler` picks
   from CT2's raw logits; CT2 decodes greedily while it agrees, and on the first
@@ -159,6 +160,7 @@ class CTranslate2Seq2SeqBackend(Backend):
         self._encoder_prefix = [int(i) for i in seq2seq.get("encoder_prefix_ids", [])]
         self._encoder_suffix = [int(i) for i in seq2seq.get("encoder_suffix_ids", [])]
         fim = manifest.get("fim")
+        self.fim_spec = fim if isinstance(fim, dict) else None  # read by engine/fim.py
         self._sentinel: int | None = None
         if isinstance(fim, dict) and fim.get("style") == "t5-span":
             sentinel = str(fim.get("sentinel", ""))
@@ -256,7 +258,7 @@ class CTranslate2Seq2SeqBackend(Backend):
                     self._cv.wait()
                 if self._closed:
                     for job in self._pending:
-                        job.stream.finish(FinishReason.CANCELLED)
+                        job.stream.fail(BackendError("the model was closed"))
                     self._pending.clear()
                     break
                 batch = self._take_batch()
@@ -281,12 +283,12 @@ class CTranslate2Seq2SeqBackend(Backend):
         else:
             return []
         batch = [head]
-        if head.key is None:
+        if head.key is None or _wants_logits(head):
             return batch
         for job in list(self._pending):
             if len(batch) >= self.max_batch:
                 break
-            if job.key == head.key and not job.stream.cancelled:
+            if job.key == head.key and not job.stream.cancelled and not _wants_logits(job):
                 self._pending.remove(job)
                 batch.append(job)
         return batch
@@ -322,7 +324,7 @@ class CTranslate2Seq2SeqBackend(Backend):
         if not jobs:
             return
         limits = [j.stream.request.params.max_tokens for j in jobs]
-        want_logits = key.temperature != 1.0 or any(j.stream.request.params.logprobs for j in jobs)
+        want_logits = any(_wants_logits(j) for j in jobs)  # then the batch holds one job
         eos = self.eos_token_ids
 
         def on_step(res: Any) -> bool:
@@ -458,19 +460,32 @@ class CTranslate2Seq2SeqBackend(Backend):
         }
 
     def close(self) -> None:
-        """Cancel waiting and running requests and free the model. Idempotent.
+        """Fail waiting and running requests ("the model was closed") and free the model.
 
-        Blocks for at most one decode step, or an encoder pass already under way.
+        Idempotent. Blocks for at most one decode step, or an encoder pass already
+        under way (CT2 cannot interrupt one).
         """
         with self._cv:
             self._closed = True
             for job in self._running:
-                job.stream.cancel()
+                job.stream.fail(BackendError("the model was closed"))
             self._cv.notify_all()
         if self._worker is not threading.current_thread():
             self._worker.join()
         self._translator = None
         atexit.unregister(self._atexit)
+
+
+def _wants_logits(job: _Job) -> bool:
+    """True when the native path reads this job's logits (temperature or logprobs).
+
+    Such jobs run alone: CTranslate2 4.8.5 hands a step's whole ``(active, vocab)``
+    logits matrix to the first callback of the step and empty views to the others
+    (see ``ct2_support.StepLogits`` for the decoder-only workaround), and the rows
+    of a Translator batch with unequal encoder inputs are not checked here.
+    """
+    assert job.key is not None
+    return job.key.temperature != 1.0 or bool(job.stream.request.params.logprobs)
 
 
 def _stepwise(p: SamplingParams) -> bool:
