@@ -87,7 +87,9 @@ def _ends(model_dir: Path) -> set[int]:
 def test_loader_picks_the_translator_backend(model) -> None:  # type: ignore[no-untyped-def]
     assert model.backend.name == "ctranslate2-seq2seq"
     assert model.backend.encoder_decoder
-    assert model.backend.fim is not None
+    from fastpilot.engine.fim import FimStyle, fim_format
+
+    assert fim_format(model.backend).style is FimStyle.T5_SPAN
 
 
 def test_completion_equals_transformers_greedy_with_real_logprobs(
@@ -190,6 +192,33 @@ def test_http_serves_t5_and_answers_400_for_echo(model_dir: Path) -> None:
             "POST", "/v1/completions", {"model": "codet5", "prompt": "x", "max_tokens": 2}
         )
         assert status == 200  # still serving
+        # llama.cpp's /infill and the OpenAI suffix form render the same span prompt
+        status, body = server.request(
+            "POST",
+            "/v1/completions",
+            {
+                "model": "codet5",
+                "prompt": PREFIX,
+                "suffix": SUFFIX,
+                "max_tokens": 6,
+                "temperature": 0,
+            },
+        )
+        assert status == 200, body
+        via_suffix = json.loads(body)["choices"][0]["text"]
+        status, body = server.request(
+            "POST",
+            "/infill",
+            {
+                "model": "codet5",
+                "input_prefix": PREFIX,
+                "input_suffix": SUFFIX,
+                "n_predict": 6,
+                "temperature": 0,
+            },
+        )
+        assert status == 200, body
+        assert json.loads(body)["content"] == via_suffix
 
 
 def test_close_fails_open_streams(model_dir: Path) -> None:

@@ -46,7 +46,6 @@ import numpy as np
 from fastpilot.backends.base import (
     Backend,
     BackendInfo,
-    FimTemplate,
     FinishReason,
     GenerationRequest,
     SamplingParams,
@@ -163,11 +162,9 @@ class CTranslate2Seq2SeqBackend(Backend):
         self.fim_spec = fim if isinstance(fim, dict) else None  # read by engine/fim.py
         self._sentinel: int | None = None
         if isinstance(fim, dict) and fim.get("style") == "t5-span":
-            sentinel = str(fim.get("sentinel", ""))
-            if sentinel in self._index:
-                self._sentinel = self._index[sentinel]
-                # The engine renders prefix + sentinel + suffix for the encoder.
-                self.fim = FimTemplate("", sentinel, "")
+            # engine/fim.py renders prefix + sentinel + suffix for the encoder from
+            # fim_spec; the sentinel's id tells _plan to start the decoder with it.
+            self._sentinel = self._index.get(str(fim.get("sentinel", "")))
 
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
