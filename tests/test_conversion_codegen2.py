@@ -184,3 +184,38 @@ def test_codegen2_fim_greedy_matches_reference(
         end_token=[],
     )
     assert res[0].sequences_ids[0] == expected
+
+
+@pytest.mark.parametrize("key", ["ct2-float32", "gguf-f32"])
+def test_codegen2_infill_through_suffix_equals_reference(
+    codegen2_models: dict[str, Path],  # noqa: F811
+    key: str,
+) -> None:
+    """Served from the converted files, ``suffix`` renders CodeGen2's prompt from the manifest.
+
+    The engine's answer equals transformers' greedy continuation of the same prompt,
+    stopped at ``<eom>`` or ``<|endoftext|>`` (never returned as text).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastpilot.loader import load
+
+    prefix, suffix = FIM_PIECES[0]
+    prompt = tinymodels.hf_tokenize(codegen2_models["hf"], fim_prompt(prefix, suffix))
+    ends = {tinymodels.hf_tokenize(codegen2_models["hf"], t)[0] for t in ("<eom>", "<|endoftext|>")}
+    ref = AutoModelForCausalLM.from_pretrained(codegen2_models["ref"], dtype=torch.float32)
+    expected: list[int] = []
+    with torch.no_grad():
+        for _ in range(8):
+            token = int(ref(torch.tensor([prompt + expected])).logits[0, -1].argmax())
+            if token in ends:
+                break
+            expected.append(token)
+    model = load(codegen2_models[key], name="codegen2", threads=2)
+    try:
+        out = model.complete(prompt=prefix, suffix=suffix, max_tokens=8, temperature=0)
+        assert out["choices"][0]["text"] == model.backend.detokenize(expected)
+        assert out["usage"]["prompt_tokens"] == len(prompt)
+    finally:
+        model.close()
