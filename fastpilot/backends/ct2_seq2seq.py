@@ -55,6 +55,7 @@ from fastpilot.backends.base import (
 from fastpilot.backends.ct2_support import load_tokenizer, read_json, spelling_to_bytes
 from fastpilot.engine.sampling import BAN, SequenceSampler, log_softmax, top_entries
 from fastpilot.errors import BackendError, InvalidRequest, ModelFileError, NotSupported, QueueFull
+from fastpilot.manifest import Manifest
 
 __all__ = ["CTranslate2Seq2SeqBackend", "is_seq2seq"]
 
@@ -112,6 +113,8 @@ class CTranslate2Seq2SeqBackend(Backend):
     Args:
         path: The CTranslate2 directory (``model.bin``, ``shared_vocabulary.json``,
             ``tokenizer.json``, ``fastpilot.json``).
+        manifest: The parsed manifest (the loader passes the one it verified);
+            None reads ``fastpilot.json`` when there is one.
         threads: CPU threads for CT2's intra-op pool (default ``os.cpu_count()``).
         device: ``cpu``, ``cuda`` or ``auto``.
         compute_type: CT2 compute type (default: the files' own).
@@ -128,6 +131,7 @@ class CTranslate2Seq2SeqBackend(Backend):
     def __init__(
         self,
         path: str | os.PathLike[str],
+        manifest: Manifest | None = None,
         *,
         threads: int | None = None,
         device: str = "cpu",
@@ -141,34 +145,36 @@ class CTranslate2Seq2SeqBackend(Backend):
         self.path = Path(path)
         if not (self.path / "model.bin").is_file():
             raise ModelFileError(f"{self.path} is not a CTranslate2 model directory (no model.bin)")
-        manifest = read_json(self.path / "fastpilot.json")
+        if manifest is None:
+            manifest = Manifest.find(self.path)
         self._vocab = _read_target_vocabulary(self.path)
         self._index = {t: i for i, t in enumerate(self._vocab)}
         self._tokenizer = load_tokenizer(
-            self.path / str(manifest.get("tokenizer", "tokenizer.json"))
+            self.path / (manifest.tokenizer if manifest else "tokenizer.json")
         )
         self.vocab_size = len(self._vocab)
         self._token_bytes = [spelling_to_bytes(t) for t in self._vocab]
-        self.context_length = int(manifest.get("context_length") or 512)
+        self.context_length = (manifest.context_length if manifest else 0) or 512
         config = read_json(self.path / "config.json")
-        eos = manifest.get("eos_token_ids")
-        if eos is None:
+        eos: Sequence[int] = manifest.eos_token_ids if manifest else ()
+        if not eos:
             eos = [self._index[t] for t in (config.get("eos_token"),) if t in self._index]
         self.eos_token_ids = frozenset(int(i) for i in eos)
-        seq2seq = manifest.get("seq2seq") or {}
+        # What the tokenizer's post-processor wraps around encoder text (<s> ... </s>).
+        seq2seq = (manifest.get("seq2seq") if manifest else None) or {}
         self._encoder_prefix = [int(i) for i in seq2seq.get("encoder_prefix_ids", [])]
         self._encoder_suffix = [int(i) for i in seq2seq.get("encoder_suffix_ids", [])]
-        fim = manifest.get("fim")
-        self.fim_spec = fim if isinstance(fim, dict) else None  # read by engine/fim.py
+        fim = manifest.fim if manifest else None
+        self.fim_spec = fim  # read by engine/fim.py
         self._sentinel: int | None = None
-        if isinstance(fim, dict) and fim.get("style") == "t5-span":
+        if fim is not None and fim.get("style") == "t5-span":
             # engine/fim.py renders prefix + sentinel + suffix for the encoder from
             # fim_spec; the sentinel's id tells _plan to start the decoder with it.
             self._sentinel = self._index.get(str(fim.get("sentinel", "")))
 
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-        quant = str(manifest.get("quantization") or "")
+        quant = manifest.quantization if manifest else ""
         args: dict[str, Any] = {
             "device": device,
             "compute_type": compute_type or "default",
@@ -182,7 +188,7 @@ class CTranslate2Seq2SeqBackend(Backend):
         self.info = BackendInfo(
             backend=self.name,
             path=str(self.path),
-            arch=str(manifest.get("arch", "")),
+            arch=manifest.arch if manifest else "",
             quantization=quant,
             device=device,
             extra={**args, "compute_type": self._translator.compute_type},
