@@ -14,7 +14,7 @@ Two decoding paths, as in the decoder-only CTranslate2 backend:
   same options share one call, each step streamed through ``callback`` (those that
   read logits -- ``logprobs`` or a temperature -- run one per call).
 * **stepwise** -- for ``seed``, the additive penalties, HF's repetition penalty and
-  a non-ban ``logit_bias``: :class:`fastpilot.engine.sampling.SequenceSampler` picks
+  a non-ban ``logit_bias``: :class:`fastpilot.backends.sampling.SequenceSampler` picks
   from CT2's raw logits; CT2 decodes greedily while it agrees, and on the first
   disagreement the call restarts with the chosen tokens as ``target_prefix`` (the
   encoder runs again, so a restart costs a prefill of the prompt and the tokens so far).
@@ -53,7 +53,7 @@ from fastpilot.backends.base import (
     TokenStream,
 )
 from fastpilot.backends.ct2_support import load_tokenizer, read_json, spelling_to_bytes
-from fastpilot.engine.sampling import BAN, SequenceSampler, log_softmax, top_entries
+from fastpilot.backends.sampling import BAN, SequenceSampler, log_softmax, top_entries
 from fastpilot.errors import BackendError, InvalidRequest, ModelFileError, NotSupported, QueueFull
 from fastpilot.manifest import Manifest
 
