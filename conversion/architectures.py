@@ -25,7 +25,7 @@ from .model import Activation, DecoderModel, Hyper, Layer, Linear, Norm
 from .progress import bar
 
 if TYPE_CHECKING:
-    from .t5 import Seq2SeqModel
+    from .seq2seq import Seq2SeqModel
 
 __all__ = ["ArchitectureLoader", "loader_for", "register", "supported_architectures"]
 
@@ -341,8 +341,3 @@ class CodeGenLoader(ArchitectureLoader):
             final_norm=self.norm("transformer.ln_f", E),
             lm_head=head,
         )
-
-
-# T5 lives in its own module (it builds a different canonical model); importing it here
-# registers its loader with every caller of loader_for().
-from . import t5 as _t5  # noqa: E402, F401

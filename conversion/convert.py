@@ -25,7 +25,7 @@ from .model import DecoderModel
 from .tokenizer import TokenizerData
 
 if TYPE_CHECKING:
-    from .t5 import Seq2SeqModel
+    from .seq2seq import Seq2SeqModel
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -278,8 +278,9 @@ def convert(
     from .checkpoint import load_checkpoint
     from .infill import end_token_ids, fim_template
     from .manifest import write_manifest
+    from .seq2seq import Seq2SeqModel
     from .source import resolve_source
-    from .t5 import Seq2SeqModel, T5Loader, encoder_specials
+    from .t5 import T5Loader, encoder_specials  # importing it registers the T5 loader
     from .tokenizer import load_tokenizer
 
     if not targets:

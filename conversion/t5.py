@@ -1,7 +1,9 @@
 """T5 encoder-decoder models (CodeT5, CodeT5+ 220m/770m) -> a canonical :class:`Seq2SeqModel`.
 
-These models run on CTranslate2's ``Translator`` (not ``Generator``); llama.cpp
-cannot serve them here, so the GGUF writer refuses them.
+These models run on CTranslate2's ``Translator`` (not ``Generator``; the spec is
+built in :mod:`conversion.ct2_writer`); llama.cpp cannot serve them here, so the GGUF
+writer refuses them. Importing this module registers :class:`T5Loader`;
+:func:`conversion.convert.convert` does so before it picks a loader.
 
 T5 facts the writer relies on (checked for logit parity against transformers):
 
@@ -20,86 +22,16 @@ T5 facts the writer relies on (checked for logit parity against transformers):
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 
 from fastpilot.errors import ConversionError
 
 from .architectures import ArchitectureLoader, register
 from .progress import bar
+from .seq2seq import Attention, Block, FeedForward, FfnActivation, Seq2SeqHyper, Seq2SeqModel
 from .tokenizer import TokenizerData
 
-__all__ = ["FfnActivation", "Seq2SeqModel", "T5Loader", "build_t5_spec", "encoder_specials"]
-
-
-class FfnActivation(enum.Enum):
-    RELU = "relu"
-    GELU_TANH = "gelu_new"
-    GELU = "gelu"
-
-
-@dataclass(frozen=True, slots=True)
-class Attention:
-    q: np.ndarray  # (n_head * d_kv, d_model)
-    k: np.ndarray
-    v: np.ndarray
-    o: np.ndarray  # (d_model, n_head * d_kv)
-
-
-@dataclass(frozen=True, slots=True)
-class FeedForward:
-    wi: np.ndarray  # (d_ff, d_model); the activated branch when gated
-    wi_gate: np.ndarray | None  # (d_ff, d_model): the linear branch of a gated FFN
-    wo: np.ndarray  # (d_model, d_ff)
-
-
-@dataclass(frozen=True, slots=True)
-class Block:
-    """One encoder (``cross is None``) or decoder block; norms are RMS gammas."""
-
-    self_norm: np.ndarray
-    self_attn: Attention
-    cross_norm: np.ndarray | None
-    cross: Attention | None
-    ffn_norm: np.ndarray
-    ffn: FeedForward
-
-
-@dataclass(frozen=True, slots=True)
-class Seq2SeqHyper:
-    arch: str  # "t5"
-    n_layer: int  # encoder blocks
-    n_decoder_layer: int
-    n_head: int
-    d_model: int
-    d_kv: int
-    d_ff: int
-    n_ctx: int  # the encoder length the model was trained on (512 for CodeT5)
-    vocab_size: int
-    layer_norm_eps: float
-    activation: FfnActivation
-    gated: bool
-    scale_output: bool  # decoder output scaled by d_model**-0.5 before the LM head
-    relative_max_distance: int
-    decoder_start_token_id: int
-
-
-@dataclass(frozen=True)
-class Seq2SeqModel:
-    """A complete T5 in canonical (out, in) layout."""
-
-    hyper: Seq2SeqHyper
-    embedding: np.ndarray  # (vocab, d_model), shared by encoder and decoder
-    encoder: tuple[Block, ...]
-    encoder_norm: np.ndarray
-    encoder_rel_bias: np.ndarray  # (num_buckets, n_head)
-    decoder: tuple[Block, ...]
-    decoder_norm: np.ndarray
-    decoder_rel_bias: np.ndarray
-    lm_head: np.ndarray  # (vocab, d_model); ``is embedding`` when tied
+__all__ = ["T5Loader", "encoder_specials"]
 
 
 @register
@@ -255,90 +187,3 @@ def encoder_specials(tokenizer: TokenizerData) -> tuple[list[int], list[int]]:
         if full[start : start + len(plain)] == plain:
             return full[:start], full[start + len(plain) :]
     raise ConversionError("the tokenizer's post-processor changes the text it wraps")
-
-
-def _unk_token(tokens: list[str], fallback: str) -> str:
-    return "<unk>" if "<unk>" in tokens else fallback
-
-
-def build_t5_spec(model: Seq2SeqModel, tokenizer: TokenizerData) -> Any:
-    """Build and validate (not quantize) a ctranslate2 ``TransformerSpec`` for ``model``."""
-    from ctranslate2.specs import common_spec, transformer_spec
-
-    from .ct2_writer import Copier
-
-    hp = model.hyper
-    activation = {
-        FfnActivation.RELU: common_spec.Activation.RELU,
-        FfnActivation.GELU_TANH: common_spec.Activation.GELUTanh,
-        FfnActivation.GELU: common_spec.Activation.GELU,
-    }[hp.activation]
-    spec = transformer_spec.TransformerSpec.from_config(
-        (hp.n_layer, hp.n_decoder_layer),
-        hp.n_head,
-        pre_norm=True,
-        activation=activation,
-        ffn_glu=hp.gated,
-        relative_attention_bias=True,
-        rms_norm=True,
-    )
-    copy = Copier()
-    max_distance = np.dtype("int32").type(hp.relative_max_distance)
-
-    def attention(spec_attn: Any, attn: Attention, bias: np.ndarray | None, fused: bool) -> None:
-        spec_attn.queries_scale = 1.0  # T5 attention is unscaled
-        if fused:  # self-attention: one (3 * inner, d_model) projection [q | k | v]
-            spec_attn.linear[0].weight = np.concatenate([attn.q, attn.k, attn.v], axis=0)
-        else:  # cross-attention: q from the decoder, fused [k | v] from the encoder output
-            spec_attn.linear[0].weight = copy(attn.q)
-            spec_attn.linear[1].weight = np.concatenate([attn.k, attn.v], axis=0)
-        spec_attn.linear[-1].weight = copy(attn.o)
-        if bias is not None:
-            # Every layer points at the first layer's table: ctranslate2 stores it once.
-            spec_attn.relative_attention_bias = copy(bias)
-            spec_attn.relative_attention_max_distance = max_distance
-
-    def feed_forward(spec_ffn: Any, norm: np.ndarray, ffn: FeedForward) -> None:
-        spec_ffn.layer_norm.gamma = copy(norm)
-        spec_ffn.linear_0.weight = copy(ffn.wi)
-        if ffn.wi_gate is not None:
-            spec_ffn.linear_0_noact.weight = copy(ffn.wi_gate)
-        spec_ffn.linear_1.weight = copy(ffn.wo)
-
-    enc = spec.encoder
-    enc.embeddings[0].weight = copy(model.embedding)
-    enc.scale_embeddings = False
-    enc.layer_norm.gamma = copy(model.encoder_norm)
-    for layer_spec, block in zip(enc.layer, model.encoder, strict=True):
-        layer_spec.self_attention.layer_norm.gamma = copy(block.self_norm)
-        attention(layer_spec.self_attention, block.self_attn, model.encoder_rel_bias, True)
-        feed_forward(layer_spec.ffn, block.ffn_norm, block.ffn)
-
-    dec = spec.decoder
-    dec.embeddings.weight = copy(model.embedding)
-    dec.scale_embeddings = False
-    dec.layer_norm.gamma = copy(model.decoder_norm)
-    dec.projection.weight = copy(model.lm_head)
-    if hp.scale_output:
-        dec.scale_outputs = hp.d_model**-0.5
-    for layer_spec, block in zip(dec.layer, model.decoder, strict=True):
-        assert block.cross is not None and block.cross_norm is not None
-        layer_spec.self_attention.layer_norm.gamma = copy(block.self_norm)
-        attention(layer_spec.self_attention, block.self_attn, model.decoder_rel_bias, True)
-        layer_spec.attention.layer_norm.gamma = copy(block.cross_norm)
-        attention(layer_spec.attention, block.cross, None, False)
-        feed_forward(layer_spec.ffn, block.ffn_norm, block.ffn)
-
-    tokens, _ = tokenizer.padded(hp.vocab_size)
-    spec.config.layer_norm_epsilon = hp.layer_norm_eps
-    spec.config.bos_token = tokens[hp.decoder_start_token_id]
-    spec.config.decoder_start_token = tokens[hp.decoder_start_token_id]
-    spec.config.eos_token = tokenizer.eos_token
-    spec.config.unk_token = _unk_token(tokens, tokenizer.eos_token)
-    spec.register_source_vocabulary(tokens)
-    spec.register_target_vocabulary(tokens)
-    try:
-        spec.validate()
-    except (ValueError, TypeError) as ex:
-        raise ConversionError(f"ctranslate2 rejected the model: {ex}") from ex
-    return spec
