@@ -40,8 +40,10 @@ install: $(BIN)/python
 	fi
 	$(BIN)/pip install -q -e ".[dev]"
 
+# MODELS="1558M codegen2-3.7B" converts just those (opt-in ones included); empty: the default set.
+MODELS ?=
 convert: install
-	$(BIN)/python -m conversion.convert_all
+	$(BIN)/python -m conversion.convert_all $(if $(strip $(MODELS)),--only "$(MODELS)")
 
 serve: convert
 	$(BIN)/fastpilot serve --host $(HOST) --port $(PORT)

@@ -13,7 +13,8 @@ producing a model that loads but talks nonsense.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from fastpilot.errors import ConversionError
 from .checkpoint import Checkpoint
 from .model import Activation, DecoderModel, Hyper, Layer, Linear, Norm
 from .progress import bar
+
+if TYPE_CHECKING:
+    from .seq2seq import Seq2SeqModel
 
 __all__ = ["ArchitectureLoader", "loader_for", "register", "supported_architectures"]
 
@@ -43,8 +47,12 @@ class ArchitectureLoader(ABC):
         self.config = checkpoint.config
 
     @abstractmethod
-    def load(self) -> DecoderModel:
-        """Read and rearrange every tensor; holds the whole model in memory once."""
+    def load(self) -> DecoderModel | Seq2SeqModel:
+        """Read and rearrange every tensor; holds the whole model in memory once.
+
+        Decoder-only loaders return a :class:`DecoderModel`; encoder-decoder loaders
+        (:mod:`conversion.t5`) a ``Seq2SeqModel``.
+        """
 
     # -- helpers shared by loaders ------------------------------------------------
 
@@ -206,10 +214,12 @@ class GPT2Loader(ArchitectureLoader):
 def split_codegen_qkv(w: np.ndarray, mp_num: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split CodeGen's fused ``qkv_proj.weight`` into q, k, v, each ``(E, E)``.
 
-    CodeGen was trained with model parallelism ``mp_num = 4``: the ``3E`` output rows
-    are ``mp_num`` groups, each ``[q | v | k]`` of ``E / mp_num`` rows (note: v before
-    k), and group g holds heads ``g * n_head/mp_num ...``. Concatenating a part over
-    groups therefore yields the usual head-major order.
+    CodeGen was trained with model parallelism baked into this matrix: the ``3E``
+    output rows are ``mp_num`` groups (4 for CodeGen-1, 8 for CodeGen2), each
+    ``[q | v | k]`` of ``E / mp_num`` rows (note: v before k), and group g holds heads
+    ``g * n_head/mp_num ...``. Concatenating a part over groups therefore yields the
+    usual head-major order. Splitting with the wrong ``mp_num`` mixes q, k and v rows
+    of different heads; the model still loads but talks nonsense.
     """
     three_e, e = w.shape
     # (3E, E) -> (mp_num, 3 [q, v, k], E / mp_num, E)
@@ -237,23 +247,53 @@ def interleaved_to_halves(w: np.ndarray, n_head: int, rotary_dim: int) -> np.nda
 
 @register
 class CodeGenLoader(ArchitectureLoader):
-    """CodeGen-mono/multi/nl (350M..16B): partial rotary, parallel residual, one norm.
+    """CodeGen-1 (350M..16B) and CodeGen2 (1B..16B): partial rotary, parallel residual, one norm.
 
     Each block computes ``x + attn(ln_1(x)) + mlp(ln_1(x))``; attention has no biases;
-    the LM head has a bias; the vocabulary is padded (e.g. 51200 rows for 50295 tokens).
+    the LM head has a bias; the vocabulary may be padded (e.g. 51200 rows for 50295
+    tokens in CodeGen-1).
+
+    The two generations share config.json's ``model_type`` and tensor names and differ
+    in how ``qkv_proj`` is packed: CodeGen-1 in 4 model-parallel groups, CodeGen2 in 8
+    (its TPU-v3 training layout). CodeGen2's config.json is the only one that states
+    ``head_dim`` (its own configuration class adds it; transformers' CodeGenConfig has
+    no such field), so that key is what tells them apart, as in CTranslate2's loader.
+    Telling them apart by the computed head size would not work: CodeGen-6B and
+    CodeGen2-7B both have 256-dim heads.
     """
 
     model_type = "codegen"
     architectures = ("CodeGenForCausalLM",)
-    mp_num = 4  # CodeGen-1's training-time model-parallel degree baked into qkv_proj
+    MP_NUM_CODEGEN1 = 4
+    MP_NUM_CODEGEN2 = 8
+
+    def generation(self, n_embd: int, n_head: int) -> tuple[str, int]:
+        """Return ``(arch name, mp_num)``: ``("codegen", 4)`` or ``("codegen2", 8)``.
+
+        Raises:
+            ConversionError: a ``head_dim`` that disagrees with ``n_embd / n_head``.
+        """
+        stated = self.config.get("head_dim")
+        if stated is None:
+            return "codegen", self.MP_NUM_CODEGEN1
+        if not isinstance(stated, int) or stated * n_head != n_embd:
+            raise ConversionError(
+                f"config.json: head_dim {stated!r} disagrees with n_embd {n_embd} / n_head {n_head}"
+            )
+        return "codegen2", self.MP_NUM_CODEGEN2
 
     def load(self) -> DecoderModel:
         n_embd = int(self.cfg("n_embd"))
         n_head = int(self.cfg("n_head"))
-        if n_embd % n_head or n_head % self.mp_num:
+        if n_embd % n_head:
             raise ConversionError(
-                f"config.json: n_embd {n_embd} / n_head {n_head} must divide evenly, and "
-                f"n_head by {self.mp_num} (CodeGen's qkv layout)"
+                f"config.json: n_embd {n_embd} is not divisible by n_head {n_head}"
+            )
+        arch, mp_num = self.generation(n_embd, n_head)
+        if n_head % mp_num:
+            raise ConversionError(
+                f"config.json: n_head {n_head} must be a multiple of {mp_num} ({arch}'s "
+                "qkv_proj holds that many model-parallel groups of whole heads)"
             )
         head_dim = n_embd // n_head
         rotary_dim = int(self.cfg("rotary_dim", default=head_dim))
@@ -261,7 +301,7 @@ class CodeGenLoader(ArchitectureLoader):
             raise ConversionError(
                 f"config.json: rotary_dim {rotary_dim} must be even and <= {head_dim}"
             )
-        hp = self.hyper(n_head, n_embd, rotary_dim=rotary_dim)
+        hp = replace(self.hyper(n_head, n_embd, rotary_dim=rotary_dim), arch=arch)
         E, F = hp.n_embd, hp.n_ff
         names = self.checkpoint.weights.names
 
@@ -270,10 +310,10 @@ class CodeGenLoader(ArchitectureLoader):
             return Linear(self.tensor(f"{prefix}.weight", (n_out, n_in)), b)
 
         layers = []
-        for i in bar(range(hp.n_layer), desc=f"load {self.model_type}", unit="layer"):
+        for i in bar(range(hp.n_layer), desc=f"load {arch}", unit="layer"):
             h = f"transformer.h.{i}"
             q, k, v = split_codegen_qkv(
-                self.tensor(f"{h}.attn.qkv_proj.weight", (3 * E, E)), self.mp_num
+                self.tensor(f"{h}.attn.qkv_proj.weight", (3 * E, E)), mp_num
             )
             q = interleaved_to_halves(q, n_head, rotary_dim)
             k = interleaved_to_halves(k, n_head, rotary_dim)

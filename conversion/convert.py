@@ -17,12 +17,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from fastpilot.errors import ConversionError, ModelFileError
 
 from .model import DecoderModel
 from .tokenizer import TokenizerData
+
+if TYPE_CHECKING:
+    from .seq2seq import Seq2SeqModel
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -85,7 +88,7 @@ class GgufFormat(OutputFormat):
 
         dst = out_dir / "model.gguf"
         if quantization in ("f32", "f16"):
-            write_gguf(job.model, job.tokenizer, dst, quantization, name=job.name)
+            write_gguf(job.decoder(), job.tokenizer, dst, quantization, name=job.name)
         else:
             quantize_gguf(job.float_gguf(), dst, quantization)
         return [dst.name]
@@ -121,7 +124,11 @@ class _Job:
     F32_INTERMEDIATE_MAX_BYTES = 4 << 30
 
     def __init__(
-        self, model: DecoderModel, tokenizer: TokenizerData, name: str, scratch: Path
+        self,
+        model: DecoderModel | Seq2SeqModel,
+        tokenizer: TokenizerData,
+        name: str,
+        scratch: Path,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -129,21 +136,35 @@ class _Job:
         self.scratch = scratch
         self._float_gguf: Path | None = None
 
+    def decoder(self) -> DecoderModel:
+        """The model as a decoder-only one (what GGUF can hold).
+
+        Raises:
+            ConversionError: the model is an encoder-decoder (T5).
+        """
+        if not isinstance(self.model, DecoderModel):
+            raise ConversionError(
+                f"llama.cpp cannot serve {self.model.hyper.arch} (encoder-decoder) models in "
+                "fastpilot; convert to ct2"
+            )
+        return self.model
+
     def float_gguf(self) -> Path:
         if self._float_gguf is None:
+            model = self.decoder()
             from .gguf_writer import write_gguf
 
-            n_params = self.model.token_embd.size * (2 if not self.model.tied else 1) + sum(
+            n_params = model.token_embd.size * (2 if not model.tied else 1) + sum(
                 layer.qkv.weight.size
                 + layer.attn_out.weight.size
                 + layer.ffn_up.weight.size
                 + layer.ffn_down.weight.size
-                for layer in self.model.layers
+                for layer in model.layers
             )
             ftype = "f32" if 4 * n_params <= self.F32_INTERMEDIATE_MAX_BYTES else "f16"
             self.scratch.mkdir(parents=True, exist_ok=True)
             path = self.scratch / f"model-{ftype}.gguf"
-            write_gguf(self.model, self.tokenizer, path, ftype, name=self.name)
+            write_gguf(model, self.tokenizer, path, ftype, name=self.name)
             self._float_gguf = path
         return self._float_gguf
 
@@ -201,6 +222,28 @@ def _atomic_dir(dest: Path) -> Iterator[Path]:
         raise
 
 
+def _seq2seq_targets(
+    todo: list[tuple[Target, Path]], targets: list[Target], results: dict[Path, Result]
+) -> list[tuple[Target, Path]]:
+    """The CTranslate2 part of ``todo`` for an encoder-decoder model.
+
+    The default set (``--format all``) means "every format this model has": its GGUF
+    entries are dropped. An explicit GGUF target is refused.
+
+    Raises:
+        ConversionError: a GGUF target was asked for by name.
+    """
+    if any(t.format == "gguf" for t in targets) and tuple(targets) != DEFAULT_TARGETS:
+        raise ConversionError(
+            "T5 (encoder-decoder) models such as CodeT5 convert to ct2 only: llama.cpp "
+            "cannot serve them in fastpilot; use --format ct2"
+        )
+    for target, dest in todo:
+        if target.format == "gguf":
+            del results[dest]
+    return [(t, d) for t, d in todo if t.format != "gguf"]
+
+
 def convert(
     source: str,
     name: str,
@@ -233,8 +276,11 @@ def convert(
     """
     from .architectures import loader_for
     from .checkpoint import load_checkpoint
+    from .infill import end_token_ids, fim_template
     from .manifest import write_manifest
+    from .seq2seq import Seq2SeqModel
     from .source import resolve_source
+    from .t5 import T5Loader, encoder_specials  # importing it registers the T5 loader
     from .tokenizer import load_tokenizer
 
     if not targets:
@@ -253,9 +299,15 @@ def convert(
 
     resolved = resolve_source(source, offline=offline)
     checkpoint = load_checkpoint(resolved.directory)
-    model = loader_for(checkpoint).load()
+    loader = loader_for(checkpoint)
+    if isinstance(loader, T5Loader):
+        todo = _seq2seq_targets(todo, list(targets), results)
+        if not todo:
+            return list(results.values())
+    model = loader.load()
     tokenizer = load_tokenizer(resolved.directory, checkpoint.config)
     tokenizer.padded(model.hyper.vocab_size)  # fails early if tokenizer > embedding rows
+    arch = model.hyper.arch
 
     scratch_parent = dests[0].parent
     created = _missing_parents(scratch_parent / "x")
@@ -268,7 +320,7 @@ def convert(
                 (tmp / "tokenizer.json").write_text(tokenizer.json_text, encoding="utf-8")
                 fields = {
                     "name": name,
-                    "arch": model.hyper.arch,
+                    "arch": arch,
                     "source": resolved.source,
                     "source_revision": resolved.revision,
                     "format": target.format,
@@ -277,10 +329,17 @@ def convert(
                     "vocab_size": model.hyper.vocab_size,
                     "tokenizer": "tokenizer.json",
                     "bos_token_id": tokenizer.bos_id,
-                    "eos_token_ids": [tokenizer.eos_id],
-                    "fim": None,
+                    "eos_token_ids": end_token_ids(arch, tokenizer),
+                    "fim": fim_template(arch, tokenizer),
                 }
-                if target.format == "gguf":
+                if isinstance(model, Seq2SeqModel):
+                    prefix, suffix = encoder_specials(tokenizer)
+                    fields["seq2seq"] = {
+                        "decoder_start_token_id": model.hyper.decoder_start_token_id,
+                        "encoder_prefix_ids": prefix,
+                        "encoder_suffix_ids": suffix,
+                    }
+                if target.format == "gguf" and isinstance(model, DecoderModel):
                     from .gguf_writer import gguf_arch
 
                     fields["gguf_arch"] = gguf_arch(model)

@@ -33,6 +33,7 @@ class CatalogEntry:
     source: str
     targets: tuple[str, ...]  # "<format>-<quantization>"
     description: str = ""
+    opt_in: bool = False  # converted only when named (--only / make convert MODELS=...)
 
 
 def load_catalog(path: Path = CATALOG) -> list[CatalogEntry]:
@@ -56,12 +57,15 @@ def load_catalog(path: Path = CATALOG) -> list[CatalogEntry]:
     for name, table in (data.get("models") or {}).items():
         if not isinstance(table, dict) or not isinstance(table.get("source"), str):
             raise ConversionError(f'{path}: [models.{name}] needs a source = "..."')
+        if not isinstance(table.get("opt_in", False), bool):
+            raise ConversionError(f"{path}: [models.{name}] opt_in must be true or false")
         entries.append(
             CatalogEntry(
                 name,
                 table["source"],
                 tuple(table.get("targets", default)),
                 str(table.get("description", "")),
+                table.get("opt_in", False),
             )
         )
     return entries
@@ -89,7 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--catalog", type=Path, default=CATALOG, help="model catalog (TOML)")
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="output root")
-    parser.add_argument("--only", action="append", metavar="ENGINE", help="convert only these")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="ENGINE",
+        help="convert only these (repeat, or separate with commas/spaces); opt-in models "
+        "are converted only when named here",
+    )
     parser.add_argument("--force", action="store_true", help="rewrite existing outputs")
     args = parser.parse_args(argv)
 
@@ -98,8 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConversionError as ex:
         print(f"error: {ex.message}", file=sys.stderr)
         return 1
-    if args.only:
-        unknown = sorted(set(args.only) - {e.name for e in entries})
+    only = [n for arg in args.only or [] for n in arg.replace(",", " ").split()]
+    if only:
+        unknown = sorted(set(only) - {e.name for e in entries})
         if unknown:
             print(
                 f"error: not in {args.catalog}: {', '.join(unknown)}; "
@@ -107,7 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        entries = [e for e in entries if e.name in args.only]
+        entries = [e for e in entries if e.name in only]
+    else:
+        for entry in entries:
+            if entry.opt_in:
+                print(f"{entry.name}: skipped: opt-in (make convert MODELS={entry.name})")
+        entries = [e for e in entries if not e.opt_in]
 
     hub_down = False
     converted: list[str] = []

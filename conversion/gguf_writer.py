@@ -3,7 +3,8 @@
 Which llama.cpp graph runs the file is decided by the model's shape:
 
 * learned positions + sequential blocks (GPT-2) -> arch ``gpt2``;
-* partial rotary + parallel residual with one shared norm (CodeGen) -> arch ``phi2``.
+* partial rotary + parallel residual with one shared norm (CodeGen-1 and CodeGen2,
+  whose difference is only in how the checkpoint packs ``qkv_proj``) -> arch ``phi2``.
   llama.cpp has no CodeGen graph, but phi2's is the same computation: one LayerNorm
   feeding parallel attention and MLP, NeoX rotary on the first ``rope.dimension_count``
   dims, tanh-GELU, LM head with bias. phi2 requires ``attn_output.bias`` and
@@ -23,6 +24,7 @@ import numpy as np
 
 from fastpilot.errors import ConversionError
 
+from .infill import end_token_ids
 from .model import DecoderModel, Linear, Norm
 from .progress import steps
 from .tokenizer import TokenizerData
@@ -127,6 +129,11 @@ def write_gguf(
     writer.add_token_merges(list(tokenizer.merges))
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
+    ends = end_token_ids(hp.arch, tokenizer)
+    if hp.arch == "codegen2" and len(ends) > 1:
+        # <eom> closes an infilled span; as the file's EOM token llama.cpp counts it as
+        # end-of-generation (it would not guess that from the token's text).
+        writer.add_eom_token_id(ends[1])
     writer.add_add_bos_token(False)  # neither GPT-2 nor CodeGen prepends BOS
 
     for tname, array in _tensors(model, arch):

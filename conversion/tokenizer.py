@@ -94,7 +94,13 @@ def _read_json(path: Path) -> Any:
 
 
 def _build_tokenizer_json(directory: Path) -> str:
-    """Build tokenizer.json from vocab.json + merges.txt (+ added_tokens.json)."""
+    """Build tokenizer.json from vocab.json + merges.txt (+ added_tokens.json).
+
+    GPT-2 style by default (``<|endoftext|>`` special, nothing added around the text).
+    A RoBERTa tokenizer (``tokenizer_class`` RobertaTokenizer, as CodeT5 and CodeT5+
+    ship it) keeps its own special tokens and wraps every input ``<s> ... </s>``, as
+    transformers' fast RoBERTa tokenizer does.
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab, merges = directory / "vocab.json", directory / "merges.txt"
@@ -113,8 +119,45 @@ def _build_tokenizer_json(directory: Path) -> str:
             tok.add_tokens([AddedToken(content, normalized=False)])
             if tok.token_to_id(content) != idx:
                 raise ConversionError(f"{added_path}: token {content!r} expected at id {idx}")
+    if _tokenizer_class(directory).startswith("Roberta"):
+        specials = _roberta_specials(directory)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        bos, eos = _special_token(directory, "bos_token"), _special_token(directory, "eos_token")
+        bos_id = tok.token_to_id(bos) if bos is not None else None
+        eos_id = tok.token_to_id(eos) if eos is not None else None
+        if bos is None or eos is None or bos_id is None or eos_id is None:
+            raise ConversionError(f"{directory}: a RoBERTa tokenizer needs its bos and eos tokens")
+        tok.post_processor = processors.RobertaProcessing(
+            (eos, eos_id), (bos, bos_id), trim_offsets=False
+        )
+        return tok.to_str()
     tok.add_special_tokens([AddedToken(DEFAULT_SPECIAL, special=True, normalized=False)])
     return tok.to_str()
+
+
+def _tokenizer_class(directory: Path) -> str:
+    path = directory / "tokenizer_config.json"
+    data = _read_json(path) if path.is_file() else {}
+    value = data.get("tokenizer_class") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _roberta_specials(directory: Path) -> list[str]:
+    """bos/eos/unk/pad/mask and the additional special tokens (T5 sentinels), in that order."""
+    found: list[str] = []
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token"):
+        content = _special_token(directory, key)
+        if content is not None and content not in found:
+            found.append(content)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = directory / name
+        data = _read_json(path) if path.is_file() else {}
+        extra = data.get("additional_special_tokens") if isinstance(data, dict) else None
+        for value in extra or []:
+            content = _special_content(value)
+            if content is not None and content not in found:
+                found.append(content)
+    return found
 
 
 def _special_content(value: Any) -> str | None:

@@ -229,11 +229,17 @@ def load(
     manifest = check_model(path, fmt, trust_unverified=trust_unverified).manifest
     impl: Backend
     if fmt == "ct2":
+        from fastpilot.backends.ct2_seq2seq import CTranslate2Seq2SeqBackend, is_seq2seq
         from fastpilot.backends.ctranslate2 import CTranslate2Backend
 
-        impl = CTranslate2Backend(
-            str(path), manifest, threads=threads, device=device, **backend_options
-        )
+        if is_seq2seq(path):  # an encoder-decoder (T5) directory: CTranslate2's Translator
+            impl = CTranslate2Seq2SeqBackend(
+                str(path), manifest, threads=threads, device=device, **backend_options
+            )
+        else:
+            impl = CTranslate2Backend(
+                str(path), manifest, threads=threads, device=device, **backend_options
+            )
     else:
         from fastpilot.backends.llamacpp import LlamaCppBackend
 

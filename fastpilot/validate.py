@@ -328,13 +328,17 @@ def check_ct2_dir(directory: Path) -> None:
     """``model.bin`` walked, ``config.json`` an object, the vocabulary a list of strings."""
     check_ct2_binary(directory / "model.bin")
     _json_file(directory / "config.json", dict, "config.json")
-    vocab = directory / "vocabulary.json"
-    if vocab.is_file():
-        tokens = _json_file(vocab, list, "vocabulary")
-        if not all(isinstance(t, str) for t in tokens):
-            raise ModelFileError(f"{vocab}: the vocabulary must be a list of strings")
-    elif not (directory / "vocabulary.txt").is_file():
-        raise ModelFileError(f"{directory}: no vocabulary.json or vocabulary.txt")
+    # A Generator has one vocabulary; a Translator (T5) a shared one or one per side.
+    for stem in ("vocabulary", "shared_vocabulary", "target_vocabulary"):
+        vocab = directory / f"{stem}.json"
+        if vocab.is_file():
+            tokens = _json_file(vocab, list, "vocabulary")
+            if not all(isinstance(t, str) for t in tokens):
+                raise ModelFileError(f"{vocab}: the vocabulary must be a list of strings")
+            return
+        if (directory / f"{stem}.txt").is_file():
+            return
+    raise ModelFileError(f"{directory}: no vocabulary.json or vocabulary.txt")
 
 
 # -- manifest and hashes ---------------------------------------------------------------

@@ -231,6 +231,9 @@ class Backend(abc.ABC):
     """
 
     name: ClassVar[str] = "base"
+    # True for encoder-decoder models: the prompt is encoder input, not text the
+    # completion continues, so ``echo`` has no meaning and the engine refuses it.
+    encoder_decoder: ClassVar[bool] = False
 
     context_length: int
     vocab_size: int

@@ -78,6 +78,12 @@ def prepare(
             "this model cannot fill in the middle (it has no FIM tokens or template)",
             param="input_suffix" if request.infill else "suffix",
         )
+    if request.echo and backend.encoder_decoder:
+        raise NotSupported(
+            "echo is not available for an encoder-decoder model: its completion does not "
+            "continue the prompt",
+            param="echo",
+        )
     if fim_used and request.echo:
         raise InvalidRequest(
             "echo cannot be combined with suffix (fill-in-the-middle)", param="echo"
