@@ -20,52 +20,49 @@ Padded vocabularies (converted CodeGen): ``vocab_size`` counts the tokenizer's
 ids, the trailing ``UNUSED`` rows are never sampled nor listed in ``top_logprobs``.
 End of sequence finishes the stream ``STOP`` with no step pushed for it.
 
+The tokenizer, prompt checks, prompt scoring (``echo``) and embeddings are
+:class:`fastpilot.backends.llamacpp_extras.LlamaCppExtras`, this backend's base;
+the ctypes helpers (batch, KV ops, scorer, embedder) are
+:mod:`fastpilot.backends.llamacpp_native`.
+
 Heavy import: ``llama_cpp`` is imported when a backend is constructed.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from fastpilot.backends.base import (
-    Backend,
     BackendInfo,
     FimTemplate,
     FinishReason,
     GenerationRequest,
-    Step,
     TokenStream,
 )
 from fastpilot.backends.fim_tokens import read_fim_tokens
+from fastpilot.backends.llamacpp_extras import LlamaCppExtras
 from fastpilot.backends.llamacpp_native import (
-    Embedder,
     NativeBatch,
-    PromptScorer,
     apply_kv_ops,
     decode_entries,
     load_library,
     new_context,
     offload_layers,
-    read_pieces,
     real_vocab_size,
 )
 from fastpilot.backends.sampling import SequenceSampler
 from fastpilot.backends.scheduler import BatchEntry, KvOp, Scheduler, Seq, batch_capacity
 from fastpilot.errors import (
     BackendError,
-    ContextLengthExceeded,
-    InvalidRequest,
     ModelFileError,
     QueueFull,
 )
@@ -84,14 +81,7 @@ class _Request:
     sampler: SequenceSampler
 
 
-@dataclass(eq=False, slots=True)
-class _ScoreJob:
-    prompt: list[int]
-    top: int
-    future: Future[list[Step | None]] = field(default_factory=Future)
-
-
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(LlamaCppExtras):
     """A GGUF model served by llama.cpp with continuous batching and a prompt cache.
 
     Args:
@@ -153,7 +143,7 @@ class LlamaCppBackend(Backend):
         gpu_layers = offload_layers(lib, device)
 
         self._ctx = None
-        self._embedder: Embedder | None = None
+        self._embedder = None
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = gpu_layers
         self._model = lib.llama_model_load_from_file(str(gguf).encode(), mparams)
@@ -204,7 +194,7 @@ class LlamaCppBackend(Backend):
 
         self._cond = threading.Condition()
         self._pending: deque[TokenStream] = deque()
-        self._jobs: deque[_ScoreJob] = deque()
+        self._jobs = deque()
         self._max_queue = max_queue
         self._sched: Scheduler[_Request] = Scheduler(
             slots,
@@ -224,54 +214,7 @@ class LlamaCppBackend(Backend):
         self._worker.start()
         atexit.register(self.close)
 
-    # -- vocabulary ------------------------------------------------------------------
-    def _load_vocab(self, manifest: Manifest | None) -> None:
-        lib, vocab = self._lib, self._vocab
-        self._pieces = read_pieces(lib, vocab, self.vocab_size)
-        # The GGUF's eos/eot, plus any the converter listed (the engine strips them all).
-        eos = {int(lib.llama_vocab_eos(vocab)), int(lib.llama_vocab_eot(vocab))}
-        eos.update(manifest.eos_token_ids if manifest else ())
-        self.eos_token_ids = frozenset(t for t in eos if 0 <= t < self.vocab_size)
-        self._bos = int(lib.llama_vocab_bos(vocab))
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids from the GGUF's vocabulary; no BOS, special tokens written as text parsed.
-
-        ``"<|endoftext|>"`` or ``"<|fim_prefix|>"`` in ``text`` become those control
-        tokens (``parse_special``), as llama-server and HF tokenizers do.
-
-        Thread-safe (llama.cpp's tokenizer API is), callable while the worker decodes.
-        """
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        out = (ctypes.c_int32 * cap)()
-        n = self._lib.llama_tokenize(self._vocab, data, len(data), out, cap, False, True)
-        if n < 0:
-            if n == -(2**31):
-                raise InvalidRequest("text too long to tokenize", param="prompt")
-            cap = -n
-            out = (ctypes.c_int32 * cap)()
-            n = self._lib.llama_tokenize(self._vocab, data, len(data), out, cap, False, True)
-        return list(out[:n])
-
-    def token_bytes(self, token_id: int) -> bytes:
-        if 0 <= token_id < self.vocab_size:
-            return self._pieces[token_id]
-        return b""
-
     # -- submission ------------------------------------------------------------------
-    def _check_prompt(self, prompt: Sequence[int], room: int) -> None:
-        if len(prompt) + room > self.context_length:
-            raise ContextLengthExceeded(
-                f"prompt of {len(prompt)} tokens leaves no room in the "
-                f"{self.context_length}-token context",
-                param="prompt",
-            )
-        if prompt and (min(prompt) < 0 or max(prompt) >= self.vocab_size):
-            raise InvalidRequest(
-                f"prompt token ids must be in [0, {self.vocab_size})", param="prompt"
-            )
-
     def submit(self, request: GenerationRequest) -> TokenStream:
         """Queue one sequence; returns its stream at once. Thread-safe, never blocks on decoding.
 
@@ -470,63 +413,6 @@ class LlamaCppBackend(Backend):
             for job in self._jobs:
                 job.future.set_exception(error)
             self._jobs.clear()
-
-    # -- prompt scoring ----------------------------------------------------------------
-    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int) -> list[Step | None]:
-        """Log-probability of each prompt token given the ones before it (``echo``).
-
-        Runs on the worker between decode steps, in a free slot (blocks the
-        caller until one frees and the prompt is evaluated with logits at every
-        position; other streams pause meanwhile). The slot keeps the prompt's KV,
-        so a generation request with the same prompt that follows reuses it.
-        Values are ``log_softmax`` of the raw logits (temperature 1).
-        """
-        prompt = list(prompt_ids)
-        self._check_prompt(prompt, 0)
-        if not prompt:
-            return []
-        job = _ScoreJob(prompt, top)
-        with self._cond:
-            if self._closed:
-                raise BackendError("the model was closed")
-            self._jobs.append(job)
-            self._cond.notify()
-        return job.future.result()
-
-    def _score(self, job: _ScoreJob) -> None:
-        slot = self._sched.begin_scoring()
-        self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-        scorer = PromptScorer(self._lib, self._ctx, self._batch, self._n_rows, self.vocab_size)
-        try:
-            out = scorer.score(job.prompt, slot.seq_id, self._chunk, job.top)
-        except Exception as ex:
-            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-            self._sched.end_scoring(slot, None)
-            job.future.set_exception(ex)
-        else:
-            self._sched.end_scoring(slot, job.prompt)
-            job.future.set_result(out)
-        finally:
-            self._counters["decode_steps"] += scorer.decodes
-            self._counters["tokens_evaluated"] += scorer.tokens
-
-    # -- embeddings --------------------------------------------------------------------
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """Mean-pooled final hidden states (after the last norm); raw, not normalized.
-
-        Uses a second context (``embeddings=True``, mean pooling) created on the
-        first call; calls are serialized and run in the caller's thread,
-        concurrently with generation (they compete for the same CPU threads).
-        An empty text embeds the BOS token.
-        """
-        with self._embed_lock:
-            if self._closed:
-                raise BackendError("the model was closed")
-            if self._embedder is None:
-                self._embedder = Embedder(
-                    self._lib, self._model, self.context_length, self._threads
-                )
-            return [self._embedder.embed(self.tokenize(t) or [self._bos]) for t in texts]
 
     # -- lifecycle ---------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
