@@ -25,6 +25,9 @@ What an encoder-decoder cannot do answers :class:`NotSupported` (HTTP 400): prom
 log-probabilities (``echo`` with ``logprobs``: the prompt is not predicted by the
 model) and embeddings. ``Backend.encoder_decoder`` tells the engine to refuse
 ``echo`` altogether.
+
+The directory's files (:func:`is_seq2seq`, re-exported here) and the ``stepwise``
+test shared with the decoder-only backend live in :mod:`fastpilot.backends.ct2_support`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
-import json
 import os
 import threading
 import weakref
@@ -48,41 +50,22 @@ from fastpilot.backends.base import (
     BackendInfo,
     FinishReason,
     GenerationRequest,
-    SamplingParams,
     Step,
     TokenStream,
 )
-from fastpilot.backends.ct2_support import load_tokenizer, read_json, spelling_to_bytes
+from fastpilot.backends.ct2_support import (
+    is_seq2seq,
+    load_tokenizer,
+    read_json,
+    read_target_vocabulary,
+    spelling_to_bytes,
+    stepwise,
+)
 from fastpilot.backends.sampling import BAN, SequenceSampler, log_softmax, top_entries
 from fastpilot.errors import BackendError, InvalidRequest, ModelFileError, NotSupported, QueueFull
 from fastpilot.manifest import Manifest
 
 __all__ = ["CTranslate2Seq2SeqBackend", "is_seq2seq"]
-
-_VOCAB_FILES = (
-    "shared_vocabulary.json",
-    "shared_vocabulary.txt",
-    "target_vocabulary.json",
-    "target_vocabulary.txt",
-)
-
-
-def is_seq2seq(path: Path) -> bool:
-    """True when a CTranslate2 directory holds an encoder-decoder (Translator) model."""
-    return any((path / name).is_file() for name in _VOCAB_FILES)
-
-
-def _read_target_vocabulary(path: Path) -> list[str]:
-    for name in _VOCAB_FILES:
-        file = path / name
-        if not file.is_file():
-            continue
-        text = file.read_text(encoding="utf-8")
-        if name.endswith(".json"):
-            return [str(t) for t in json.loads(text)]
-        tokens = text.split("\n")
-        return tokens[:-1] if tokens and tokens[-1] == "" else tokens
-    raise ModelFileError(f"{path} has no shared or target vocabulary")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +130,7 @@ class CTranslate2Seq2SeqBackend(Backend):
             raise ModelFileError(f"{self.path} is not a CTranslate2 model directory (no model.bin)")
         if manifest is None:
             manifest = Manifest.find(self.path)
-        self._vocab = _read_target_vocabulary(self.path)
+        self._vocab = read_target_vocabulary(self.path)
         self._index = {t: i for i, t in enumerate(self._vocab)}
         self._tokenizer = load_tokenizer(
             self.path / (manifest.tokenizer if manifest else "tokenizer.json")
@@ -239,7 +222,7 @@ class CTranslate2Seq2SeqBackend(Backend):
         infill = self._sentinel is not None and self._sentinel in ids
         forced = [self._sentinel] if infill and self._sentinel is not None else []
         p = stream.request.params
-        if _stepwise(p):
+        if stepwise(p):
             return _Job(stream, source, forced, None)
         banned = tuple(
             sorted({t for t, v in p.logit_bias if v <= BAN and 0 <= t < self.vocab_size})
@@ -489,16 +472,6 @@ def _wants_logits(job: _Job) -> bool:
     """
     assert job.key is not None
     return job.key.temperature != 1.0 or bool(job.stream.request.params.logprobs)
-
-
-def _stepwise(p: SamplingParams) -> bool:
-    return bool(
-        p.seed is not None
-        or p.presence_penalty
-        or p.frequency_penalty
-        or p.repetition_penalty != 1.0
-        or any(v > BAN for _, v in p.logit_bias)
-    )
 
 
 def _close_at_exit(ref: weakref.ref[CTranslate2Seq2SeqBackend]) -> None:

@@ -1,7 +1,10 @@
-"""Files and bookkeeping for the CTranslate2 backend: spelling, model files, jobs, batches.
+"""Files and bookkeeping for the CTranslate2 backends: spelling, model files, jobs, batches.
 
 Kept apart from ``ctranslate2.py`` so the backend module holds only the
-scheduling and decoding; nothing here imports ctranslate2.
+scheduling and decoding; nothing here imports ctranslate2. The encoder-decoder
+backend (``ct2_seq2seq.py``) shares the spelling, tokenizer and ``stepwise``
+test and reads its Translator vocabulary here (:func:`read_target_vocabulary`,
+:func:`is_seq2seq`).
 """
 
 from __future__ import annotations
@@ -250,6 +253,34 @@ def read_vocabulary(path: Path) -> list[str]:
     else:
         raise ModelFileError(f"{path} has no vocabulary.json or vocabulary.txt")
     return [str(t) for t in vocab]
+
+
+# Vocabulary files only a Translator (encoder-decoder) directory has.
+SEQ2SEQ_VOCAB_FILES = (
+    "shared_vocabulary.json",
+    "shared_vocabulary.txt",
+    "target_vocabulary.json",
+    "target_vocabulary.txt",
+)
+
+
+def is_seq2seq(path: Path) -> bool:
+    """True when a CTranslate2 directory holds an encoder-decoder (Translator) model."""
+    return any((path / name).is_file() for name in SEQ2SEQ_VOCAB_FILES)
+
+
+def read_target_vocabulary(path: Path) -> list[str]:
+    """The target (or shared) vocabulary of a Translator directory, in id order."""
+    for name in SEQ2SEQ_VOCAB_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        text = file.read_text(encoding="utf-8")
+        if name.endswith(".json"):
+            return [str(t) for t in json.loads(text)]
+        tokens = text.split("\n")
+        return tokens[:-1] if tokens and tokens[-1] == "" else tokens
+    raise ModelFileError(f"{path} has no shared or target vocabulary")
 
 
 def check_vocabulary(path: Path, tokenizer: Any, vocab: Sequence[str]) -> int:
