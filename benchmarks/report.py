@@ -455,6 +455,20 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
             if f"-{model}-" in p:
                 L.append(f"![{p}]({rel(out_dir / p)})")
         L.append("")
+    if report.get("speculative"):
+        from benchmarks.speculative import table
+
+        L += [
+            "## Speculative decoding (n-gram), single stream",
+            "",
+            "`benchmarks/speculative.py`: 160 tokens greedy, streamed, one client, prompts are "
+            "chunks of the stdlib's `ast.py`; decode tok/s = (tokens−1)/(e2e−TTFT), median "
+            "(range) of the repeats; drafted tokens from fastpilot's /metrics and "
+            "llama-server's log.",
+            "",
+            table(report["speculative"]),
+            "",
+        ]
     if report["notes"]:
         L += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     L += [

@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--models", default=None, help=f"comma list of {sorted(SPECS)}")
     ap.add_argument(
-        "--contenders", default="floors,fastpilot,llama-server,llama-cpp-python,transformers"
+        "--contenders",
+        default="floors,fastpilot,llama-server,llama-cpp-python,transformers,speculative",
     )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
@@ -391,6 +392,17 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log(f"--- {c.key} ({'all workloads' if full else 'decode + 8 clients'})")
             report["runs"].append(run_server(c, plan, sessions, work, full))
+        if "speculative" in want and time.monotonic() - t_start > args.budget:
+            report["notes"].append(f"speculative: skipped, run budget of {args.budget:.0f}s spent")
+        elif "speculative" in want:  # n-gram speculation off/on, fastpilot and llama-server
+            from benchmarks.speculative import section
+
+            spec = [(f.model, f.directory) for f in files if f.label == "gguf-q4_k_m"]
+            tiny = HERE.parent / "models" / "tiny-py" / "gguf-q4_k_m"  # `make convert` output
+            if (tiny / "model.gguf").is_file():
+                spec.append(("tiny-py", tiny))
+            log("--- speculative (single stream)")
+            report["speculative"] = section(spec, args.threads, server_bin is not None)
     except KeyboardInterrupt:
         report["notes"].append("interrupted")
         raise

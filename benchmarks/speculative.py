@@ -1,0 +1,307 @@
+"""Does n-gram speculation pay? fastpilot and llama-server, speculation off and on.
+
+``python -m benchmarks.speculative --model NAME=DIR [--model ...] [--clients 1,8]``
+prints one JSON line per run and a table. Each contender is one server at a time,
+single-stream (``--clients 1``) or N concurrent streams:
+
+* ``fastpilot-off``: ``fastpilot serve --speculative off`` (the default);
+* ``fastpilot-ngram``: ``fastpilot serve --speculative ngram --draft-max D``;
+* ``llama-server``: llama.cpp's own server, built by :mod:`benchmarks.llama_server_build`;
+* ``llama-server-ngram-mod``: the same with ``--spec-type ngram-mod --draft-max D``
+  (skipped when its ``--help`` does not list ``ngram-mod``).
+
+Workload: greedy, streamed, ``--tokens`` tokens forced (``ignore_eos``). Prompts are real
+code: consecutive ~``--prompt-chars`` chunks of the stdlib's ``ast.py`` (held out of
+tiny-py's training set, so not memorized), cut at line ends, a different chunk for
+every request (the untimed warm-up gets its own), so a drafter only ever sees its own
+prompt and output. Same prompts, threads and slot count (fastpilot ``--slots`` =
+llama-server ``--parallel`` = clients) for every contender.
+
+Reported per run: decode tokens/s after the first token ((tokens - 1) / (end - first
+token)), aggregate tokens/s over the wall time for N clients, and the drafted tokens
+the target model accepted/rejected (fastpilot: ``/metrics`` deltas of the backend's
+``draft_tokens_accepted``/``_rejected``; llama-server: its log's ``draft acceptance``
+lines, when it prints them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import re
+import statistics
+import sys
+import sysconfig
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.client import Call, Result, send
+from benchmarks.llama_server_build import server_path
+from benchmarks.procs import Managed, free_port
+
+CONTENDERS = ("fastpilot-off", "fastpilot-ngram", "llama-server", "llama-server-ngram-mod")
+# Held out of tiny-py's training set (conversion/tiny_py/MODEL_CARD.md): not memorized.
+SOURCE = Path(sysconfig.get_paths()["stdlib"]) / "ast.py"
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One measured round: every client's result and the server's draft counters."""
+
+    results: tuple[Result, ...]
+    wall: float
+    accepted: int | None
+    rejected: int | None
+
+
+def prompts(count: int, chars: int, source: Path = SOURCE) -> list[str]:
+    """``count`` consecutive chunks of ``source``, each about ``chars`` long, cut at lines.
+
+    Skips the module docstring and imports (the first 200 lines) so every chunk is code.
+    """
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[200:]
+    out, cur = [], ""
+    for line in lines:
+        cur += line
+        if len(cur) >= chars:
+            out.append(cur)
+            cur = ""
+            if len(out) == count:
+                return out
+    raise ValueError(f"{source} holds fewer than {count} chunks of {chars} chars")
+
+
+def _metrics(port: int) -> dict[str, float]:
+    """All ``fastpilot_model_*`` gauges of the (single) served model."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("fastpilot_model_"):
+            out[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _draft_counts(port: int) -> tuple[float, float]:
+    m = _metrics(port)
+    acc = sum(v for k, v in m.items() if k.endswith("draft_tokens_accepted"))
+    rej = sum(v for k, v in m.items() if k.endswith("draft_tokens_rejected"))
+    return acc, rej
+
+
+def llama_server_supports_ngram_mod() -> bool:
+    """True when the built llama-server's ``--help`` lists the ``ngram-mod`` spec type."""
+    import subprocess
+
+    exe = server_path()
+    if not exe.is_file():
+        return False
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    return "ngram-mod" in out.stdout + out.stderr
+
+
+def _argv(contender: str, directory: Path, port: int, args: argparse.Namespace, n: int):
+    t = str(args.threads)
+    if contender.startswith("fastpilot"):
+        argv = [sys.executable, "-c", "from fastpilot.cli import main; raise SystemExit(main())"]
+        argv += ["serve", "--model", f"m={directory}", "--port", str(port)]
+        argv += ["--threads", t, "--slots", str(n)]
+        if contender == "fastpilot-ngram":
+            argv += ["--speculative", "ngram", "--draft-max", str(args.draft_max)]
+        else:
+            argv += ["--speculative", "off"]
+        return argv
+    gguf = directory / "model.gguf"
+    ctx = json.loads((directory / "fastpilot.json").read_text()).get("context_length", 2048)
+    argv = [str(server_path()), "-m", str(gguf), "--port", str(port), "-t", t, "-tb", t]
+    argv += ["--parallel", str(n), "--cont-batching", "--cache-prompt", "--no-kv-unified"]
+    argv += ["-c", str(ctx * n), "--no-webui"]
+    if contender == "llama-server-ngram-mod":
+        argv += ["--spec-type", "ngram-mod", "--draft-max", str(args.draft_max)]
+    return argv
+
+
+def _body(prompt: str, tokens: int) -> dict:
+    return {
+        "model": "m",
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def _round(port: int, texts: list[str], tokens: int, fastpilot: bool) -> Run:
+    results: list[Result | None] = [None] * len(texts)
+
+    def one(i: int) -> None:
+        results[i] = send(port, Call("POST", "/v1/completions", _body(texts[i], tokens), True))
+
+    before = _draft_counts(port) if fastpilot else None
+    t0 = time.perf_counter()
+    ths = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    wall = time.perf_counter() - t0
+    acc = rej = None
+    if before is not None:
+        a, r = _draft_counts(port)
+        acc, rej = int(a - before[0]), int(r - before[1])
+    for r in results:
+        if r is None or not r.ok or r.tokens != tokens:
+            raise RuntimeError(f"bad result: {r}")
+    return Run(tuple(r for r in results if r is not None), wall, acc, rej)
+
+
+_LLAMA_ACC = re.compile(r"draft acceptance rate = [0-9.]+ \(\s*(\d+) accepted /\s*(\d+) generated")
+
+
+def _llama_log_counts(log: Path) -> list[tuple[int, int]]:
+    """(accepted, drafted) per request, from llama-server's log lines."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return [(int(a), int(g)) for a, g in _LLAMA_ACC.findall(text)]
+
+
+def measure(
+    contender: str, name: str, directory: Path, args: argparse.Namespace, n: int
+) -> list[dict]:
+    """Start one server, warm it up, run ``args.repeats`` rounds of ``n`` clients."""
+    port = free_port()
+    log = Path(f"/tmp/speculative-{contender}-{name}-{n}.log")
+    texts = prompts(1 + args.repeats * n, args.prompt_chars)
+    rows = []
+    with Managed(_argv(contender, directory, port, args, n), log) as server:
+        server.wait_http(port, "/health", 180)
+        _round(port, texts[:1], args.tokens, False)  # untimed: pages the weights in
+        fp = contender.startswith("fastpilot")
+        for rep in range(args.repeats):
+            chunk = texts[1 + rep * n : 1 + (rep + 1) * n]
+            run = _round(port, chunk, args.tokens, fp)
+            decode = [(r.tokens - 1) / (r.e2e - r.ttft) for r in run.results if r.ttft is not None]
+            row = {
+                "contender": contender,
+                "model": name,
+                "clients": n,
+                "repeat": rep,
+                "tokens": args.tokens,
+                "decode_tok_s": round(statistics.median(decode), 1),
+                "aggregate_tok_s": round(n * args.tokens / run.wall, 1),
+                "ttft_ms": round(1000 * statistics.median(r.ttft or 0 for r in run.results), 1),
+                "accepted": run.accepted,
+                "rejected": run.rejected,
+                # Greedy output must not depend on speculation: compare across contenders.
+                "text_sha": hashlib.sha256(
+                    "".join(r.text for r in run.results).encode()
+                ).hexdigest()[:12],
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if contender == "llama-server-ngram-mod":
+        counts = _llama_log_counts(log)[1:]  # the warm-up request's line first
+        for row, (a, g) in zip(rows, _group(counts, n), strict=False):
+            row["accepted"], row["rejected"] = a, g - a
+    return rows
+
+
+def _group(counts: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    out = []
+    for i in range(0, len(counts) - n + 1, n):
+        part = counts[i : i + n]
+        out.append((sum(a for a, _ in part), sum(g for _, g in part)))
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table: median and range over the repeats per (model, clients, contender)."""
+    keys: dict[tuple, list[dict]] = {}
+    for r in rows:
+        keys.setdefault((r["model"], r["clients"], r["contender"]), []).append(r)
+    out = [
+        "| model | clients | contender | decode tok/s median (range) | aggregate tok/s "
+        "median | accepted / drafted | acceptance |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (model, n, c), rs in keys.items():
+        d = [r["decode_tok_s"] for r in rs]
+        agg = statistics.median(r["aggregate_tok_s"] for r in rs)
+        acc = [r["accepted"] for r in rs if r["accepted"] is not None]
+        rej = [r["rejected"] for r in rs if r["rejected"] is not None]
+        if acc and rej and sum(acc) + sum(rej):
+            drafted = sum(acc) + sum(rej)
+            ad, rate = f"{sum(acc)} / {drafted}", f"{sum(acc) / drafted:.0%}"
+        else:
+            ad = rate = "-"
+        out.append(
+            f"| {model} | {n} | {c} | {statistics.median(d):.1f} ({min(d):.1f}-{max(d):.1f}) "
+            f"| {agg:.1f} | {ad} | {rate} |"
+        )
+    return "\n".join(out)
+
+
+def section(
+    models: list[tuple[str, Path]], threads: int, llama_server: bool, repeats: int = 3
+) -> list[dict]:
+    """The single-stream rows for ``python -m benchmarks.run`` (its ``speculative`` section).
+
+    ``llama_server``: include the llama-server rows (plain, and ``ngram-mod`` when this
+    build has it). A contender that fails is left out; the error goes to stderr.
+    """
+    args = argparse.Namespace(
+        threads=threads, tokens=160, repeats=repeats, draft_max=8, prompt_chars=600
+    )
+    names = list(CONTENDERS[:2])
+    if llama_server:
+        names.append("llama-server")
+        if llama_server_supports_ngram_mod():
+            names.append("llama-server-ngram-mod")
+    rows: list[dict] = []
+    for name, directory in models:
+        for c in names:
+            try:
+                rows.extend(measure(c, name, directory, args, 1))
+            except (RuntimeError, OSError) as ex:
+                print(f"[speculative] {c} on {name} failed: {ex}", file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", required=True, help="NAME=DIR (a GGUF model)")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--clients", default="1")
+    ap.add_argument("--tokens", type=int, default=160)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--draft-max", type=int, default=8)
+    ap.add_argument("--prompt-chars", type=int, default=600)
+    ap.add_argument("--json", type=Path, default=None, help="write all rows here")
+    args = ap.parse_args()
+    contenders = args.contenders.split(",")
+    if "llama-server-ngram-mod" in contenders and not llama_server_supports_ngram_mod():
+        print("llama-server has no --spec-type ngram-mod (or is not built): skipped")
+        contenders.remove("llama-server-ngram-mod")
+    if not server_path().is_file():
+        contenders = [c for c in contenders if not c.startswith("llama-server")]
+    rows: list[dict] = []
+    for spec in args.model:
+        name, _, directory = spec.partition("=")
+        for n in (int(x) for x in args.clients.split(",")):
+            for c in contenders:
+                rows.extend(measure(c, name, Path(directory), args, n))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
