@@ -7,8 +7,8 @@ single-stream (``--clients 1``) or N concurrent streams:
 * ``fastpilot-off``: ``fastpilot serve --speculative off`` (the default);
 * ``fastpilot-ngram``: ``fastpilot serve --speculative ngram --draft-max D``;
 * ``llama-server``: llama.cpp's own server, built by :mod:`benchmarks.llama_server_build`;
-* ``llama-server-ngram-mod``: the same with ``--spec-type ngram-mod --draft-max D``
-  (skipped when its ``--help`` does not list ``ngram-mod``).
+* ``llama-server-ngram-mod``: the same with ``--spec-type ngram-mod`` and its default
+  draft sizes (skipped when its ``--help`` does not list ``ngram-mod``).
 
 Workload: greedy, streamed, ``--tokens`` tokens forced (``ignore_eos``). Prompts are real
 code: consecutive ~``--prompt-chars`` chunks of the stdlib's ``ast.py`` (held out of
@@ -20,8 +20,8 @@ llama-server ``--parallel`` = clients) for every contender.
 Reported per run: decode tokens/s after the first token ((tokens - 1) / (end - first
 token)), aggregate tokens/s over the wall time for N clients, and the drafted tokens
 the target model accepted/rejected (fastpilot: ``/metrics`` deltas of the backend's
-``draft_tokens_accepted``/``_rejected``; llama-server: its log's ``draft acceptance``
-lines, when it prints them).
+``draft_tokens_accepted``/``_rejected``; llama-server: its log's per-request ``draft acceptance``
+lines).
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ def _argv(contender: str, directory: Path, port: int, args: argparse.Namespace, 
     argv += ["--parallel", str(n), "--cont-batching", "--cache-prompt", "--no-kv-unified"]
     argv += ["-c", str(ctx * n), "--no-webui"]
     if contender == "llama-server-ngram-mod":
-        argv += ["--spec-type", "ngram-mod", "--draft-max", str(args.draft_max)]
+        # Its own defaults (this release removed --draft-max; ngram-mod drafts 48-64 tokens
+        # after a 24-token match): what a user of llama-server's ngram-mod runs.
+        argv += ["--spec-type", "ngram-mod"]
     return argv
 
 
@@ -163,7 +165,7 @@ def _round(port: int, texts: list[str], tokens: int, fastpilot: bool) -> Run:
     return Run(tuple(r for r in results if r is not None), wall, acc, rej)
 
 
-_LLAMA_ACC = re.compile(r"draft acceptance rate = [0-9.]+ \(\s*(\d+) accepted /\s*(\d+) generated")
+_LLAMA_ACC = re.compile(r"draft acceptance = [0-9.]+ \(\s*(\d+) accepted /\s*(\d+) generated")
 
 
 def _llama_log_counts(log: Path) -> list[tuple[int, int]]:
@@ -186,7 +188,14 @@ def measure(
         fp = contender.startswith("fastpilot")
         for rep in range(args.repeats):
             chunk = texts[1 + rep * n : 1 + (rep + 1) * n]
+            seen = len(_llama_log_counts(log))
             run = _round(port, chunk, args.tokens, fp)
+            if contender == "llama-server-ngram-mod":
+                # A request that drafted nothing prints no line: count this round's lines.
+                time.sleep(0.2)  # the line is written as the slot is released
+                mine = _llama_log_counts(log)[seen:]
+                acc, gen = sum(a for a, _ in mine), sum(g for _, g in mine)
+                run = Run(run.results, run.wall, acc, gen - acc)
             decode = [(r.tokens - 1) / (r.e2e - r.ttft) for r in run.results if r.ttft is not None]
             row = {
                 "contender": contender,
@@ -194,7 +203,8 @@ def measure(
                 "clients": n,
                 "repeat": rep,
                 "tokens": args.tokens,
-                "decode_tok_s": round(statistics.median(decode), 1),
+                # None when no event carried text (a random model's ids past its tokenizer).
+                "decode_tok_s": round(statistics.median(decode), 1) if decode else None,
                 "aggregate_tok_s": round(n * args.tokens / run.wall, 1),
                 "ttft_ms": round(1000 * statistics.median(r.ttft or 0 for r in run.results), 1),
                 "accepted": run.accepted,
@@ -206,19 +216,7 @@ def measure(
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if contender == "llama-server-ngram-mod":
-        counts = _llama_log_counts(log)[1:]  # the warm-up request's line first
-        for row, (a, g) in zip(rows, _group(counts, n), strict=False):
-            row["accepted"], row["rejected"] = a, g - a
     return rows
-
-
-def _group(counts: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    out = []
-    for i in range(0, len(counts) - n + 1, n):
-        part = counts[i : i + n]
-        out.append((sum(a for a, _ in part), sum(g for _, g in part)))
-    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -232,7 +230,7 @@ def table(rows: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (model, n, c), rs in keys.items():
-        d = [r["decode_tok_s"] for r in rs]
+        d = [r["decode_tok_s"] for r in rs if r["decode_tok_s"] is not None] or [float("nan")]
         agg = statistics.median(r["aggregate_tok_s"] for r in rs)
         acc = [r["accepted"] for r in rs if r["accepted"] is not None]
         rej = [r["rejected"] for r in rs if r["rejected"] is not None]
