@@ -380,7 +380,27 @@ def main(argv: list[str] | None = None) -> int:
         # Primary files (every workload) of every model before the decode-only secondaries,
         # so that a run that hits --budget loses the least important rows.
         queue.sort(key=lambda q: not q[1])
+
+        def run_speculative() -> None:
+            """n-gram speculation off/on, fastpilot and llama-server, single stream."""
+            if time.monotonic() - t_start > args.budget:
+                report["notes"].append(f"speculative: skipped, budget of {args.budget:.0f}s spent")
+                report["speculative"] = []  # asked once only
+                return
+            from benchmarks.speculative import section
+
+            spec = [(f.model, f.directory) for f in files if f.label == "gguf-q4_k_m"]
+            tiny = HERE.parent / "models" / "tiny-py" / "gguf-q4_k_m"  # `make convert` output
+            if (tiny / "model.gguf").is_file():
+                spec.append(("tiny-py", tiny))
+            log("--- speculative (single stream)")
+            reps = 1 if args.quick else 3
+            report["speculative"] = section(spec, args.threads, server_bin is not None, reps)
+
         for c, full, sessions in queue:
+            # Right after the primary files' rows, before the decode-only secondaries.
+            if not full and "speculative" in want and "speculative" not in report:
+                run_speculative()
             if isinstance(c, ModelFile):
                 log(f"--- floor {c.model} {c.label}")
                 report["floors"].append(run_floor(c, args.threads, plan, work))
@@ -392,17 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log(f"--- {c.key} ({'all workloads' if full else 'decode + 8 clients'})")
             report["runs"].append(run_server(c, plan, sessions, work, full))
-        if "speculative" in want and time.monotonic() - t_start > args.budget:
-            report["notes"].append(f"speculative: skipped, run budget of {args.budget:.0f}s spent")
-        elif "speculative" in want:  # n-gram speculation off/on, fastpilot and llama-server
-            from benchmarks.speculative import section
-
-            spec = [(f.model, f.directory) for f in files if f.label == "gguf-q4_k_m"]
-            tiny = HERE.parent / "models" / "tiny-py" / "gguf-q4_k_m"  # `make convert` output
-            if (tiny / "model.gguf").is_file():
-                spec.append(("tiny-py", tiny))
-            log("--- speculative (single stream)")
-            report["speculative"] = section(spec, args.threads, server_bin is not None)
+        if "speculative" in want and "speculative" not in report:
+            run_speculative()
     except KeyboardInterrupt:
         report["notes"].append("interrupted")
         raise
