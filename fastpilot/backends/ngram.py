@@ -36,6 +36,11 @@ How :class:`fastpilot.backends.scheduler.Scheduler` speculates with it:
   distribution ``p`` equals ``x`` happens with probability ``p(x)``; otherwise the
   draw is ``p`` without ``x``, renormalized -- the speculative-sampling rule for a
   one-token proposal, here coupled to the plain draw so a seed gives the same text).
+  "The same logits" is the caveat: llama.cpp computes a token's logits slightly
+  differently when several tokens share its ubatch (up to 5e-3 in logprob on
+  tiny-py's Q4_K_M file, measured one-per-step against one batch), so a near-tie
+  can flip and greedy text can differ from plain decoding -- seen on random-weight
+  Q4_K_M files in benchmarks/RESULTS.md, as with llama-server's own ngram-mod.
 * **Adapting**: each sequence's draft length starts at ``min(4, draft_max)``,
   grows by one after a fully accepted draft and halves after a rejection (within
   ``1..draft_max``); drafts never exceed what ``max_tokens`` or the context can
