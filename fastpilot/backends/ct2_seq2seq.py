@@ -54,14 +54,16 @@ from fastpilot.backends.base import (
     TokenStream,
 )
 from fastpilot.backends.ct2_support import (
+    follow_step,
     is_seq2seq,
     load_tokenizer,
+    push_native,
     read_json,
     read_target_vocabulary,
     spelling_to_bytes,
     stepwise,
 )
-from fastpilot.backends.sampling import BAN, SequenceSampler, log_softmax, top_entries
+from fastpilot.backends.sampling import BAN, SequenceSampler, log_softmax
 from fastpilot.errors import BackendError, InvalidRequest, ModelFileError, NotSupported, QueueFull
 from fastpilot.manifest import Manifest
 
@@ -325,26 +327,22 @@ class CTranslate2Seq2SeqBackend(Backend):
             if job.steps <= key.forced:  # CT2 reports the forced prefix tokens too
                 return False
             self._counters["decode_steps"] += 1
-            token = int(res.token_id)
-            if token in eos and job.emitted >= key.min_length:
-                stream.finish(FinishReason.STOP)
-                return True
-            if want_logits:
+
+            def logprobs() -> np.ndarray:
                 # (vocab,) logits after CT2's masks, before temperature
                 with np.errstate(over="ignore"):
                     raw = np.asarray(res.logits, dtype=np.float32).reshape(-1)
-                    lp = log_softmax(raw / key.temperature)
-                step = Step(
-                    token, float(lp[token]), top_entries(lp, stream.request.params.logprobs)
-                )
-            else:
-                step = Step(token, float(res.log_prob))
-            stream.put(step)
-            job.emitted += 1
-            if job.emitted >= limits[res.batch_id]:
-                stream.finish(FinishReason.LENGTH)
-                return True
-            return False
+                    return log_softmax(raw / key.temperature)
+
+            return push_native(
+                job,
+                int(res.token_id),
+                res.log_prob,
+                logprobs if want_logits else None,
+                limit=limits[res.batch_id],
+                min_length=key.min_length,
+                eos=eos,
+            )
 
         self._translator.translate_batch(
             [self._spell(j.source) for j in jobs],
@@ -387,19 +385,18 @@ class CTranslate2Seq2SeqBackend(Backend):
                 if seen <= skip:  # the forced prefix and the tokens already streamed
                     return False
                 self._counters["decode_steps"] += 1
-                step = sampler.sample(np.asarray(res.logits, dtype=np.float32).reshape(-1))
-                if step.token_id in self.eos_token_ids:
-                    stream.finish(FinishReason.STOP)
-                    return True
-                stream.put(step)
-                generated.append(step.token_id)
-                if len(generated) >= limit:
-                    stream.finish(FinishReason.LENGTH)
-                    return True
-                if step.token_id != res.token_id:  # CT2 went another way: restart from ours
-                    diverged = True
-                    return True
-                return False
+                logits = np.asarray(res.logits, dtype=np.float32).reshape(-1)
+                stop, went_apart = follow_step(
+                    stream,
+                    sampler,
+                    logits,
+                    res.token_id,
+                    generated,
+                    limit=limit,
+                    eos=self.eos_token_ids,
+                )
+                diverged = diverged or went_apart
+                return stop
 
             self._translator.translate_batch(
                 [self._spell(job.source)],

@@ -14,12 +14,12 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from fastpilot.backends.base import SamplingParams, TokenStream
-from fastpilot.backends.sampling import BAN
+from fastpilot.backends.base import FinishReason, SamplingParams, Step, TokenStream
+from fastpilot.backends.sampling import BAN, SequenceSampler, top_entries
 from fastpilot.errors import ModelFileError
 
 
@@ -349,3 +349,72 @@ class StepLogits:
         if not self._pending:
             raise RuntimeError("CTranslate2 gave a step callback no logits row")
         return self._pending.popleft()
+
+
+class Emitting(Protocol):
+    """What :func:`push_native` needs of a job (both CT2 backends' job records)."""
+
+    stream: TokenStream
+    emitted: int
+
+
+def push_native(
+    job: Emitting,
+    token: int,
+    log_prob: float,
+    logprobs_of: Callable[[], np.ndarray] | None,
+    *,
+    limit: int,
+    min_length: int,
+    eos: frozenset[int] | set[int],
+) -> bool:
+    """Hand one token CT2 sampled to its stream; True when the stream ended (stop the index).
+
+    ``logprobs_of`` gives the ``(vocab,)`` log-probabilities of the step (called
+    only when the token is pushed), or is ``None`` when nobody asked for them:
+    then CT2's own ``log_prob`` is the token's logprob.
+    """
+    stream = job.stream
+    if token in eos and job.emitted >= min_length:
+        stream.finish(FinishReason.STOP)
+        return True
+    if logprobs_of is None:
+        step = Step(token, float(log_prob))
+    else:
+        lp = logprobs_of()
+        step = Step(token, float(lp[token]), top_entries(lp, stream.request.params.logprobs))
+    stream.put(step)
+    job.emitted += 1
+    if job.emitted >= limit:
+        stream.finish(FinishReason.LENGTH)
+        return True
+    return False
+
+
+def follow_step(
+    stream: TokenStream,
+    sampler: SequenceSampler,
+    logits: np.ndarray,
+    ct2_token: int,
+    generated: list[int],
+    *,
+    limit: int,
+    eos: frozenset[int] | set[int],
+) -> tuple[bool, bool]:
+    """One step of the stepwise path: our sampler picks from CT2's raw logits.
+
+    Returns ``(stop, diverged)``: stop this CT2 call, and whether it stopped
+    because CT2's greedy token differs from ours (restart from ``generated``).
+    """
+    step = sampler.sample(logits)
+    if step.token_id in eos:
+        stream.finish(FinishReason.STOP)
+        return True, False
+    stream.put(step)
+    generated.append(step.token_id)
+    if len(generated) >= limit:
+        stream.finish(FinishReason.LENGTH)
+        return True, False
+    if step.token_id != ct2_token:  # CT2 went another way: restart from ours
+        return True, True
+    return False, False

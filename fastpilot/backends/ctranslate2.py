@@ -62,8 +62,10 @@ from fastpilot.backends.ct2_support import (
     PrefixPlanner,
     StepLogits,
     check_vocabulary,
+    follow_step,
     load_tokenizer,
     plan_job,
+    push_native,
     read_json,
     read_vocabulary,
     spelling_to_bytes,
@@ -290,25 +292,23 @@ class CTranslate2Backend(Backend):
                 self._stop(stream)
                 return True
             self._counters["decode_steps"] += 1
-            token = int(res.token_id)
-            if token in eos and job.emitted >= key.min_length:
-                stream.finish(FinishReason.STOP)
-                return True
-            k = stream.request.params.logprobs
-            if want_logits:
-                # (vocab,) logits after CT2's masks (bans, min_length), before temperature
-                with np.errstate(over="ignore"):  # masked logits are -FLT_MAX: / T -> -inf
-                    # the tokenizer's rows only: padding rows are no tokens
-                    lp = log_softmax(rows.row(res.logits)[: self.vocab_size] / temp)
-                step = Step(token, float(lp[token]), top_entries(lp, k))
-            else:
-                step = Step(token, float(res.log_prob))  # log_softmax at T=1 of the same logits
-            stream.put(step)
-            job.emitted += 1
-            if job.emitted >= limits[res.batch_id]:
-                stream.finish(FinishReason.LENGTH)
-                return True
-            return False
+
+            # (vocab,) logits after CT2's masks (bans, min_length), before temperature;
+            # masked logits are -FLT_MAX: / T -> -inf. Only the tokenizer's rows: padding
+            # rows are no tokens.
+            def logprobs() -> np.ndarray:
+                with np.errstate(over="ignore"):
+                    return log_softmax(rows.row(res.logits)[: self.vocab_size] / temp)
+
+            return push_native(
+                job,
+                int(res.token_id),
+                res.log_prob,  # log_softmax at T=1 of the same logits
+                logprobs if want_logits else None,
+                limit=limits[res.batch_id],
+                min_length=key.min_length,
+                eos=eos,
+            )
 
         self._generator.generate_batch(
             [self._spell(j.start) for j in jobs],
@@ -359,19 +359,18 @@ class CTranslate2Backend(Backend):
                 self._counters["decode_steps"] += 1
                 # (1, rows) raw logits but for the suppressed padding rows, which the
                 # sampler does not read (it takes the first vocab_size)
-                step = sampler.sample(np.asarray(res.logits, dtype=np.float32).reshape(-1))
-                if step.token_id in self.eos_token_ids:
-                    stream.finish(FinishReason.STOP)
-                    return True
-                stream.put(step)
-                generated.append(step.token_id)
-                if len(generated) >= limit:
-                    stream.finish(FinishReason.LENGTH)
-                    return True
-                if step.token_id != res.token_id:  # CT2 went another way: restart from ours
-                    diverged = True
-                    return True
-                return False
+                logits = np.asarray(res.logits, dtype=np.float32).reshape(-1)
+                stop, went_apart = follow_step(
+                    stream,
+                    sampler,
+                    logits,
+                    res.token_id,
+                    generated,
+                    limit=limit,
+                    eos=self.eos_token_ids,
+                )
+                diverged = diverged or went_apart
+                return stop
 
             self._generator.generate_batch(
                 [self._spell(job.start + generated)],
