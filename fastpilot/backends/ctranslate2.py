@@ -284,6 +284,10 @@ class CTranslate2Backend(Backend):
         rows = StepLogits(len(self._vocab))  # CT2's rows, padding included
 
         def on_step(res: Any) -> bool:
+            # Every callback takes its row first, the ones that return early included:
+            # the step's matrix came with the first callback, and a row left behind
+            # would go to the next index (StepLogits hands rows out in arrival order).
+            row = rows.row(res.logits) if want_logits else None
             job = jobs[res.batch_id]
             stream = job.stream
             if stream.done:
@@ -297,8 +301,9 @@ class CTranslate2Backend(Backend):
             # masked logits are -FLT_MAX: / T -> -inf. Only the tokenizer's rows: padding
             # rows are no tokens.
             def logprobs() -> np.ndarray:
+                assert row is not None
                 with np.errstate(over="ignore"):
-                    return log_softmax(rows.row(res.logits)[: self.vocab_size] / temp)
+                    return log_softmax(row[: self.vocab_size] / temp)
 
             return push_native(
                 job,
