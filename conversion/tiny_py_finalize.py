@@ -24,6 +24,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,7 @@ def evaluate_dir(
         "heldout_no_encodings": [(p, t) for p, t in files if not p.startswith("encodings/")],
     }
     out: dict[str, Any] = {"n_params": sum(p.numel() for p in model.parameters())}
+    t_eval = time.time()
     for block in blocks:
         for name, fs in subsets.items():
             ids = [0]
@@ -138,9 +140,14 @@ def evaluate_dir(
             m = evaluate(model, torch.tensor(ids), block, max_tokens, n_bytes / len(ids))
             m["files"] = len(fs)
             out[f"{name}@{block}"] = m
-            print(f"{ckpt.name} {name}@{block}: {json.dumps(m)}", flush=True)
+            print(
+                f"{ckpt.name} {name}@{block} ({time.time() - t_eval:.0f}s): {json.dumps(m)}",
+                flush=True,
+            )
+    t_eval = time.time()
     out["greedy"] = completions(model, tok, False, new_tokens, 0)
     out["sampled"] = completions(model, tok, True, new_tokens, 1234)
+    print(f"{ckpt.name} samples in {time.time() - t_eval:.0f}s", flush=True)
     return out
 
 
