@@ -123,3 +123,40 @@ def test_seed_reproducible_and_seeds_differ() -> None:
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lean_greedy_equals_the_full_path(seed: int) -> None:
+    """Greedy without logprobs reads the row in place (no copy, no mask, no softmax unless
+    ``token_logprob``); token and logprob must equal the full path's (``logprobs`` > 0),
+    with padding rows past ``vocab_size`` and a banned end-of-sequence id in the lead."""
+    rng = np.random.default_rng(seed)
+    vocab, eos = 300, 7
+    for ban in ({}, {"ignore_eos": True}, {"min_tokens": 3}):
+        full = SequenceSampler(SamplingParams(temperature=0.0, logprobs=1, **ban), vocab, [eos])
+        lean = SequenceSampler(SamplingParams(temperature=0.0, **ban), vocab, [eos])
+        cheap = SequenceSampler(
+            SamplingParams(temperature=0.0, token_logprob=False, **ban), vocab, [eos]
+        )
+        for i in range(8):
+            row = rng.standard_normal(vocab + 20).astype(np.float32)
+            row[vocab:] = 50.0  # padding rows never win
+            if i % 2:
+                row[eos] = 40.0  # the EOS leads: banned or not decides the token
+            row.setflags(write=False)  # a view of llama.cpp's buffer is only read
+            want = full.sample(row)
+            got = lean.sample(row)
+            assert got.token_id == want.token_id
+            assert math.isclose(got.logprob, want.logprob, rel_tol=1e-12, abs_tol=1e-12)
+            step = cheap.sample(row)
+            assert step.token_id == want.token_id
+            # Only the banned-EOS fallback has a logprob; otherwise none was computed.
+            assert math.isnan(step.logprob) or math.isclose(step.logprob, want.logprob)
+        if ban:
+            assert full.generated == lean.generated == cheap.generated == 8
+
+
+def test_lean_greedy_skips_the_softmax_without_token_logprob() -> None:
+    s = SequenceSampler(SamplingParams(temperature=0.0, token_logprob=False), 5)
+    step = s.sample(LOGITS)
+    assert step.token_id == 0 and math.isnan(step.logprob)

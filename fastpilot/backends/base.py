@@ -53,6 +53,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    token_logprob: bool = True
 
     @property
     def greedy(self) -> bool:

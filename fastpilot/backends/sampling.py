@@ -20,10 +20,19 @@ The reported log-probabilities are ``log_softmax`` of the processed logits at
 the sampling temperature (temperature 1 when greedy), i.e. of the distribution
 the token was drawn from before the top-k/top-p cut -- so alternatives outside
 the nucleus still get their real, finite values.
+
+Greedy without ``logprobs`` reads the row it is given in place (a NumPy view of
+the backend's logits buffer): no copy when nothing is to be applied, an
+``argmax``, and the chosen token's log-probability only when
+``SamplingParams.token_logprob`` asks for it (one pass over the vocabulary; NaN
+otherwise). A banned end-of-sequence id is checked on the winner, not by
+masking the row: only when it wins does the sampler copy and mask. Token and
+logprob are equal to the masked full path's.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -75,6 +84,15 @@ class SequenceSampler:
                 if 0 <= tok < vocab_size:
                     bias[tok] = -np.inf if value <= BAN else value
             self.bias = bias
+        # Greedy, no top list and nothing to add to the row: the view is read as is.
+        self._lean = (
+            params.greedy
+            and not params.logprobs
+            and self.bias is None
+            and params.repetition_penalty == 1.0
+            and not (params.frequency_penalty or params.presence_penalty)
+        )
+        self._eos_set = frozenset(int(t) for t in self.eos if t < vocab_size)
 
     def process(self, logits: np.ndarray) -> np.ndarray:
         """Apply penalties, bias and the EOS ban; returns a new float32 array."""
@@ -96,7 +114,16 @@ class SequenceSampler:
         return x
 
     def sample(self, logits: np.ndarray) -> Step:
-        """Pick the next token from raw logits and record it."""
+        """Pick the next token from raw logits and record it.
+
+        ``logits`` is only read (it may be a view of a native buffer valid until the
+        next decode); at least ``vocab_size`` entries, rows past it are ignored.
+        """
+        if self._lean:
+            step = self._sample_lean(logits)
+            if step is not None:
+                self.observe(step.token_id)
+                return step
         p = self.params
         x = self.process(logits)
         if p.greedy:
@@ -115,6 +142,23 @@ class SequenceSampler:
             step = Step(token, float(lp[token]), top_entries(lp, p.logprobs))
         self.observe(token)
         return step
+
+    def _sample_lean(self, logits: np.ndarray) -> Step | None:
+        """Greedy over the unprocessed row; None when the masked full path must decide."""
+        row = logits[: self.vocab_size]  # a view: no copy
+        token = int(row.argmax())
+        p = self.params
+        banned = p.ignore_eos or self.generated < p.min_tokens
+        if banned and token in self._eos_set:
+            return None  # the EOS won but may not: mask it and look again
+        if not p.token_logprob:
+            return Step(token, math.nan)
+        if banned and self._eos_set:
+            return None  # the logprob's softmax must leave the banned ids out
+        # log_softmax at one index; max(row) is row[token], as in the full path.
+        m = float(row[token])
+        lse = m + float(np.log(np.sum(np.exp(row.astype(np.float64) - m))))
+        return Step(token, m - lse)
 
     def observe(self, token: int) -> None:
         """Record a generated token (for penalties and min_tokens)."""
