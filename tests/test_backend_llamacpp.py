@@ -441,3 +441,27 @@ def test_native_batch_single_token_adds() -> None:
     assert batch.seq[:4].tolist() == [0, 0, 2, 1]
     assert batch.logits[:4].tolist() == [0, 1, 0, 1]
     assert batch.ready().n_tokens == 4
+
+
+def test_byte_table_equals_the_tokenizer_on_every_token(backend, built, arch) -> None:
+    """Detokenizing reads a table of every token's bytes, made once at load: each entry
+    must be the bytes the HF tokenizer's byte-level alphabet stands for, and streaming
+    ids through it must hold a split UTF-8 character back and emit it whole."""
+    from transformers import AutoTokenizer
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    from fastpilot.engine.detok import IncrementalDetokenizer
+
+    hf = AutoTokenizer.from_pretrained(built[f"{arch}-hf"])
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    special = set(hf.all_special_ids)
+    for tok in range(backend.vocab_size):
+        piece = hf.convert_ids_to_tokens(tok)
+        want = piece.encode() if tok in special else bytes(to_byte[c] for c in piece)
+        assert backend.token_bytes(tok) == want, tok
+    text = "s = '中文 é 😀'  # ünïcode\n"
+    ids = backend.tokenize(text)
+    detok = IncrementalDetokenizer(backend.token_bytes)
+    pieces = [detok.feed(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
