@@ -448,12 +448,15 @@ def test_byte_table_equals_the_tokenizer_on_every_token(backend, built, arch) ->
     must be the bytes the HF tokenizer's byte-level alphabet stands for, and streaming
     ids through it must hold a split UTF-8 character back and emit it whole."""
     from transformers import AutoTokenizer
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
     from fastpilot.engine.detok import IncrementalDetokenizer
 
     hf = AutoTokenizer.from_pretrained(built[f"{arch}-hf"])
-    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    # Byte-level BPE's alphabet: printable Latin-1 bytes stand for themselves, the other
+    # bytes (controls, space, 0x7f-0xa0, 0xad) for chr(256 + k) in byte order.
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    others = [b for b in range(256) if b not in printable]
+    to_byte = {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
     special = set(hf.all_special_ids)
     for tok in range(backend.vocab_size):
         piece = hf.convert_ids_to_tokens(tok)

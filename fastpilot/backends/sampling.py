@@ -159,7 +159,7 @@ class SequenceSampler:
                 self.observe(step.token_id)
                 return step
         p = self.params
-        x = self.process(logits)
+        x = self.process(logits) if self._touches_row() else logits[: self.vocab_size]
         if p.greedy:
             token = int(np.argmax(x))
             if p.logprobs:
@@ -179,6 +179,17 @@ class SequenceSampler:
                 step = Step(token, float(lp[token]), top_entries(lp, p.logprobs))
         self.observe(step.token_id)
         return step
+
+    def _touches_row(self) -> bool:
+        """True when :meth:`process` would change a value (else the row is read as is:
+        the paths below only read ``x`` or work on new arrays made from it)."""
+        p = self.params
+        return bool(
+            (p.repetition_penalty != 1.0 and self.seen)
+            or ((p.frequency_penalty or p.presence_penalty) and self.counts)
+            or self.bias is not None
+            or (self.eos.size and (p.ignore_eos or self.generated < p.min_tokens))
+        )
 
     def _sample_lean(self, logits: np.ndarray) -> Step | None:
         """Greedy over the unprocessed row; None when the masked full path must decide."""
