@@ -165,6 +165,8 @@ class SequenceSampler:
             if p.logprobs:
                 lp = log_softmax(x)
                 step = Step(token, float(lp[token]), top_entries(lp, p.logprobs))
+            elif not p.token_logprob:
+                step = Step(token, math.nan)
             else:
                 # Only the chosen token's logprob: log_softmax at one index.
                 m = float(np.max(x))
