@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import os
 import statistics
@@ -115,6 +116,8 @@ def backend_layer(directory: Path, threads: int, prompt: str, tokens: int) -> tu
     backend = LlamaCppBackend(directory, threads=threads, slots=1, speculative="off")
     try:
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        if hasattr(params, "token_logprob"):  # the engine's choice (older trees lack it)
+            params = dataclasses.replace(params, token_logprob=False)
         stream = backend.submit(GenerationRequest(backend.tokenize(prompt), params))
         stamps, cpu = [], []
         for _ in stream:
