@@ -469,6 +469,20 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
             table(report["speculative"]),
             "",
         ]
+    if report.get("overhead"):
+        from benchmarks.overhead import table as overhead_table
+
+        L += [
+            "## Per-token overhead by layer, single stream",
+            "",
+            "`benchmarks/overhead.py`: 160 tokens greedy after a chunk of `ast.py`; the floor "
+            "is `llama_decode` + argmax in a ctypes loop on the backend's own context; HTTP "
+            "rows are differential (160-token minus 1-token request); µs/token over the "
+            "floor is each layer's overhead.",
+            "",
+            overhead_table(report["overhead"]),
+            "",
+        ]
     if report["notes"]:
         L += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     L += [

@@ -218,6 +218,12 @@ def run_server(c: C.Contender, plan: Plan, sessions: dict, log_dir: Path, full: 
     return rec
 
 
+def _overhead_models() -> list[tuple[str, Path]]:
+    from benchmarks.overhead import default_models
+
+    return default_models()
+
+
 def _have(*modules: str) -> bool:
     import importlib.util
 
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=None, help=f"comma list of {sorted(SPECS)}")
     ap.add_argument(
         "--contenders",
-        default="floors,fastpilot,llama-server,llama-cpp-python,transformers,speculative",
+        default="floors,fastpilot,llama-server,llama-cpp-python,transformers,speculative,overhead",
     )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
@@ -414,6 +420,16 @@ def main(argv: list[str] | None = None) -> int:
             report["runs"].append(run_server(c, plan, sessions, work, full))
         if "speculative" in want and "speculative" not in report:
             run_speculative()
+        if "overhead" in want and time.monotonic() - t_start <= args.budget:
+            # Per-token cost of each layer over llama_decode (benchmarks/overhead.py).
+            from benchmarks.overhead import section as overhead
+
+            log("--- overhead (floor, backend, engine, HTTP, llama-server), single stream")
+            files_ = [(f.model, f.directory) for f in files if f.label == "gguf-q4_k_m"]
+            files_ += [m for m in _overhead_models() if m[0] == "tiny-py"]
+            report["overhead"] = overhead(files_, args.threads, server_bin is not None)
+        elif "overhead" in want:
+            report["notes"].append(f"overhead: skipped, budget of {args.budget:.0f}s spent")
     except KeyboardInterrupt:
         report["notes"].append("interrupted")
         raise

@@ -400,3 +400,71 @@ def test_interpreter_exit_with_an_open_backend_is_clean(built, arch) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "exiting"
+
+
+def test_logits_rows_are_the_native_rows_without_copies(built, arch) -> None:
+    """LogitsRows hands out views of llama.cpp's output rows (the sampler reads them in
+    place): the same memory and values as ``llama_get_logits_ith``, one view per row."""
+    from fastpilot.backends.llamacpp_native import LogitsRows, NativeBatch
+
+    b = _new(built, arch, slots=1)
+    try:
+        lib, ctx, n = b._lib, b._ctx, b._n_rows  # the worker is idle: nothing was submitted
+        batch = NativeBatch(lib, 8)
+        batch.add([1, 2, 3, 4], 0, 0, 4)
+        assert lib.llama_decode(ctx, batch.ready()) == 0
+        rows = LogitsRows(lib, ctx, n)
+        for i in range(4):
+            want = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i), shape=(n,))
+            got = rows(i)
+            assert got.shape == (n,) and got.dtype == np.float32
+            assert got.ctypes.data == want.ctypes.data
+            assert np.array_equal(got, want)
+            assert rows(i) is got
+        lib.llama_memory_clear(b._mem, True)
+    finally:
+        b.close()
+
+
+def test_native_batch_single_token_adds() -> None:
+    """The one-token fast path of NativeBatch.add writes token, position, sequence and
+    the logits flag as the multi-token path does, and returns the token's batch index."""
+    from fastpilot.backends.llamacpp_native import NativeBatch, load_library
+
+    lib = load_library()
+    batch = NativeBatch(lib, 8)
+    assert batch.add([5, 6], 3, 0, 1) == 1  # the slice path: logits for the last only
+    assert batch.add([7], 9, 2, 0) == 2
+    assert batch.add((11,), 0, 1, True) == 3
+    assert batch.token[:4].tolist() == [5, 6, 7, 11]
+    assert batch.pos[:4].tolist() == [3, 4, 9, 0]
+    assert batch.seq[:4].tolist() == [0, 0, 2, 1]
+    assert batch.logits[:4].tolist() == [0, 1, 0, 1]
+    assert batch.ready().n_tokens == 4
+
+
+def test_byte_table_equals_the_tokenizer_on_every_token(backend, built, arch) -> None:
+    """Detokenizing reads a table of every token's bytes, made once at load: each entry
+    must be the bytes the HF tokenizer's byte-level alphabet stands for, and streaming
+    ids through it must hold a split UTF-8 character back and emit it whole."""
+    from transformers import AutoTokenizer
+
+    from fastpilot.engine.detok import IncrementalDetokenizer
+
+    hf = AutoTokenizer.from_pretrained(built[f"{arch}-hf"])
+    # Byte-level BPE's alphabet: printable Latin-1 bytes stand for themselves, the other
+    # bytes (controls, space, 0x7f-0xa0, 0xad) for chr(256 + k) in byte order.
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    others = [b for b in range(256) if b not in printable]
+    to_byte = {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
+    special = set(hf.all_special_ids)
+    for tok in range(backend.vocab_size):
+        piece = hf.convert_ids_to_tokens(tok)
+        want = piece.encode() if tok in special else bytes(to_byte[c] for c in piece)
+        assert backend.token_bytes(tok) == want, tok
+    text = "s = '中文 é 😀'  # ünïcode\n"
+    ids = backend.tokenize(text)
+    detok = IncrementalDetokenizer(backend.token_bytes)
+    pieces = [detok.feed(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)

@@ -172,6 +172,17 @@ def test_all_sequences_submitted_at_once(model: Model, backend: FakeBackend) -> 
     assert len({r.request_id for r in reqs}) == 3
 
 
+def test_token_logprob_asked_only_when_read(model: Model, backend: FakeBackend) -> None:
+    """The chosen token's logprob costs a pass over the vocabulary per token: the engine
+    asks for it only with ``logprobs`` or when ``best_of`` ranks the choices by it."""
+    model.complete(prompt="hello", max_tokens=2, temperature=0)
+    assert backend.submitted[-1].params.token_logprob is False
+    model.complete(prompt="hello", max_tokens=2, temperature=0, logprobs=0)
+    assert backend.submitted[-1].params.token_logprob is True
+    model.complete(prompt="hello", max_tokens=2, temperature=1.0, n=1, best_of=2, seed=1)
+    assert [r.params.token_logprob for r in backend.submitted[-2:]] == [True, True]
+
+
 def test_best_of_picks_highest_cumulative_logprob(model: Model) -> None:
     n, best_of = 2, 6
     out = model.complete(

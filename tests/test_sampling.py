@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastpilot.backends.base import SamplingParams
-from fastpilot.backends.sampling import SequenceSampler, log_softmax, top_entries
+from fastpilot.backends.sampling import SequenceSampler, draw_index, log_softmax, top_entries
 
 LOGITS = np.array([2.0, 1.0, 0.5, -1.0, 0.0], dtype=np.float32)
 
@@ -123,3 +123,73 @@ def test_seed_reproducible_and_seeds_differ() -> None:
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lean_greedy_equals_the_full_path(seed: int) -> None:
+    """Greedy without logprobs reads the row in place (no copy, no mask, no softmax unless
+    ``token_logprob``); token and logprob must equal the full path's (``logprobs`` > 0),
+    with padding rows past ``vocab_size`` and a banned end-of-sequence id in the lead."""
+    rng = np.random.default_rng(seed)
+    vocab, eos = 300, 7
+    for ban in ({}, {"ignore_eos": True}, {"min_tokens": 3}):
+        full = SequenceSampler(SamplingParams(temperature=0.0, logprobs=1, **ban), vocab, [eos])
+        lean = SequenceSampler(SamplingParams(temperature=0.0, **ban), vocab, [eos])
+        cheap = SequenceSampler(
+            SamplingParams(temperature=0.0, token_logprob=False, **ban), vocab, [eos]
+        )
+        for i in range(8):
+            row = rng.standard_normal(vocab + 20).astype(np.float32)
+            row[vocab:] = 50.0  # padding rows never win
+            if i % 2:
+                row[eos] = 40.0  # the EOS leads: banned or not decides the token
+            row.setflags(write=False)  # a view of llama.cpp's buffer is only read
+            want = full.sample(row)
+            got = lean.sample(row)
+            assert got.token_id == want.token_id
+            assert math.isclose(got.logprob, want.logprob, rel_tol=1e-12, abs_tol=1e-12)
+            step = cheap.sample(row)
+            assert step.token_id == want.token_id
+            # Only the banned-EOS fallback has a logprob; otherwise none was computed.
+            assert math.isnan(step.logprob) or math.isclose(step.logprob, want.logprob)
+        if ban:
+            assert full.generated == lean.generated == cheap.generated == 8
+
+
+def test_lean_greedy_skips_the_softmax_without_token_logprob() -> None:
+    s = SequenceSampler(SamplingParams(temperature=0.0, token_logprob=False), 5)
+    step = s.sample(LOGITS)
+    assert step.token_id == 0 and math.isnan(step.logprob)
+
+
+@pytest.mark.parametrize("n", [1, 5, 256, 257, 1000, 50257])
+def test_draw_index_is_the_inverse_cdf(n: int) -> None:
+    """The blocked search picks what a running sum over every id would, skips zero weights."""
+    rng = np.random.default_rng(n)
+    w = rng.random(n).astype(np.float32)
+    w[rng.random(n) < 0.3] = 0.0
+    w[-1] = 0.0 if n > 1 else 1.0
+    if not w.any():
+        w[0] = 1.0
+    cdf = np.cumsum(w.astype(np.float64))
+    for u in [0.0, *rng.random(300).tolist(), np.nextafter(1.0, 0.0)]:
+        got = draw_index(w, u)
+        assert w[got] > 0
+        want = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), n - 1)
+        if w[want] > 0:  # at u ~ 1 the naive search may land on a trailing zero weight
+            assert got == want, (u, got, want)
+
+
+def test_plain_sampling_draws_follow_softmax_over_many_blocks() -> None:
+    """Without top-k/top-p the draw is an inverse CDF in id order: frequencies still match."""
+    vocab = 600  # three blocks of draw_index
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(vocab) * 2).astype(np.float32)
+    x[::7] = -np.inf
+    s = SequenceSampler(SamplingParams(temperature=0.7, seed=2, token_logprob=False), vocab)
+    draws = 30000
+    counts = np.bincount([s.sample(x).token_id for _ in range(draws)], minlength=vocab) / draws
+    want = np.exp(log_softmax(x / 0.7))
+    assert counts[::7].sum() == 0
+    assert np.abs(counts - want).max() < 0.01
+    assert 0.5 * np.abs(counts - want).sum() < 0.05  # total variation

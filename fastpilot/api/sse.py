@@ -31,11 +31,78 @@ DONE = b"data: [DONE]\n\n"
 
 def encode_event(payload: Any) -> bytes:
     """One SSE event on one line; ``ensure_ascii`` keeps U+2028 and friends escaped."""
-    return (
-        b"data: "
-        + json.dumps(payload, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-        + b"\n\n"
-    )
+    return b"data: " + _JSON.encode(payload).encode("ascii") + b"\n\n"
+
+
+# One encoder for every event: json.dumps with arguments builds a new one per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+# The stdlib's own string escaper (C): what the encoder writes for a str, byte for byte.
+_quote = json.encoder.encode_basestring_ascii
+_HEAD = ("id", "object", "created", "model")
+_TEXT_CHUNK = (*_HEAD, "choices")
+_TEXT_CHUNK_USAGE = (*_HEAD, "choices", "usage")
+_TEXT_CHOICE = ("text", "index", "logprobs", "finish_reason")
+
+
+class ChunkEncoder:
+    """SSE events of one stream's chunks, the common shape without a generic JSON encoder.
+
+    A text-completion chunk -- ``id, object, created, model, choices[, usage: null]``
+    with one choice ``text, index, logprobs: null, finish_reason`` -- is written as
+    its header (encoded once per stream) plus the escaped text, index and finish
+    reason: the same bytes ``json.dumps(chunk, separators=(",", ":"),
+    ensure_ascii=True)`` gives (``tests/test_sse_encoder.py`` checks it on nasty
+    strings). Any other chunk (logprobs, chat, usage, errors) goes through the
+    encoder. Not thread-safe: one per stream.
+    """
+
+    __slots__ = ("_key", "_head", "_tail")
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._head = b""
+        self._tail = b""
+
+    def __call__(self, chunk: Any) -> bytes:
+        if type(chunk) is dict:
+            keys = tuple(chunk)
+            if keys == _TEXT_CHUNK or (keys == _TEXT_CHUNK_USAGE and chunk["usage"] is None):
+                choices = chunk["choices"]
+                if type(choices) is list and len(choices) == 1:
+                    event = self._fast(chunk, choices[0], len(keys) == 6)
+                    if event is not None:
+                        return event
+        return encode_event(chunk)
+
+    def _fast(self, chunk: dict[str, Any], c: Any, usage: bool) -> bytes | None:
+        if type(c) is not dict or tuple(c) != _TEXT_CHOICE or c["logprobs"] is not None:
+            return None
+        text, index, reason = c["text"], c["index"], c["finish_reason"]
+        if type(text) is not str or type(index) is not int:
+            return None
+        if reason is None:
+            finish = "null"
+        elif type(reason) is str:
+            finish = _quote(reason)
+        else:
+            return None
+        key = (chunk["id"], chunk["object"], chunk["created"], chunk["model"], usage)
+        if key != self._key:
+            head = {k: chunk[k] for k in _HEAD}
+            # '{"id":...,"model":"m"}' -> 'data: {"id":...,"model":"m","choices":[{"text":'
+            self._head = b"data: " + _JSON.encode(head)[:-1].encode() + b',"choices":[{"text":'
+            self._tail = b',"usage":null}\n\n' if usage else b"}\n\n"
+            self._key = key
+        return b"".join(
+            (
+                self._head,
+                _quote(text).encode("ascii"),
+                b',"index":%d,"logprobs":null,"finish_reason":' % index,
+                finish.encode("ascii"),
+                b"}]",
+                self._tail,
+            )
+        )
 
 
 def error_event(ex: BaseException, request_id: str) -> bytes:
@@ -89,6 +156,7 @@ class EventStream:
         self._failed = False
         self._closed = False
         self._lock = threading.Lock()
+        self._encode = ChunkEncoder()
 
     def __iter__(self) -> EventStream:
         return self
@@ -114,7 +182,7 @@ class EventStream:
     def _frame(self, chunk: dict[str, Any]) -> bytes:
         if self._on_chunk is not None:
             self._on_chunk(chunk)
-        return encode_event(chunk)
+        return self._encode(chunk)
 
     def close(self) -> None:
         """Cancel generation (if still running) and report once. Safe to call twice."""

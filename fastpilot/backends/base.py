@@ -39,6 +39,11 @@ class SamplingParams:
     ``repetition_penalty`` is the CTRL/HF multiplicative one over prompt and
     generated tokens. ``min_tokens`` bans end-of-sequence until that many
     tokens exist (benchmarks use it to force the length).
+
+    ``token_logprob`` False lets the sampler skip the chosen token's
+    log-probability when ``logprobs`` is 0 -- a pass over the whole vocabulary
+    per token -- and leave :attr:`Step.logprob` NaN. The engine turns it off when
+    nothing reads the value (no ``logprobs``, no ``best_of`` ranking).
     """
 
     max_tokens: int = 16
@@ -53,6 +58,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    token_logprob: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -65,7 +71,8 @@ class Step:
 
     ``top_logprobs`` lists ``(token_id, logprob)`` of the most likely
     alternatives, best first, when the request asked for them; the values come
-    from the same log-softmax as ``logprob``.
+    from the same log-softmax as ``logprob``. ``logprob`` is NaN when the request
+    said it is not read (``SamplingParams.token_logprob`` False).
     """
 
     token_id: int

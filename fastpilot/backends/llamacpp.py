@@ -51,6 +51,7 @@ from fastpilot.backends.base import (
 from fastpilot.backends.fim_tokens import read_fim_tokens
 from fastpilot.backends.llamacpp_extras import LlamaCppExtras
 from fastpilot.backends.llamacpp_native import (
+    LogitsRows,
     NativeBatch,
     apply_kv_ops,
     decode_entries,
@@ -167,6 +168,7 @@ class LlamaCppBackend(LlamaCppExtras):
                 raise BackendError(f"llama.cpp could not create a context for {gguf}")
             self.context_length = min(per_slot, int(lib.llama_n_ctx_seq(self._ctx)))
             self._mem = lib.llama_get_memory(self._ctx)
+            self._rows = LogitsRows(lib, self._ctx, self._n_rows)
             self._batch = NativeBatch(lib, capacity)
             self._load_vocab(manifest)
             self.fim_tokens = read_fim_tokens(lib, self._vocab)  # engine/fim.py renders them
@@ -240,14 +242,20 @@ class LlamaCppBackend(LlamaCppExtras):
     # -- worker ----------------------------------------------------------------------
     def _run(self) -> None:
         sched = self._sched
+        taken: list[TokenStream] = []
+        job = None
         while True:
-            with self._cond:
-                while not (self._closed or self._pending or sched.running or self._jobs):
-                    self._cond.wait()
-                if self._closed:
-                    break
-                taken = self._take_pending_locked()
-                job = self._jobs.popleft() if self._jobs and self._free else None
+            # Mid-generation with nothing queued, the step needs no lock: these reads are
+            # atomic under the GIL, and a request queued right after them is taken at the
+            # next step, as it would be had it come a moment later.
+            if not (sched.running and not self._pending and not self._jobs and not self._closed):
+                with self._cond:
+                    while not (self._closed or self._pending or sched.running or self._jobs):
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    taken = self._take_pending_locked()
+                    job = self._jobs.popleft() if self._jobs and self._free else None
             for stream in taken:
                 self._add(stream)
             try:
@@ -262,6 +270,7 @@ class LlamaCppBackend(LlamaCppExtras):
                 log.exception("llama.cpp worker iteration failed")
                 for seq in list(sched.running):
                     self._fail(seq, ex)
+            taken, job = [], None
         self._drain()
 
     def _take_pending_locked(self) -> list[TokenStream]:
@@ -350,7 +359,7 @@ class LlamaCppBackend(LlamaCppExtras):
         return rc
 
     def _after_decode(self, entries: list[BatchEntry[_Request]]) -> None:
-        lib, ctx, n_rows = self._lib, self._ctx, self._n_rows
+        rows = self._rows
         for sample in self._sched.update_from_output(entries):
             row = sample.row
             # A speculating sequence: rows after the first hold the logits after each
@@ -358,8 +367,7 @@ class LlamaCppBackend(LlamaCppExtras):
             while True:
                 # (n_rows,) float32 view into llama.cpp's output buffer; valid until the next
                 # decode. The sampler reads the first vocab_size rows: padding rows never win.
-                logits = lib.llama_get_logits_ith(ctx, row)
-                more = self._emit(sample.seq, np.ctypeslib.as_array(logits, shape=(n_rows,)))
+                more = self._emit(sample.seq, rows(row))
                 if not more:
                     break
                 if sample.seq.owner.stream.cancelled:  # nothing more once cancelled

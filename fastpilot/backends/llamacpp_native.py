@@ -26,6 +26,7 @@ __all__ = [
     "PromptScorer",
     "apply_kv_ops",
     "decode_entries",
+    "LogitsRows",
     "load_library",
     "new_context",
     "offload_layers",
@@ -164,6 +165,15 @@ class NativeBatch:
         """Append ``tokens`` at positions ``pos0...``, with logits for the last ``n_logits``
         of them (``bool`` works: one or none); returns the index of the last one."""
         k, n = len(tokens), self.n
+        if k == 1:  # a decoding sequence's token: scalar writes, not five slice assignments
+            self.token[n], self.pos[n], self.seq[n], self.logits[n] = (
+                tokens[0],
+                pos0,
+                seq_id,
+                1 if n_logits else 0,
+            )
+            self.n = n + 1
+            return n
         self.token[n : n + k] = tokens
         self.pos[n : n + k] = np.arange(pos0, pos0 + k, dtype=np.int32)
         self.seq[n : n + k] = seq_id
@@ -207,6 +217,44 @@ def decode_entries(
         for e in entries:
             lib.llama_memory_seq_rm(mem, e.seq_id, e.pos0, -1)
     return rc
+
+
+class LogitsRows:
+    """NumPy views of a context's output logits rows, made without copying.
+
+    ``np.ctypeslib.as_array`` builds a new ctypes array type and array per call
+    (~8 µs); this asks llama.cpp for the row's address through a private function
+    pointer that returns it as an int (the shared ``llama_cpp`` one returns a
+    ``LP_c_float``) and keeps one view per address. A view stays valid while the
+    address lies in the context's output buffer, which is true of every address
+    ``llama_get_logits_ith`` just returned (a regrown buffer gives new addresses);
+    read a row before the next decode. Not thread-safe: the worker owns it.
+    """
+
+    _CACHE = 4096  # distinct rows kept; a batch of more outputs just rebuilds views
+
+    def __init__(self, lib: Any, ctx: Any, n_rows: int) -> None:
+        cdll = lib.llama_cpp._lib
+        fn = cdll._FuncPtr(("llama_get_logits_ith", cdll))
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+        fn.restype = ctypes.c_void_p
+        self._fn = fn
+        self._ctx = ctx
+        self._row = ctypes.c_float * n_rows  # (n_rows,) float32: one output row
+        self._views: dict[int, np.ndarray] = {}
+
+    def __call__(self, i: int) -> np.ndarray:
+        """The ``(n_rows,)`` float32 logits of batch output ``i`` (llama.cpp's index)."""
+        addr = self._fn(self._ctx, i)
+        if not addr:
+            raise BackendError(f"llama.cpp has no logits for batch index {i}")
+        view = self._views.get(addr)
+        if view is None:
+            if len(self._views) >= self._CACHE:
+                self._views.clear()
+            row: Any = self._row.from_address(addr)  # a ctypes array: the buffer protocol
+            view = self._views[addr] = np.frombuffer(row, np.float32)
+        return view
 
 
 def real_vocab_size(lib: Any, vocab: Any, n_rows: int) -> int:

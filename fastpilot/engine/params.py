@@ -300,7 +300,8 @@ class CompletionRequest:
 
 
 # SamplingParams fields are the request fields of the same names (checked by the tests).
-_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+# token_logprob is the engine's to set (Run: only when logprobs or best_of read it).
+_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.name != "token_logprob")
 
 
 def wire_fields() -> dict[str, FieldSpec]:

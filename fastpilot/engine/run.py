@@ -96,7 +96,12 @@ class Run:
             return
         try:
             for i in range(count):
-                params = dataclasses.replace(req.sampling(i), max_tokens=self.prep.max_tokens)
+                params = dataclasses.replace(
+                    req.sampling(i),
+                    max_tokens=self.prep.max_tokens,
+                    # best_of ranks the choices by their summed logprobs
+                    token_logprob=self.want_logprobs or count > req.n,
+                )
                 stream = backend.submit(
                     GenerationRequest(
                         prompt_ids=list(self.prep.prompt_ids),
