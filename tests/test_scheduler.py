@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from fastpilot.backends.base import FinishReason
+from fastpilot.backends.prefill import batch_tokens, prefill_budget
 from fastpilot.backends.scheduler import (
     MIN_COPY,
     KvCopy,
@@ -26,7 +27,6 @@ from fastpilot.backends.scheduler import (
     choose_slot,
     runs,
 )
-from fastpilot.backends.prefill import batch_tokens, prefill_budget
 
 EOS = 0
 

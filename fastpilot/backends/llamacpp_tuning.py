@@ -220,7 +220,7 @@ def calibrate(
             saved = json.loads(path.read_text(encoding="utf-8"))
             if saved.get("key") == key and saved.get("flash_attn") in ("on", "off"):
                 reused = {**saved["evidence"], "cached": True, "file": str(path)}
-                pass
+                return saved["flash_attn"] == "on", reused
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable kernel calibration file %s", path)
     t0 = time.perf_counter()
