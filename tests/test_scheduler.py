@@ -270,6 +270,7 @@ def test_a_prompt_alone_is_prefilled_in_large_chunks_then_small_beside_a_decoder
     plan = step(s)
     # a decodes a token, so b's prompt goes in chunks of 8: a's latency stays bounded.
     assert {e.seq.owner: len(e.tokens) for e in plan.entries} == {"a": 1, "b": 8}
+    assert b.todo == toks(308, 32)
     assert sum(len(e.tokens) for e in plan.entries) <= s.capacity
 
 
