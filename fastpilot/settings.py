@@ -114,8 +114,9 @@ class Settings:
         metadata=_opt(
             "Flash attention for llama.cpp models: auto (on CPU, decode steps are timed "
             "with it on and off once per model file and machine, at load, and the faster "
-            "is kept -- on unless off is 5 percent faster; cached under ~/.cache/fastpilot/kernels; "
-            "with GPU offload, llama.cpp's own choice), on, or off. /v1/models reports "
+            "is kept -- on unless off is 5 percent faster; cached under "
+            "~/.cache/fastpilot/kernels; with GPU offload, llama.cpp's own choice), on, "
+            "or off. /v1/models reports "
             "the choice and its source. CTranslate2 models ignore it."
         ),
     )
