@@ -69,15 +69,23 @@ def test_the_report_is_what_llama_cpp_created(tiny_gpt2_models, tmp_path, caplog
 def test_calibration_is_measured_once_cached_and_reused(tiny_gpt2_models, tmp_path, caplog):
     caplog.set_level(logging.DEBUG, logger=NATIVE)
     path = tiny_gpt2_models["gguf-f32"]
-    b = _backend(path, tmp_path)
-    first = b.info.extra["kernels"]
-    b.close()
-    # Two probe contexts (flash on, off) were created before the generation context.
-    created = _native_params(caplog)
-    assert [c["flash_attn"] for c in created] == ["enabled", "disabled", first_native(first)]
+    for _ in range(5):  # a busy CPU can make a measurement inconclusive: then it is redone
+        caplog.clear()
+        b = _backend(path, tmp_path)
+        first = b.info.extra["kernels"]
+        b.close()
+        cal = first["calibration"]
+        assert cal["cached"] is False
+        # Probe contexts in on/off pairs were created before the generation context.
+        created = [c["flash_attn"] for c in _native_params(caplog)]
+        assert created[:2] == ["enabled", "disabled"] and len(created) in (3, 5)
+        assert created[-1] == first_native(first)
+        if cal["conclusive"]:
+            break
+        assert first["source"]["flash_attn"] == "default" and first["flash_attn"] == "on"
+        assert "file" not in cal and not list(tmp_path.glob("kernels/*.json"))
     assert first["source"]["flash_attn"] == "calibrated"
-    cal = first["calibration"]
-    assert cal["cached"] is False and {p["flash_attn"] for p in cal["probes"]} == {"on", "off"}
+    assert {p["flash_attn"] for p in cal["probes"]} == {"on", "off"}
     assert all(p["short_ms"] > 0 and p["deep_ms"] > 0 for p in cal["probes"])
     saved = Path(cal["file"])
     assert json.loads(saved.read_text())["flash_attn"] == first["flash_attn"]
