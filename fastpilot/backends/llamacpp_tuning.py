@@ -9,7 +9,9 @@ each linearly to the context lengths editors send (16, ~700 and ~1000 positions,
 capped by the context) and keeps "on" -- what llama.cpp's own ``auto`` resolves
 to on CPU -- unless "off" is more than :data:`MARGIN` faster there. The result is
 cached in ``<cache>/kernels/<key>.json`` (the key covers the model file, the CPU,
-the llama.cpp build and the threads), so a later load reuses it without measuring.
+the llama.cpp build and the threads), so a later load reuses it without measuring;
+a measurement that noise spoiled (a step over 256 cells faster than one over 16)
+keeps "on", is reported as the default, and is not cached.
 With layers offloaded to a GPU, ``auto`` is llama.cpp's own choice.
 
 The other settings are not measured at load: ``n_ubatch`` (llama.cpp's physical
