@@ -4,7 +4,7 @@ One :class:`LlamaCppBackend` owns a ``llama_model``, one generation context with
 ``slots`` sequences (separate KV streams, ``kv_unified=False``) and a worker
 thread that runs **continuous batching**: each iteration one ``llama_decode``
 over one token of every generating sequence plus up to ``prompt_chunk`` prompt
-tokens, each output row sampled with the shared
+tokens (``prefill_batch`` when none is generating), each output row sampled with the shared
 :class:`fastpilot.backends.sampling.SequenceSampler` (not llama.cpp's sampler
 chain, so sampling equals the CTranslate2 backend's). New requests join at the
 next iteration.
