@@ -123,16 +123,16 @@ def prompt_texts(gguf: Path, count: int, n_tokens: int) -> list[str]:
 
     files = [SOURCE, *sorted(p for p in SOURCE.parent.glob("a*.py") if p != SOURCE)]
     lines = [ln for f in files for ln in f.read_text(encoding="utf-8").splitlines(True)]
-    out, cur, n = [], "", 0
+    out, cur = [], ""
     try:
         for line in lines:
-            k = count_tokens(line)
-            if n + k > n_tokens:
+            # The whole text is counted: BPE merges across line ends ("\n" + indent).
+            if cur and count_tokens(cur + line) > n_tokens:
                 out.append(cur)
-                cur, n = "", 0
+                cur = ""
                 if len(out) == count:
                     return out
-            cur, n = cur + line, n + k
+            cur += line
     finally:
         lib.llama_model_free(model)
     raise ValueError("not enough stdlib text for the prompts")
