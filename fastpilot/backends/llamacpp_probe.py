@@ -67,10 +67,13 @@ def probe(
     steps: int = 6,
     kv_type: str = "f16",
     seed: int = 0,
+    deadline: float | None = None,
 ) -> Probe:
     """Time one configuration; raises RuntimeError when a context or decode fails.
 
-    Costs about ``deep`` prompt tokens of prefill plus ``2 * steps + 2`` decode
+    ``deadline`` (a ``time.perf_counter()`` value): raise TimeoutError after the
+    first decode call that ends past it. Costs about ``deep`` prompt tokens of
+    prefill plus ``2 * steps + 2`` decode
     steps, on the calling thread, with ``threads_batch`` threads for the prefill.
     """
     n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
@@ -103,6 +106,8 @@ def probe(
         dt = time.perf_counter() - t0
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with status {rc} in a probe")
+        if deadline is not None and time.perf_counter() > deadline:
+            raise TimeoutError("the probe ran past its deadline")
         pos += len(tokens)
         return dt
 

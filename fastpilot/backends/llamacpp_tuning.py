@@ -60,7 +60,9 @@ MARGIN = 0.05
 EDITOR_DEPTHS = (16, 700, 1000)  # KV positions an editor's request decodes at
 PROBE_DEPTH = 256  # prefill this many tokens to time decode steps past a short KV
 ROUNDS = 2  # interleaved on/off rounds of probes
-BUDGET_S = 4.0  # no second round once the first took half of this
+# Seconds a calibration may take (a model whose 256-token prefill takes longer keeps
+# the default); no second round once the first took half of it.
+BUDGET_S = 8.0
 CALIBRATION_VERSION = 2  # bump when the method changes: older cache files are ignored
 
 
@@ -215,9 +217,9 @@ def calibrate(
     :data:`ROUNDS` rounds of two throw-away contexts, each ~256 prompt tokens plus ~16
     decode steps: tens of ms for tiny-py, ~1-2 s for GPT-2-117M on 2 quiet cores) and
     writes it. An inconclusive measurement (a deep step faster than a short one: the
-    CPU was busy) keeps flash attention on and is not cached; ``evidence["conclusive"]``
-    says which. ``cache_dir`` None: measure, cache nothing. A cache that cannot be
-    written is logged, not fatal.
+    CPU was busy; or past :data:`BUDGET_S`) keeps flash attention on and is not
+    cached; ``evidence["conclusive"]`` says which. ``cache_dir`` None: measure,
+    cache nothing. A cache that cannot be written is logged, not fatal.
     """
     key = cache_key(model_path, lib, threads, threads_batch)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -234,33 +236,42 @@ def calibrate(
     deep = max(2, min(PROBE_DEPTH, per_slot - 16))
     short = min(16, deep // 2)
     rounds: list[dict[bool, Probe]] = []
+    over_budget = False
     # Interleaved rounds (on, off, on, off): a burst of load hits both; the fastest
     # step of each variant is the least disturbed. A second round only within budget.
-    while len(rounds) < ROUNDS and (not rounds or time.perf_counter() - t0 < BUDGET_S / 2):
-        rounds.append(
-            {
-                on: probe(
-                    lib,
-                    model,
-                    flash_attn=on,
-                    n_ubatch=DEFAULT_UBATCH,
-                    threads=threads,
-                    threads_batch=threads_batch,
-                    deep=deep,
-                    short=short,
-                    seed=len(rounds),
-                )
-                for on in (True, False)
-            }
-        )
-    probes = {on: _fastest([r[on] for r in rounds]) for on in (True, False)}
+    try:
+        while len(rounds) < ROUNDS and (not rounds or time.perf_counter() - t0 < BUDGET_S / 2):
+            rounds.append(
+                {
+                    on: probe(
+                        lib,
+                        model,
+                        flash_attn=on,
+                        n_ubatch=DEFAULT_UBATCH,
+                        threads=threads,
+                        threads_batch=threads_batch,
+                        deep=deep,
+                        short=short,
+                        seed=len(rounds),
+                        deadline=t0 + BUDGET_S,
+                    )
+                    for on in (True, False)
+                }
+            )
+    except TimeoutError:  # a big model or a busy CPU: not worth a longer load
+        over_budget = True
+    if rounds:
+        probes = {on: _fastest([r[on] for r in rounds]) for on in (True, False)}
+        scores = {on: _score(p, per_slot) for on, p in probes.items()}
+    else:
+        probes, scores = {}, {True: 0.0, False: 0.0}
     # A step over 16x more cells cannot be faster: if it measured so, noise won.
-    conclusive = all(p.deep_ms >= 0.9 * p.short_ms for p in probes.values())
-    scores = {on: _score(p, per_slot) for on, p in probes.items()}
+    conclusive = bool(rounds) and all(p.deep_ms >= 0.9 * p.short_ms for p in probes.values())
     flash = not (conclusive and scores[False] < scores[True] * (1 - MARGIN))
     evidence: dict[str, Any] = {
         "cached": False,
         "conclusive": conclusive,
+        "over_budget": over_budget,
         "seconds": round(time.perf_counter() - t0, 3),
         "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "rule": f"on unless off is >{MARGIN:.0%} faster per decode step, mean over "
@@ -269,7 +280,10 @@ def calibrate(
         "probes": [p.to_json() for r in rounds for p in r.values()],
     }
     if not conclusive:
-        log.warning("flash-attention calibration inconclusive (a busy CPU?): using on, not cached")
+        log.warning(
+            "flash-attention calibration %s: using on, not cached",
+            f"over its {BUDGET_S:.0f} s budget" if over_budget else "inconclusive (a busy CPU?)",
+        )
     elif path is not None:
         record = {"key": key, "flash_attn": "on" if flash else "off", "evidence": evidence}
         try:
