@@ -205,3 +205,19 @@ def test_a_prompt_alone_is_prefilled_in_fewer_decodes_with_the_same_output(
     finally:
         old.close()
         new.close()
+
+
+def test_a_calibration_past_its_budget_keeps_the_default(
+    tiny_gpt2_models, tmp_path, monkeypatch
+) -> None:
+    from fastpilot.backends import llamacpp_tuning
+
+    monkeypatch.setattr(llamacpp_tuning, "BUDGET_S", 0.0)  # every probe ends past it
+    b = _backend(tiny_gpt2_models["gguf-f32"], tmp_path)
+    try:
+        k = b.info.extra["kernels"]
+        assert (k["flash_attn"], k["source"]["flash_attn"]) == ("on", "default")
+        assert k["calibration"]["over_budget"] is True and k["calibration"]["probes"] == []
+        assert not list(tmp_path.glob("kernels/*.json"))  # measured again next time
+    finally:
+        b.close()
