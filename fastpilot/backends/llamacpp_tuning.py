@@ -10,7 +10,7 @@ capped by the context) and keeps "on" -- what llama.cpp's own ``auto`` resolves
 to on CPU -- unless "off" is more than :data:`MARGIN` faster there. The result is
 cached in ``<cache>/kernels/<key>.json`` (the key covers the model file, the CPU,
 the llama.cpp build and the threads), so a later load reuses it without measuring;
-a measurement that noise spoiled (a step over 256 cells faster than one over 16)
+a measurement that noise spoiled (rounds that disagree, or past the time budget)
 keeps "on", is reported as the default, and is not cached.
 With layers offloaded to a GPU, ``auto`` is llama.cpp's own choice.
 
@@ -63,7 +63,7 @@ ROUNDS = 2  # interleaved on/off rounds of probes
 # Seconds a calibration may take (a model whose 256-token prefill takes longer keeps
 # the default); no second round once the first took half of it.
 BUDGET_S = 8.0
-CALIBRATION_VERSION = 2  # bump when the method changes: older cache files are ignored
+CALIBRATION_VERSION = 3  # bump when the method changes: older cache files are ignored
 
 
 class FlashAttn(str, Enum):
@@ -216,10 +216,11 @@ def calibrate(
     Reads ``cache_dir/kernels/<key>.json`` when present; otherwise measures (up to
     :data:`ROUNDS` rounds of two throw-away contexts, each ~256 prompt tokens plus ~16
     decode steps: tens of ms for tiny-py, ~1-2 s for GPT-2-117M on 2 quiet cores) and
-    writes it. An inconclusive measurement (a deep step faster than a short one: the
-    CPU was busy; or past :data:`BUDGET_S`) keeps flash attention on and is not
-    cached; ``evidence["conclusive"]`` says which. ``cache_dir`` None: measure,
-    cache nothing. A cache that cannot be written is logged, not fatal.
+    writes it. An inconclusive measurement (no second round within :data:`BUDGET_S`,
+    or rounds that disagree: the CPU was busy, see :func:`_consistent`) keeps flash
+    attention on and is not cached; ``evidence["conclusive"]`` says which.
+    ``cache_dir`` None: measure, cache nothing. A cache that cannot be written is
+    logged, not fatal.
     """
     key = cache_key(model_path, lib, threads, threads_batch)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -265,8 +266,7 @@ def calibrate(
         scores = {on: _score(p, per_slot) for on, p in probes.items()}
     else:
         probes, scores = {}, {True: 0.0, False: 0.0}
-    # A step over 16x more cells cannot be faster: if it measured so, noise won.
-    conclusive = bool(rounds) and all(p.deep_ms >= 0.9 * p.short_ms for p in probes.values())
+    conclusive = len(rounds) == ROUNDS and _consistent(rounds, probes)
     flash = not (conclusive and scores[False] < scores[True] * (1 - MARGIN))
     evidence: dict[str, Any] = {
         "cached": False,
@@ -295,6 +295,21 @@ def calibrate(
         except OSError as ex:
             log.warning("could not cache the kernel calibration in %s: %s", path, ex)
     return flash, evidence
+
+
+def _consistent(rounds: list[dict[bool, Probe]], fastest: dict[bool, Probe]) -> bool:
+    """False when noise visibly won: a step over more cells measured faster than one over
+    16; the two variants 2x apart at 16 cells (attention is a sliver of a step there);
+    or one variant's short step 2x apart between rounds."""
+
+    def near(a: float, b: float) -> bool:
+        return max(a, b) <= 2 * min(a, b)
+
+    return (
+        all(p.deep_ms >= 0.9 * p.short_ms for p in fastest.values())
+        and near(fastest[True].short_ms, fastest[False].short_ms)
+        and all(near(*(r[on].short_ms for r in rounds[:2])) for on in (True, False))
+    )
 
 
 def _fastest(probes: list[Probe]) -> Probe:
