@@ -103,15 +103,11 @@ class LlamaCppBackend(LlamaCppExtras):
         prompt_chunk: prompt tokens evaluated per decode step while other sequences
             decode, shared by all prefilling requests; bounds how much a long prompt
             delays the other streams' next token.
-        prefill_batch: prompt tokens per decode step when no sequence is decoding
-            (a prompt alone is evaluated in chunks this large); with ``prompt_chunk``
-            and the slots it sets llama.cpp's ``n_batch`` (see
-            :mod:`fastpilot.backends.prefill`).
-        flash_attn, n_ubatch, threads_batch, kv_type, kernel_cache: the context's
-            kernels, see :func:`fastpilot.backends.llamacpp_tuning.decide`. The
-            default ``flash_attn="auto"`` measures on/off once per model file and
-            machine on CPU (cached under ``kernel_cache``); ``self.kernels`` says
-            what was chosen and why.
+        prefill_batch: prompt tokens per step when none decodes (a prompt alone); sizes
+            ``n_batch`` with ``prompt_chunk`` (:mod:`fastpilot.backends.prefill`).
+        flash_attn, n_ubatch, threads_batch, kv_type, kernel_cache: the context's kernels
+            (:func:`fastpilot.backends.llamacpp_tuning.decide`; ``"auto"`` flash attention
+            is measured once per model file and machine); ``self.kernels`` says the choice.
         speculative: ``"off"`` or ``"ngram"``: draft tokens by n-gram lookup in the
             prompt and output and verify them in the same decode (see
             :mod:`fastpilot.backends.ngram`). Output is unchanged -- greedy text
@@ -145,10 +141,8 @@ class LlamaCppBackend(LlamaCppExtras):
         speculative: str = "off",
         draft_max: int = 8,
     ) -> None:
-        if slots < 1 or prompt_chunk < 1 or max_queue < 0 or draft_max < 1 or prefill_batch < 1:
-            raise ValueError(
-                "slots, prompt_chunk, prefill_batch, draft_max must be >= 1, max_queue >= 0"
-            )
+        if min(slots, prompt_chunk, draft_max, prefill_batch, max_queue + 1) < 1:
+            raise ValueError("slots, prompt_chunk, prefill_batch, draft_max >= 1; max_queue >= 0")
         if speculative not in ("off", "ngram"):
             raise ValueError(f"speculative must be 'off' or 'ngram', not {speculative!r}")
         lib = self._lib = load_library()
