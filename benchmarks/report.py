@@ -483,6 +483,18 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
             overhead_table(report["overhead"]),
             "",
         ]
+    if report.get("kernels", {}).get("table"):
+        L += [
+            "## llama.cpp context settings and cold prefill",
+            "",
+            "`benchmarks/kernels.py`: decode and prefill of each context setting in process "
+            "(best of the rounds), then a cold ~916-token prompt and a short one over HTTP "
+            "(medians), fastpilot with the old settings and its defaults against "
+            "llama-server's defaults; the calibration's choice is fastpilot's /v1/models report.",
+            "",
+            report["kernels"]["table"],
+            "",
+        ]
     if report["notes"]:
         L += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     L += [

@@ -273,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=None, help=f"comma list of {sorted(SPECS)}")
     ap.add_argument(
         "--contenders",
-        default="floors,fastpilot,llama-server,llama-cpp-python,transformers,speculative,overhead",
+        default=(
+            "floors,fastpilot,llama-server,llama-cpp-python,transformers,speculative,"
+            "overhead,kernels"
+        ),
     )
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
@@ -430,6 +433,17 @@ def main(argv: list[str] | None = None) -> int:
             report["overhead"] = overhead(files_, args.threads, server_bin is not None)
         elif "overhead" in want:
             report["notes"].append(f"overhead: skipped, budget of {args.budget:.0f}s spent")
+        gpt2 = [f for f in files if f.model == "gpt2-117m" and f.label == "gguf-q4_k_m"]
+        if "kernels" in want and gpt2 and time.monotonic() - t_start > args.budget:
+            report["notes"].append(f"kernels: skipped, budget of {args.budget:.0f}s spent")
+        elif "kernels" in want and gpt2:
+            from benchmarks.kernels import section as kernels_section
+
+            log("--- kernels (context settings, cold prefill)")
+            reps = 1 if args.quick else 3
+            report["kernels"] = kernels_section(
+                gpt2[0].directory, args.threads, reps, server_bin is not None
+            )
     except KeyboardInterrupt:
         report["notes"].append("interrupted")
         raise

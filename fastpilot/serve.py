@@ -107,11 +107,13 @@ def ordered_specs(settings: Settings) -> list[tuple[str, str]]:
 
 
 def backend_options(fmt: str, settings: Settings) -> dict[str, Any]:
-    """``--slots``/``--max-queue`` (and llama.cpp's speculation) in each backend's own terms.
+    """``--slots``/``--max-queue`` (and llama.cpp's own flags) in each backend's own terms.
 
     llama.cpp decodes ``slots`` sequences in one context (one KV stream each) and
-    takes ``--speculative``/``--draft-max``; CTranslate2 batches up to ``max_batch``
-    sequences per ``generate_batch`` and has no speculative decoding (ignored).
+    takes ``--speculative``/``--draft-max`` and the context's kernel settings
+    (``--flash-attn``, ``--ubatch``, ``--threads-batch``, ``--kv-type``,
+    ``--prefill-batch``); CTranslate2 batches up to ``max_batch`` sequences per
+    ``generate_batch`` and ignores them.
     """
     if fmt == "gguf":
         return {
@@ -119,6 +121,11 @@ def backend_options(fmt: str, settings: Settings) -> dict[str, Any]:
             "max_queue": settings.max_queue,
             "speculative": settings.speculative,
             "draft_max": settings.draft_max,
+            "flash_attn": settings.flash_attn,
+            "n_ubatch": settings.ubatch,
+            "threads_batch": settings.threads_batch,
+            "kv_type": settings.kv_type,
+            "prefill_batch": settings.prefill_batch,
         }
     return {"max_batch": settings.slots, "max_queue": settings.max_queue}
 
@@ -156,9 +163,11 @@ def load_models(settings: Settings, registry: Any, *, say: Callable[[str], None]
         )
         registry.add(name, model)
         info = getattr(model, "info", None)
+        kernels = getattr(getattr(model, "backend", None), "kernels", None)
         say(
             f"loaded {name}: {getattr(info, 'backend', '?')} "
             f"{getattr(info, 'quantization', '') or ''} context {model.context_length}"
+            + (f"; {kernels.summary()}" if kernels is not None else "")
         )
 
 

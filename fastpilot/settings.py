@@ -26,6 +26,8 @@ from fastpilot.engine.params import Limits
 ENV_PREFIX = "FASTPILOT_"
 DEFAULT_MAX_BODY = 4 * 1024 * 1024  # 4 MiB: a 1500-token Copilot prompt is ~10 KiB
 SPECULATIVE = ("off", "ngram")  # --speculative choices (the llama.cpp backend's)
+FLASH_ATTN = ("auto", "on", "off")  # --flash-attn (fastpilot.backends.llamacpp_tuning)
+KV_TYPES = ("f16", "q8_0")  # --kv-type (the llama.cpp backend's KV cache types)
 
 
 class SettingsError(ValueError):
@@ -104,6 +106,48 @@ class Settings:
         metadata=_opt(
             "Most tokens one sequence drafts per step with --speculative ngram "
             "(the draft length adapts within 1..this). CTranslate2 models ignore it.",
+            kind="int",
+        ),
+    )
+    flash_attn: str = field(
+        default="auto",
+        metadata=_opt(
+            "Flash attention for llama.cpp models: auto (on CPU, decode steps are timed "
+            "with it on and off once per model file and machine, at load, and the faster "
+            "is kept -- on unless off is 5 percent faster; cached under "
+            "~/.cache/fastpilot/kernels; with GPU offload, llama.cpp's own choice), on, "
+            "or off. /v1/models reports "
+            "the choice and its source. CTranslate2 models ignore it."
+        ),
+    )
+    ubatch: int | None = field(
+        default=None,
+        metadata=_opt(
+            "llama.cpp micro-batch (n_ubatch): prompt tokens per matrix pass (default 512, "
+            "llama.cpp's; at most the batch). CTranslate2 models ignore it.",
+            kind="int",
+        ),
+    )
+    threads_batch: int | None = field(
+        default=None,
+        metadata=_opt(
+            "CPU threads for prompt evaluation in llama.cpp models (default: --threads).",
+            kind="int",
+        ),
+    )
+    kv_type: str | None = field(
+        default=None,
+        metadata=_opt(
+            "KV cache type of llama.cpp models: f16 (default) or q8_0 (half the KV "
+            "bytes per step, slightly different logprobs; needs flash attention)."
+        ),
+    )
+    prefill_batch: int = field(
+        default=1024,
+        metadata=_opt(
+            "Prompt tokens a llama.cpp model evaluates per step when no other stream is "
+            "decoding (a prompt alone goes in chunks this large; beside decoding streams, "
+            "256, so their next token waits for at most that). Also sizes n_batch.",
             kind="int",
         ),
     )
@@ -272,12 +316,25 @@ class Settings:
                 "bind --host 127.0.0.1, or pass --insecure-public if you really mean it."
             )
         names = ("slots", "max_queue", "max_body_bytes", "max_tokens", "max_n", "max_stop")
-        for name in (*names, "draft_max"):
+        for name in (*names, "draft_max", "prefill_batch"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.speculative not in SPECULATIVE:
+        for name in ("ubatch", "threads_batch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
+        for name, choices in (
+            ("speculative", SPECULATIVE),
+            ("flash_attn", FLASH_ATTN),
+            ("kv_type", (None, *KV_TYPES)),
+        ):
+            if getattr(self, name) not in choices:
+                raise SettingsError(
+                    f"--{name.replace('_', '-')} must be one of "
+                    f"{', '.join(c for c in choices if c)}, not {getattr(self, name)!r}"
+                )
+        if self.kv_type not in (None, "f16") and self.flash_attn == "off":
             raise SettingsError(
-                f"--speculative must be one of {', '.join(SPECULATIVE)}, not {self.speculative!r}"
+                f"--kv-type {self.kv_type} needs flash attention: drop --flash-attn off"
             )
         if self.timeout <= 0:
             raise SettingsError("--timeout must be positive")

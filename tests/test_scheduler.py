@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from fastpilot.backends.base import FinishReason
+from fastpilot.backends.prefill import batch_tokens, prefill_budget
 from fastpilot.backends.scheduler import (
     MIN_COPY,
     KvCopy,
@@ -22,6 +23,7 @@ from fastpilot.backends.scheduler import (
     Seq,
     SeqState,
     Verdict,
+    batch_capacity,
     choose_slot,
     runs,
 )
@@ -244,6 +246,39 @@ def test_prefill_is_chunked_and_shares_the_budget_in_admission_order() -> None:
         {"a": (1, 1), "b": (1, 1)},  # a decodes its first token; b ends its prompt
     ]
     assert a.state is SeqState.DECODING and b.state is SeqState.DECODING
+
+
+def test_prefill_budget_is_large_alone_and_small_beside_decoding_streams() -> None:
+    assert prefill_budget(0, alone=1024, busy=256) == 1024
+    assert prefill_budget(1, alone=1024, busy=256) == 256
+    assert prefill_budget(3, alone=1024, busy=256) == 256
+    assert prefill_budget(0, alone=64, busy=256) == 256  # never below the busy chunk
+    # n_batch covers both kinds of step: the alone chunk, or chunk + slots + drafts.
+    assert batch_tokens(slots=4, busy=256, drafts=24, alone=1024) == 1024
+    assert batch_tokens(slots=4, busy=256, drafts=24, alone=256) == 284
+    assert batch_capacity(4, 256, 8, 1024) == 1024 and batch_capacity(4, 256) == 260
+
+
+def test_a_prompt_alone_is_prefilled_in_large_chunks_then_small_beside_a_decoder() -> None:
+    s: Scheduler[str] = Scheduler(2, 8, 256, eos_token_ids={EOS}, prefill_alone=32)
+    assert s.capacity == 32
+    a = start(s, toks(100, 70), max_tokens=20, name="a")
+    sizes = [len(step(s).entries[0].tokens) for _ in range(3)]
+    assert sizes == [32, 32, 6]  # alone: three steps for 70 tokens, not nine of 8
+    assert a.state is SeqState.DECODING
+    b = start(s, toks(300, 40), max_tokens=3, name="b")
+    plan = step(s)
+    # a decodes a token, so b's prompt goes in chunks of 8: a's latency stays bounded.
+    assert {e.seq.owner: len(e.tokens) for e in plan.entries} == {"a": 1, "b": 8}
+    assert b.todo == toks(308, 32)
+    assert sum(len(e.tokens) for e in plan.entries) <= s.capacity
+
+
+def test_without_prefill_alone_every_step_uses_the_prompt_chunk() -> None:
+    s = sched(slots=2, chunk=8)
+    assert s.prefill_alone == 8 and s.capacity == 10
+    start(s, toks(100, 20), max_tokens=1)
+    assert [len(step(s).entries[0].tokens) for _ in range(3)] == [8, 8, 4]
 
 
 def test_batches_are_ordered_by_slot_not_by_admission() -> None:

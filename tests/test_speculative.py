@@ -235,6 +235,11 @@ def test_settings_reach_the_llamacpp_options_only() -> None:
         "max_queue": 64,
         "speculative": "ngram",
         "draft_max": 5,
+        "flash_attn": "auto",
+        "n_ubatch": None,
+        "threads_batch": None,
+        "kv_type": None,
+        "prefill_batch": 1024,
     }
     assert "speculative" not in backend_options("ct2", s)  # CTranslate2 has no speculation
     assert load_settings([], environ={}).speculative == "off"

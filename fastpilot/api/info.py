@@ -28,6 +28,11 @@ def _model_fields(name: str, model: Any, created: int) -> dict[str, Any]:
             value = getattr(info, key, None) if not isinstance(info, dict) else info.get(key)
             if value:
                 out[key] = value
+        extra = getattr(info, "extra", None) if not isinstance(info, dict) else info
+        if isinstance(extra, dict) and extra.get("kernels"):
+            # llama.cpp: the context settings (flash attention, batch sizes, threads, KV
+            # type), each with its source (user, calibrated, default, llama.cpp auto).
+            out["kernels"] = extra["kernels"]
     return out
 
 

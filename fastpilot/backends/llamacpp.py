@@ -4,7 +4,7 @@ One :class:`LlamaCppBackend` owns a ``llama_model``, one generation context with
 ``slots`` sequences (separate KV streams, ``kv_unified=False``) and a worker
 thread that runs **continuous batching**: each iteration one ``llama_decode``
 over one token of every generating sequence plus up to ``prompt_chunk`` prompt
-tokens, each output row sampled with the shared
+tokens (``prefill_batch`` when none is generating), each output row sampled with the shared
 :class:`fastpilot.backends.sampling.SequenceSampler` (not llama.cpp's sampler
 chain, so sampling equals the CTranslate2 backend's). New requests join at the
 next iteration.
@@ -60,6 +60,7 @@ from fastpilot.backends.llamacpp_native import (
     offload_layers,
     real_vocab_size,
 )
+from fastpilot.backends.llamacpp_tuning import DEFAULT_CACHE, decide
 from fastpilot.backends.sampling import SequenceSampler
 from fastpilot.backends.scheduler import BatchEntry, KvOp, Scheduler, Seq, batch_capacity
 from fastpilot.errors import (
@@ -99,11 +100,14 @@ class LlamaCppBackend(LlamaCppExtras):
         max_queue: requests that may wait beyond the free slots; :meth:`submit`
             raises :class:`QueueFull` past it.
         context_length: cap on the per-slot context (default: the model's trained context).
-        prompt_chunk: prompt tokens evaluated per decode step, shared by all prefilling
-            requests; bounds how much a long prompt delays the other streams' next token.
-        flash_attn: ``None`` (default) disables flash attention on CPU -- measured
-            ~1.5-2x slower per token at 1000 positions on an AVX2 EPYC -- and lets
-            llama.cpp decide when layers are offloaded to a GPU.
+        prompt_chunk: prompt tokens evaluated per decode step while other sequences
+            decode, shared by all prefilling requests; bounds how much a long prompt
+            delays the other streams' next token.
+        prefill_batch: prompt tokens per step when none decodes (a prompt alone); sizes
+            ``n_batch`` with ``prompt_chunk`` (:mod:`fastpilot.backends.prefill`).
+        flash_attn, n_ubatch, threads_batch, kv_type, kernel_cache: the context's kernels
+            (:func:`fastpilot.backends.llamacpp_tuning.decide`; ``"auto"`` flash attention
+            is measured once per model file and machine); ``self.kernels`` says the choice.
         speculative: ``"off"`` or ``"ngram"``: draft tokens by n-gram lookup in the
             prompt and output and verify them in the same decode (see
             :mod:`fastpilot.backends.ngram`). Output is unchanged -- greedy text
@@ -128,19 +132,23 @@ class LlamaCppBackend(LlamaCppExtras):
         max_queue: int = 64,
         context_length: int | None = None,
         prompt_chunk: int = 256,
-        flash_attn: bool | None = None,
+        prefill_batch: int = 1024,
+        flash_attn: str | bool | None = "auto",
+        n_ubatch: int | None = None,
+        threads_batch: int | None = None,
+        kv_type: str | None = None,
+        kernel_cache: str | os.PathLike[str] | None = DEFAULT_CACHE,
         speculative: str = "off",
         draft_max: int = 8,
     ) -> None:
-        if slots < 1 or prompt_chunk < 1 or max_queue < 0 or draft_max < 1:
-            raise ValueError("slots, prompt_chunk, draft_max must be >= 1, max_queue >= 0")
+        if min(slots, prompt_chunk, draft_max, prefill_batch, max_queue + 1) < 1:
+            raise ValueError("slots, prompt_chunk, prefill_batch, draft_max >= 1; max_queue >= 0")
         if speculative not in ("off", "ngram"):
             raise ValueError(f"speculative must be 'off' or 'ngram', not {speculative!r}")
         lib = self._lib = load_library()
         gguf = find_gguf(path)
         if manifest is None:
             manifest = Manifest.find(gguf)
-        threads = self._threads = threads or os.cpu_count() or 1
         gpu_layers = offload_layers(lib, device)
 
         self._ctx = None
@@ -160,12 +168,17 @@ class LlamaCppBackend(LlamaCppExtras):
             self._slots_n = slots
             self._chunk = prompt_chunk
             spec = speculative == "ngram"
-            capacity = batch_capacity(slots, prompt_chunk, draft_max if spec else 0)
-            self._ctx = new_context(
-                lib, self._model, per_slot, slots, capacity, threads, flash_attn, gpu_layers
-            )
+            capacity = batch_capacity(slots, prompt_chunk, draft_max if spec else 0, prefill_batch)
+            kernels = decide(
+                lib, self._model, gguf, capacity, per_slot, gpu_layers, threads, threads_batch,
+                flash_attn=flash_attn, n_ubatch=n_ubatch, kv_type=kv_type, cache_dir=kernel_cache,
+            )  # fmt: skip
+            self._ctx = new_context(lib, self._model, per_slot, slots, kernels)
             if not self._ctx:
                 raise BackendError(f"llama.cpp could not create a context for {gguf}")
+            self.kernels = kernels.read_back(lib, self._ctx)
+            self._threads = self.kernels.threads
+            log.info("%s: %s", gguf.name, self.kernels.summary())
             self.context_length = min(per_slot, int(lib.llama_n_ctx_seq(self._ctx)))
             self._mem = lib.llama_get_memory(self._ctx)
             self._rows = LogitsRows(lib, self._ctx, self._n_rows)
@@ -190,6 +203,9 @@ class LlamaCppBackend(LlamaCppExtras):
                 "slots": slots,
                 "speculative": speculative,
                 "draft_max": draft_max,
+                "prompt_chunk": prompt_chunk,
+                "prefill_batch": prefill_batch,
+                "kernels": self.kernels.to_json(),
                 "manifest": manifest.to_json() if manifest else {},
             },
         )
@@ -205,6 +221,7 @@ class LlamaCppBackend(LlamaCppExtras):
             self.eos_token_ids,
             speculative=spec,
             draft_max=draft_max,
+            prefill_alone=prefill_batch,
         )
         self._free = slots  # free slots, read by submit() under the lock
         self._closed = False

@@ -21,10 +21,12 @@ from fastpilot.backends.scheduler import BatchEntry, KvCopy, KvOp
 from fastpilot.errors import BackendError, ContextLengthExceeded
 
 __all__ = [
+    "GGML_TYPES",
     "Embedder",
     "NativeBatch",
     "PromptScorer",
     "apply_kv_ops",
+    "context_params",
     "decode_entries",
     "LogitsRows",
     "load_library",
@@ -95,35 +97,62 @@ def offload_layers(lib: Any, device: str) -> int:
     raise ValueError(f"unknown device {device!r}; expected cpu, cuda or auto")
 
 
-def new_context(
+# ggml_type ids (ggml.h) of the KV cache types fastpilot accepts.
+GGML_TYPES = {"f16": 1, "q8_0": 8}
+
+
+def context_params(
     lib: Any,
-    model: Any,
-    per_slot: int,
-    slots: int,
-    batch_tokens: int,
+    *,
+    n_ctx: int,
+    n_seq: int,
+    n_batch: int,
+    n_ubatch: int,
     threads: int,
+    threads_batch: int,
     flash_attn: bool | None,
-    gpu_layers: int,
+    kv_type: str = "f16",
 ) -> Any:
+    """``llama_context_params`` with one KV stream per sequence; ``flash_attn`` None: AUTO.
+
+    The one place fastpilot fills generation context parameters, so a calibration
+    probe (:mod:`fastpilot.backends.llamacpp_probe`) measures what the backend runs.
+    ``n_ubatch`` is clamped to ``n_batch`` (llama.cpp would clamp it too).
+    """
+    p = lib.llama_context_default_params()
+    p.n_ctx = n_ctx
+    p.n_seq_max = n_seq
+    p.n_batch = n_batch
+    p.n_ubatch = min(n_ubatch, n_batch)
+    p.n_threads = threads
+    p.n_threads_batch = threads_batch
+    p.kv_unified = False  # one KV stream per slot: attention only over its own cells
+    p.no_perf = True
+    # enum llama_flash_attn_type: AUTO -1, DISABLED 0, ENABLED 1
+    p.flash_attn_type = -1 if flash_attn is None else int(flash_attn)
+    p.type_k = p.type_v = GGML_TYPES[kv_type]
+    return p
+
+
+def new_context(lib: Any, model: Any, per_slot: int, slots: int, kernels: Any) -> Any:
     """A generation context with one KV stream of ``per_slot`` cells per slot (NULL on failure).
 
-    A batch holds ``batch_tokens`` tokens (the scheduler's capacity). ``flash_attn``
-    ``None`` disables flash attention on CPU (measured ~1.5-2x slower per token at
-    1000 positions on an AVX2 EPYC) and lets llama.cpp decide when layers are offloaded.
+    ``kernels`` is the :class:`~fastpilot.backends.llamacpp_tuning.KernelChoice`:
+    batch sizes, threads, flash attention and KV type, exactly as given.
     """
-    cparams = lib.llama_context_default_params()
     # llama.cpp pads each KV stream to a multiple of 256 cells; ask for that directly.
-    cparams.n_ctx = -(-per_slot // 256) * 256 * slots
-    cparams.n_seq_max = slots
-    cparams.n_batch = cparams.n_ubatch = batch_tokens
-    cparams.n_threads = cparams.n_threads_batch = threads
-    cparams.kv_unified = False  # one KV stream per slot: attention only over its own cells
-    cparams.no_perf = True
-    if flash_attn is None:
-        cparams.flash_attn_type = -1 if gpu_layers else 0  # AUTO / DISABLED
-    else:
-        cparams.flash_attn_type = 1 if flash_attn else 0
-    return lib.llama_init_from_model(model, cparams)
+    params = context_params(
+        lib,
+        n_ctx=-(-per_slot // 256) * 256 * slots,
+        n_seq=slots,
+        n_batch=kernels.n_batch,
+        n_ubatch=kernels.n_ubatch,
+        threads=kernels.threads,
+        threads_batch=kernels.threads_batch,
+        flash_attn=kernels.flash_attn,
+        kv_type=kernels.kv_type,
+    )
+    return lib.llama_init_from_model(model, params)
 
 
 class NativeBatch:

@@ -31,7 +31,8 @@ cache:
   first token from the same logits, so the prompt is evaluated once.
 * **Chunked prefill**: every step holds one token per decoding sequence plus up
   to ``prompt_chunk`` prompt tokens of prefilling ones, so a long prompt delays
-  the other streams by one chunk per step, not by its whole length.
+  the other streams by one chunk per step, not by its whole length; with no
+  sequence decoding, up to ``prefill_alone`` (:mod:`fastpilot.backends.prefill`).
 * **Batch order**: entries are sorted by slot id, for the same one-graph-per-run
   reason as the slot choice.
 
@@ -55,6 +56,7 @@ from typing import Generic
 
 from fastpilot.backends.base import FinishReason
 from fastpilot.backends.ngram import NgramDrafter
+from fastpilot.backends.prefill import batch_tokens, prefill_budget
 from fastpilot.backends.scheduler_state import (
     BatchEntry,
     KvCopy,
@@ -100,10 +102,13 @@ SPEC_BUSY = 2
 DRAFT_START = 4
 
 
-def batch_capacity(slots: int, prompt_chunk: int, draft_max: int = 0) -> int:
+def batch_capacity(
+    slots: int, prompt_chunk: int, draft_max: int = 0, prefill_alone: int = 0
+) -> int:
     """Most tokens in one plan's batch: a token per slot, a prompt chunk and the drafts
-    of at most ``SPEC_BUSY + 1`` speculating sequences (``draft_max`` 0: speculation off)."""
-    return prompt_chunk + slots + (SPEC_BUSY + 1) * draft_max
+    of at most ``SPEC_BUSY + 1`` speculating sequences (``draft_max`` 0: speculation off),
+    or the ``prefill_alone`` chunk of a step where no sequence decodes."""
+    return batch_tokens(slots, prompt_chunk, (SPEC_BUSY + 1) * draft_max, prefill_alone)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -143,6 +148,8 @@ class Scheduler(Generic[OwnerT]):
         eos_token_ids: tokens that finish a sequence ``STOP`` (no step is pushed).
         speculative: draft tokens by n-gram lookup and verify them in the batch.
         draft_max: most tokens one sequence drafts per step.
+        prefill_alone: prompt tokens per step when no sequence is decoding
+            (None: ``prompt_chunk``, one budget for every step).
     """
 
     def __init__(
@@ -154,6 +161,7 @@ class Scheduler(Generic[OwnerT]):
         *,
         speculative: bool = False,
         draft_max: int = 8,
+        prefill_alone: int | None = None,
     ) -> None:
         if slots < 1 or prompt_chunk < 1 or draft_max < 1:
             raise ValueError("slots, prompt_chunk and draft_max must be >= 1")
@@ -161,6 +169,7 @@ class Scheduler(Generic[OwnerT]):
         self.draft_max = draft_max
         self.slots = [Slot(i) for i in range(slots)]
         self.chunk = prompt_chunk
+        self.prefill_alone = max(prompt_chunk, prefill_alone or prompt_chunk)
         self.context_length = context_length
         self.eos = frozenset(eos_token_ids)
         self.waiting: deque[Seq[OwnerT]] = deque()
@@ -182,7 +191,8 @@ class Scheduler(Generic[OwnerT]):
     @property
     def capacity(self) -> int:
         """Most tokens one plan's batch holds (see :func:`batch_capacity`)."""
-        return batch_capacity(len(self.slots), self.chunk, self.draft_max * self.speculative)
+        drafts = self.draft_max * self.speculative
+        return batch_capacity(len(self.slots), self.chunk, drafts, self.prefill_alone)
 
     # -- admission ---------------------------------------------------------------------
     def add(self, owner: OwnerT, prompt: list[int], max_tokens: int) -> Seq[OwnerT]:
@@ -287,19 +297,21 @@ class Scheduler(Generic[OwnerT]):
         :meth:`kv_restarted` in between.
 
         The batch holds one token for every DECODING sequence, then prompt chunks
-        of PREFILLING ones in admission order until ``prompt_chunk`` tokens are
-        used, sorted by slot id. Followers of a shared prefill are left out.
+        of PREFILLING ones in admission order until the step's prompt budget is
+        used (:func:`~fastpilot.backends.prefill.prefill_budget`: ``prompt_chunk``
+        while any sequence decodes, else ``prefill_alone``), sorted by slot id.
+        Followers of a shared prefill are left out.
         """
         entries: list[BatchEntry[OwnerT]] = []
         decoding = [s for s in self.running if s.state is SeqState.DECODING]
-        budget = self.chunk
+        budget = allowed = prefill_budget(len(decoding), self.prefill_alone, self.chunk)
         for seq in self.running:
             if budget and seq.todo and seq.leader is None:
                 chunk = seq.todo[:budget]
                 budget -= len(chunk)
                 entries.append(self._entry(seq, chunk, 1 if len(chunk) == len(seq.todo) else 0))
         # Other sequences' tokens each decoding sequence would share the batch with.
-        others = len(decoding) - 1 + self.chunk - budget
+        others = len(decoding) - 1 + allowed - budget
         draft = self.speculative and others <= SPEC_BUSY
         for seq in decoding:
             drafts = self._drafts(seq) if draft else []

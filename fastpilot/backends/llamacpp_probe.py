@@ -1,0 +1,129 @@
+"""Timing probes of llama.cpp context settings on one loaded model (no scheduler, no HTTP).
+
+:func:`probe` creates a throw-away one-sequence context with the settings to try,
+times single-token decode steps with a short KV, prefills to a depth, and times
+decode steps there. :mod:`fastpilot.backends.llamacpp_tuning` calls it at load to
+pick flash attention; ``benchmarks/kernels.py`` calls it to compare variants.
+
+The KV holds random token ids: attention and matmul cost do not depend on which
+tokens they are, only on how many cells each step attends to.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fastpilot.backends.llamacpp_native import NativeBatch, context_params
+
+__all__ = ["Probe", "probe"]
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Wall milliseconds measured on one context configuration.
+
+    ``short_ms``/``deep_ms``: per single-token decode step with ``short``/``deep``
+    cells in the KV (the fastest of the steps: the least disturbed on a shared
+    CPU); ``prefill_ms``: per prompt token while filling the KV from ``short`` up
+    to ``deep`` in ``n_ubatch``-sized decode calls.
+    """
+
+    flash_attn: bool
+    n_ubatch: int
+    kv_type: str
+    short: int
+    deep: int
+    short_ms: float
+    deep_ms: float
+    prefill_ms: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "flash_attn": "on" if self.flash_attn else "off",
+            "n_ubatch": self.n_ubatch,
+            "kv_type": self.kv_type,
+            "short": self.short,
+            "deep": self.deep,
+            "short_ms": round(self.short_ms, 3),
+            "deep_ms": round(self.deep_ms, 3),
+            "prefill_ms_per_token": round(self.prefill_ms, 4),
+        }
+
+
+def probe(
+    lib: Any,
+    model: Any,
+    *,
+    flash_attn: bool,
+    n_ubatch: int,
+    threads: int,
+    threads_batch: int,
+    deep: int,
+    short: int = 16,
+    steps: int = 6,
+    kv_type: str = "f16",
+    seed: int = 0,
+    deadline: float | None = None,
+) -> Probe:
+    """Time one configuration; raises RuntimeError when a context or decode fails.
+
+    ``deadline`` (a ``time.perf_counter()`` value): raise TimeoutError after the
+    first decode call that ends past it. Costs about ``deep`` prompt tokens of
+    prefill plus ``2 * steps + 2`` decode
+    steps, on the calling thread, with ``threads_batch`` threads for the prefill.
+    """
+    n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, n_vocab, deep + 2 * steps + 2).tolist()
+    n_ctx = -(-(deep + steps + 2) // 256) * 256
+    params = context_params(
+        lib,
+        n_ctx=n_ctx,
+        n_seq=1,
+        n_batch=n_ubatch,
+        n_ubatch=n_ubatch,
+        threads=threads,
+        threads_batch=threads_batch,
+        flash_attn=flash_attn,
+        kv_type=kv_type,
+    )
+    ctx = lib.llama_init_from_model(model, params)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create a probe context")
+    batch = NativeBatch(lib, n_ubatch)
+    pos = 0
+
+    def run(tokens: list[int]) -> float:
+        nonlocal pos
+        batch.clear()
+        batch.add(tokens, pos, 0, 1)
+        t0 = time.perf_counter()
+        rc = int(lib.llama_decode(ctx, batch.ready()))
+        dt = time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc} in a probe")
+        if deadline is not None and time.perf_counter() > deadline:
+            raise TimeoutError("the probe ran past its deadline")
+        pos += len(tokens)
+        return dt
+
+    def steps_ms() -> float:
+        # One warm-up step (graph re-planned for the new shape), then the median step.
+        run([ids[pos]])
+        return 1000 * min(run([ids[pos]]) for _ in range(steps))
+
+    try:
+        run(ids[:short])
+        short_ms = steps_ms()
+        start, spent = pos, 0.0
+        while pos < deep:
+            spent += run(ids[pos : min(deep, pos + n_ubatch)])
+        prefill_ms = 1000 * spent / max(1, pos - start)
+        deep_ms = steps_ms()
+    finally:
+        lib.llama_free(ctx)
+    return Probe(flash_attn, n_ubatch, kv_type, short, deep, short_ms, deep_ms, prefill_ms)

@@ -1,0 +1,404 @@
+"""The llama.cpp context settings a model runs with, and how each was chosen.
+
+Flash attention is the setting whose best value depends on the CPU and the context
+length (on one AVX2 EPYC it was ~1.5-2x slower per token at 1000 positions, on
+another EPYC ~20% faster at 16 and at 672), so ``flash_attn="auto"`` on CPU is
+**calibrated**: :func:`calibrate` times single-token decode steps with flash
+attention on and off at a short KV and after a 256-token prefill, extrapolates
+each linearly to the context lengths editors send (16, ~700 and ~1000 positions,
+capped by the context) and keeps "on" -- what llama.cpp's own ``auto`` resolves
+to on CPU -- unless "off" is more than :data:`MARGIN` faster there. The result is
+cached in ``<cache>/kernels/<key>.json`` (the key covers the model file, the CPU,
+the llama.cpp build and the threads), so a later load reuses it without measuring;
+a measurement that noise spoiled (rounds that disagree, or past the time budget)
+keeps "on", is reported as the default, and is not cached.
+With layers offloaded to a GPU, ``auto`` is llama.cpp's own choice.
+
+The other settings are not measured at load: ``n_ubatch`` (llama.cpp's physical
+micro-batch) defaults to llama.cpp's 512, ``threads_batch`` (prompt evaluation) to
+``threads``, the KV cache type to f16 (q8_0 changes the numbers, and needs flash
+attention). ``benchmarks/kernels.py`` measures all of them side by side.
+
+Every value is reported with its source (:class:`Source`) in ``/v1/models`` and
+in the start-up log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from fastpilot.backends.llamacpp_native import GGML_TYPES
+from fastpilot.backends.llamacpp_probe import Probe, probe
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "DEFAULT_UBATCH",
+    "KV_TYPES",
+    "FlashAttn",
+    "KernelChoice",
+    "Source",
+    "calibrate",
+    "decide",
+    "default_cache_dir",
+    "parse_flash_attn",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UBATCH = 512  # llama.cpp's (and llama-server's) default micro-batch
+KV_TYPES = tuple(GGML_TYPES)
+# "off" must beat "on" by this much to be chosen: a closer call is noise on a busy CPU.
+MARGIN = 0.05
+EDITOR_DEPTHS = (16, 700, 1000)  # KV positions an editor's request decodes at
+PROBE_DEPTH = 256  # prefill this many tokens to time decode steps past a short KV
+ROUNDS = 2  # interleaved on/off rounds of probes
+# Seconds a calibration may take (a model whose 256-token prefill takes longer keeps
+# the default); no second round once the first took half of it.
+BUDGET_S = 8.0
+CALIBRATION_VERSION = 3  # bump when the method changes: older cache files are ignored
+
+
+class FlashAttn(str, Enum):
+    """``--flash-attn``: calibrate (auto), or force on or off."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class Source(str, Enum):
+    """Where a reported setting came from."""
+
+    USER = "user"  # a flag or constructor argument
+    CALIBRATED = "calibrated"  # measured at load on this machine (or read from the cache)
+    DEFAULT = "default"  # fastpilot's default, not measured
+    LLAMA_CPP = "llama.cpp auto"  # llama.cpp decides inside the context (GPU offload)
+
+
+def parse_flash_attn(value: str | bool | None) -> FlashAttn:
+    """``"auto"|"on"|"off"`` (or True/False/None) as a :class:`FlashAttn`; ValueError else."""
+    if value is None:
+        return FlashAttn.AUTO
+    if isinstance(value, bool):
+        return FlashAttn.ON if value else FlashAttn.OFF
+    try:
+        return FlashAttn(str(value).lower())
+    except ValueError:
+        raise ValueError(f"flash_attn must be auto, on or off, not {value!r}") from None
+
+
+DEFAULT_CACHE = "default"  # a ``cache_dir`` argument meaning :func:`default_cache_dir`
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/fastpilot`` or ``~/.cache/fastpilot``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastpilot"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelChoice:
+    """The settings a generation context is created with, each with its :class:`Source`.
+
+    ``flash_attn`` None means llama.cpp's AUTO (only with GPU offload). ``calibration``
+    is what the flash-attention choice was based on (the probes, the cache file,
+    whether it was measured now), empty when nothing was measured.
+    """
+
+    flash_attn: bool | None
+    n_batch: int
+    n_ubatch: int
+    threads: int
+    threads_batch: int
+    kv_type: str
+    sources: dict[str, Source] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flash_attn_name(self) -> str:
+        return "auto" if self.flash_attn is None else ("on" if self.flash_attn else "off")
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``kernels`` object of ``/v1/models`` and ``BackendInfo.extra``."""
+        out: dict[str, Any] = {
+            "flash_attn": self.flash_attn_name,
+            "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch,
+            "threads": self.threads,
+            "threads_batch": self.threads_batch,
+            "kv_type": self.kv_type,
+            "source": {k: v.value for k, v in self.sources.items()},
+        }
+        if self.calibration:
+            out["calibration"] = self.calibration
+        return out
+
+    def read_back(self, lib: Any, ctx: Any) -> KernelChoice:
+        """This choice with the batch sizes and threads llama.cpp reports for ``ctx``
+        (flash attention and the KV type have no getter: they are what was passed)."""
+        return replace(
+            self,
+            n_batch=int(lib.llama_n_batch(ctx)),
+            n_ubatch=int(lib.llama_n_ubatch(ctx)),
+            threads=int(lib.llama_n_threads(ctx)),
+            threads_batch=int(lib.llama_n_threads_batch(ctx)),
+        )
+
+    def summary(self) -> str:
+        """One line for the start-up log: each value with its source."""
+        src = self.sources
+
+        def s(name: str) -> str:
+            return f" ({src[name].value})" if name in src else ""
+
+        return (
+            f"flash_attn {self.flash_attn_name}{s('flash_attn')}, n_ubatch {self.n_ubatch}"
+            f"{s('n_ubatch')}, n_batch {self.n_batch}, threads {self.threads}/"
+            f"{self.threads_batch}{s('threads_batch')}, kv {self.kv_type}{s('kv_type')}"
+        )
+
+
+def _predict(p: Probe, depth: int) -> float:
+    """Decode ms per step at ``depth`` cells, linear in the depth between the probe's two
+    points (attention grows linearly with the cells a step reads; the rest is constant)."""
+    slope = max(0.0, (p.deep_ms - p.short_ms) / max(1, p.deep - p.short))
+    return p.short_ms + slope * (depth - p.short)
+
+
+def _score(p: Probe, per_slot: int) -> float:
+    depths = sorted({min(d, per_slot) for d in EDITOR_DEPTHS})
+    return sum(_predict(p, d) for d in depths) / len(depths)
+
+
+def cache_key(model_path: str | os.PathLike[str], lib: Any, threads: int, threads_batch: int):
+    """What a calibration depends on: the model file, this CPU, the llama.cpp build, threads."""
+    st = os.stat(model_path)
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "version": CALIBRATION_VERSION,
+        "model": os.path.realpath(model_path),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "system": lib.llama_print_system_info().decode("utf-8", "replace").strip(),
+        "llama_cpp": getattr(lib, "__version__", ""),
+        "threads": threads,
+        "threads_batch": threads_batch,
+    }
+
+
+def calibrate(
+    lib: Any,
+    model: Any,
+    model_path: str | os.PathLike[str],
+    *,
+    per_slot: int,
+    threads: int,
+    threads_batch: int,
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[bool, dict[str, Any]]:
+    """Flash attention on or off for this model on this machine, and the evidence.
+
+    Reads ``cache_dir/kernels/<key>.json`` when present; otherwise measures (up to
+    :data:`ROUNDS` rounds of two throw-away contexts, each ~256 prompt tokens plus ~16
+    decode steps: tens of ms for tiny-py, ~1-2 s for GPT-2-117M on 2 quiet cores) and
+    writes it. An inconclusive measurement (no second round within :data:`BUDGET_S`,
+    or rounds that disagree: the CPU was busy, see :func:`_consistent`) keeps flash
+    attention on and is not cached; ``evidence["conclusive"]`` says which.
+    ``cache_dir`` None: measure, cache nothing. A cache that cannot be written is
+    logged, not fatal.
+    """
+    key = cache_key(model_path, lib, threads, threads_batch)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir, "kernels", f"{digest}.json") if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("key") == key and saved.get("flash_attn") in ("on", "off"):
+                reused = {**saved["evidence"], "cached": True, "file": str(path)}
+                return saved["flash_attn"] == "on", reused
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable kernel calibration file %s", path)
+    t0 = time.perf_counter()
+    deep = max(2, min(PROBE_DEPTH, per_slot - 16))
+    short = min(16, deep // 2)
+    rounds: list[dict[bool, Probe]] = []
+    over_budget = False
+    # Interleaved rounds (on, off, on, off): a burst of load hits both; the fastest
+    # step of each variant is the least disturbed. A second round only within budget.
+    try:
+        while len(rounds) < ROUNDS and (not rounds or time.perf_counter() - t0 < BUDGET_S / 2):
+            rounds.append(
+                {
+                    on: probe(
+                        lib,
+                        model,
+                        flash_attn=on,
+                        n_ubatch=DEFAULT_UBATCH,
+                        threads=threads,
+                        threads_batch=threads_batch,
+                        deep=deep,
+                        short=short,
+                        seed=len(rounds),
+                        deadline=t0 + BUDGET_S,
+                    )
+                    for on in (True, False)
+                }
+            )
+    except TimeoutError:  # a big model or a busy CPU: not worth a longer load
+        over_budget = True
+    if rounds:
+        probes = {on: _fastest([r[on] for r in rounds]) for on in (True, False)}
+        scores = {on: _score(p, per_slot) for on, p in probes.items()}
+    else:
+        probes, scores = {}, {True: 0.0, False: 0.0}
+    conclusive = len(rounds) == ROUNDS and _consistent(rounds, probes)
+    flash = not (conclusive and scores[False] < scores[True] * (1 - MARGIN))
+    evidence: dict[str, Any] = {
+        "cached": False,
+        "conclusive": conclusive,
+        "over_budget": over_budget,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "rule": f"on unless off is >{MARGIN:.0%} faster per decode step, mean over "
+        f"{sorted({min(d, per_slot) for d in EDITOR_DEPTHS})} positions",
+        "predicted_ms": {("on" if k else "off"): round(v, 3) for k, v in scores.items()},
+        "probes": [p.to_json() for r in rounds for p in r.values()],
+    }
+    if not conclusive:
+        log.warning(
+            "flash-attention calibration %s: using on, not cached",
+            f"over its {BUDGET_S:.0f} s budget" if over_budget else "inconclusive (a busy CPU?)",
+        )
+    elif path is not None:
+        record = {"key": key, "flash_attn": "on" if flash else "off", "evidence": evidence}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+            os.replace(tmp, path)
+            evidence = {**evidence, "file": str(path)}
+        except OSError as ex:
+            log.warning("could not cache the kernel calibration in %s: %s", path, ex)
+    return flash, evidence
+
+
+def _consistent(rounds: list[dict[bool, Probe]], fastest: dict[bool, Probe]) -> bool:
+    """False when noise visibly won: a step over more cells measured faster than one over
+    16; the two variants 2x apart at 16 cells (attention is a sliver of a step there);
+    or one variant's short step 2x apart between rounds."""
+
+    def near(a: float, b: float) -> bool:
+        return max(a, b) <= 2 * min(a, b)
+
+    return (
+        all(p.deep_ms >= 0.9 * p.short_ms for p in fastest.values())
+        and near(fastest[True].short_ms, fastest[False].short_ms)
+        and all(near(*(r[on].short_ms for r in rounds[:2])) for on in (True, False))
+    )
+
+
+def _fastest(probes: list[Probe]) -> Probe:
+    """One probe with the fastest short step, deep step and prefill of ``probes``."""
+    return replace(
+        probes[0],
+        short_ms=min(p.short_ms for p in probes),
+        deep_ms=min(p.deep_ms for p in probes),
+        prefill_ms=min(p.prefill_ms for p in probes),
+    )
+
+
+def decide(
+    lib: Any,
+    model: Any,
+    model_path: str | os.PathLike[str],
+    n_batch: int,
+    per_slot: int,
+    gpu_layers: int,
+    threads: int | None,
+    threads_batch: int | None,
+    *,
+    flash_attn: str | bool | None = "auto",
+    n_ubatch: int | None = None,
+    kv_type: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE,
+) -> KernelChoice:
+    """Every context setting with its source; calibrates flash attention when it is auto.
+
+    Args:
+        n_batch: the most tokens one batch holds (the scheduler's capacity).
+        per_slot: KV cells per sequence (caps the calibration's depths).
+        gpu_layers: layers offloaded; with any, ``auto`` is llama.cpp's AUTO.
+        threads: decode threads (None: every core); ``threads_batch``: prompt
+            evaluation threads (None: ``threads``).
+        flash_attn: ``"auto"``, ``"on"``, ``"off"`` (or True/False/None).
+        n_ubatch: llama.cpp's micro-batch (None: :data:`DEFAULT_UBATCH`; at most
+            ``n_batch``).
+        kv_type: ``"f16"`` (None: the default) or ``"q8_0"`` (halves the KV bytes a
+            step reads, changes the numbers slightly, needs flash attention).
+        cache_dir: where :func:`calibrate` keeps its result (None: nowhere).
+
+    Raises ValueError for an unknown flash-attention value or KV type, a size below
+    1, or a q8_0 KV cache with flash attention off (llama.cpp cannot store a
+    quantized V without it). Blocks while calibrating (see :func:`calibrate`).
+    """
+    flash_attn = parse_flash_attn(flash_attn)
+    threads_given = bool(threads)
+    threads = threads or os.cpu_count() or 1
+    if kv_type is not None and kv_type not in KV_TYPES:
+        raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, not {kv_type!r}")
+    if (n_ubatch is not None and n_ubatch < 1) or (threads_batch is not None and threads_batch < 1):
+        raise ValueError("n_ubatch and threads_batch must be >= 1")
+    kv = kv_type or "f16"
+    if kv != "f16" and flash_attn is FlashAttn.OFF:
+        raise ValueError(f"a {kv} KV cache needs flash attention: use flash_attn on or auto")
+    sources = {
+        "threads": Source.USER if threads_given else Source.DEFAULT,
+        "threads_batch": Source.DEFAULT if threads_batch is None else Source.USER,
+        "n_ubatch": Source.DEFAULT if n_ubatch is None else Source.USER,
+        "kv_type": Source.DEFAULT if kv_type is None else Source.USER,
+    }
+    tb = threads_batch or threads
+    evidence: dict[str, Any] = {}
+    flash: bool | None
+    if flash_attn is not FlashAttn.AUTO:
+        flash, sources["flash_attn"] = flash_attn is FlashAttn.ON, Source.USER
+    elif gpu_layers:
+        flash, sources["flash_attn"] = None, Source.LLAMA_CPP
+    elif kv != "f16":
+        flash, sources["flash_attn"] = True, Source.DEFAULT  # required by the quantized V
+    else:
+        flash, evidence = calibrate(
+            lib,
+            model,
+            model_path,
+            per_slot=per_slot,
+            threads=threads,
+            threads_batch=tb,
+            cache_dir=default_cache_dir() if cache_dir == DEFAULT_CACHE else cache_dir,
+        )
+        sources["flash_attn"] = Source.CALIBRATED if evidence["conclusive"] else Source.DEFAULT
+    return KernelChoice(
+        flash_attn=flash,
+        n_batch=n_batch,
+        n_ubatch=min(n_ubatch or DEFAULT_UBATCH, n_batch),
+        threads=threads,
+        threads_batch=tb,
+        kv_type=kv,
+        sources=sources,
+        calibration=evidence,
+    )

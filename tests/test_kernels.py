@@ -1,0 +1,223 @@
+"""llama.cpp context settings: chosen (user, calibrated, default), reported, and prefill sizing.
+
+Real llama.cpp on the tiny GPT-2 GGUF files of ``tests/conftest.py``. What the
+context was created with is read back from llama.cpp itself: its getters
+(``llama_n_batch`` ...) and the parameter lines it logs when a context is created
+(routed to the ``fastpilot.backends.llamacpp.native`` logger at DEBUG).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import falcon.testing
+import pytest
+
+from fastpilot.backends.base import GenerationRequest, SamplingParams
+from fastpilot.settings import SettingsError, load_settings
+
+pytestmark = pytest.mark.timeout(300)
+
+NATIVE = "fastpilot.backends.llamacpp.native"
+
+
+def _backend(path: Path, cache: Path | None, **kw):
+    from fastpilot.backends.llamacpp import LlamaCppBackend
+
+    kw.setdefault("threads", 1)
+    return LlamaCppBackend(path, kernel_cache=cache, **kw)
+
+
+def _native_params(caplog: pytest.LogCaptureFixture) -> list[dict[str, str]]:
+    """The ``llama_context: name = value`` lines of every context created, in order."""
+    out: list[dict[str, str]] = []
+    for rec in caplog.records:
+        if rec.name != NATIVE:
+            continue
+        m = re.match(r"llama_context: (\w+)\s+= (\S+)", rec.getMessage())
+        if m and m.group(1) == "n_seq_max":
+            out.append({})
+        if m and out:
+            out[-1][m.group(1)] = m.group(2)
+    return out
+
+
+@pytest.mark.parametrize("asked", ["on", "off"])
+def test_the_report_is_what_llama_cpp_created(tiny_gpt2_models, tmp_path, caplog, asked) -> None:
+    caplog.set_level(logging.DEBUG, logger=NATIVE)
+    b = _backend(tiny_gpt2_models["gguf-f32"], tmp_path, flash_attn=asked, n_ubatch=64)
+    try:
+        k = b.info.extra["kernels"]
+        created = _native_params(caplog)
+        assert len(created) == 1  # no calibration contexts: the flag decided
+        native = created[0]
+        assert native["flash_attn"] == {"on": "enabled", "off": "disabled"}[asked]
+        assert k["flash_attn"] == asked and k["source"]["flash_attn"] == "user"
+        assert int(native["n_batch"]) == k["n_batch"] == b.kernels.n_batch
+        assert int(native["n_ubatch"]) == k["n_ubatch"] == 64
+        assert k["source"]["n_ubatch"] == "user" and k["source"]["kv_type"] == "default"
+        assert k["threads"] == k["threads_batch"] == 1
+        assert "calibration" not in k
+        assert not (tmp_path / "kernels").exists()
+    finally:
+        b.close()
+
+
+def test_calibration_is_measured_once_cached_and_reused(tiny_gpt2_models, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger=NATIVE)
+    path = tiny_gpt2_models["gguf-f32"]
+    for _ in range(5):  # a busy CPU can make a measurement inconclusive: then it is redone
+        caplog.clear()
+        b = _backend(path, tmp_path)
+        first = b.info.extra["kernels"]
+        b.close()
+        cal = first["calibration"]
+        assert cal["cached"] is False
+        # Probe contexts in on/off pairs were created before the generation context.
+        created = [c["flash_attn"] for c in _native_params(caplog)]
+        assert created[:2] == ["enabled", "disabled"] and len(created) in (3, 5)
+        assert created[-1] == first_native(first)
+        if cal["conclusive"]:
+            break
+        assert first["source"]["flash_attn"] == "default" and first["flash_attn"] == "on"
+        assert "file" not in cal and not list(tmp_path.glob("kernels/*.json"))
+    assert first["source"]["flash_attn"] == "calibrated"
+    assert {p["flash_attn"] for p in cal["probes"]} == {"on", "off"}
+    assert all(p["short_ms"] > 0 and p["deep_ms"] > 0 for p in cal["probes"])
+    saved = Path(cal["file"])
+    assert json.loads(saved.read_text())["flash_attn"] == first["flash_attn"]
+
+    # The cached file decides the next load, without a probe: flip it to see that.
+    record = json.loads(saved.read_text())
+    flipped = "off" if record["flash_attn"] == "on" else "on"
+    saved.write_text(json.dumps({**record, "flash_attn": flipped}))
+    caplog.clear()
+    b = _backend(path, tmp_path)
+    try:
+        again = b.info.extra["kernels"]
+        assert again["flash_attn"] == flipped and again["source"]["flash_attn"] == "calibrated"
+        assert again["calibration"]["cached"] is True
+        assert [c["flash_attn"] for c in _native_params(caplog)] == [first_native(again)]
+    finally:
+        b.close()
+
+
+def first_native(report: dict) -> str:
+    return {"on": "enabled", "off": "disabled", "auto": "auto"}[report["flash_attn"]]
+
+
+def test_the_user_s_flag_wins_over_a_cached_calibration(tiny_gpt2_models, tmp_path) -> None:
+    path = tiny_gpt2_models["gguf-f32"]
+    _backend(path, tmp_path).close()  # calibrates and caches
+    for asked in ("on", "off"):
+        b = _backend(path, tmp_path, flash_attn=asked)
+        try:
+            assert b.kernels.flash_attn is (asked == "on")
+            assert b.info.extra["kernels"]["source"]["flash_attn"] == "user"
+        finally:
+            b.close()
+
+
+def test_bad_kernel_values_are_clear_errors(tiny_gpt2_models, tmp_path) -> None:
+    path = tiny_gpt2_models["gguf-f32"]
+    with pytest.raises(ValueError, match="flash_attn must be auto, on or off, not 'maybe'"):
+        _backend(path, tmp_path, flash_attn="maybe")
+    with pytest.raises(ValueError, match="kv_type must be one of f16, q8_0, not 'q4'"):
+        _backend(path, tmp_path, kv_type="q4")
+    with pytest.raises(ValueError, match="q8_0 KV cache needs flash attention"):
+        _backend(path, tmp_path, kv_type="q8_0", flash_attn="off")
+    with pytest.raises(SettingsError, match="--flash-attn must be one of auto, on, off"):
+        load_settings(["--flash-attn", "maybe"], environ={}).check()
+    with pytest.raises(SettingsError, match="--kv-type must be one of f16, q8_0"):
+        load_settings(["--kv-type", "q4"], environ={}).check()
+    with pytest.raises(SettingsError, match="--kv-type q8_0 needs flash attention"):
+        load_settings(["--kv-type", "q8_0", "--flash-attn", "off"], environ={}).check()
+    for flag in ("--ubatch", "--threads-batch", "--prefill-batch"):
+        with pytest.raises(SettingsError, match=flag):
+            load_settings([flag, "0"], environ={}).check()
+    env = {"FASTPILOT_FLASH_ATTN": "off", "FASTPILOT_UBATCH": "128"}
+    s = load_settings([], environ=env)
+    assert (s.flash_attn, s.ubatch) == ("off", 128)
+
+
+def test_a_q8_0_kv_cache_runs_with_flash_attention(tiny_gpt2_models, tmp_path) -> None:
+    b = _backend(tiny_gpt2_models["gguf-f32"], tmp_path, kv_type="q8_0")
+    try:
+        k = b.info.extra["kernels"]
+        assert (k["kv_type"], k["flash_attn"]) == ("q8_0", "on")
+        assert k["source"]["kv_type"] == "user" and k["source"]["flash_attn"] == "default"
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        assert len(list(b.submit(GenerationRequest([1, 2, 3], params)))) == 4
+    finally:
+        b.close()
+
+
+def test_models_listing_and_startup_line_report_the_kernels(tiny_gpt2_models) -> None:
+    from fastpilot.app import create_app
+    from fastpilot.models import Registry
+    from fastpilot.serve import load_models
+    from fastpilot.settings import Settings
+    from tests.test_api_support import LOCAL
+
+    settings = Settings(
+        model=(f"g={tiny_gpt2_models['gguf-f32']}",), threads=1, flash_attn="off", ubatch=32
+    )
+    registry, said = Registry(), []
+    load_models(settings, registry, say=said.append)
+    try:
+        client = falcon.testing.TestClient(create_app(settings, registry), headers=dict(LOCAL))
+        k = client.simulate_get("/v1/models").json["data"][0]["kernels"]
+        assert k == client.simulate_get("/v1/models/g").json["kernels"]
+        backend = registry.get("g").backend
+        assert k == backend.kernels.to_json()
+        assert (k["flash_attn"], k["n_ubatch"]) == ("off", 32)
+        assert k["source"]["flash_attn"] == k["source"]["n_ubatch"] == "user"
+        line = said[-1]
+        assert "flash_attn off (user)" in line and "n_ubatch 32 (user)" in line, line
+    finally:
+        registry.close_all()
+
+
+def test_a_prompt_alone_is_prefilled_in_fewer_decodes_with_the_same_output(
+    tiny_gpt2_models, tmp_path
+) -> None:
+    path = tiny_gpt2_models["gguf-f32"]
+    # Before: every step holds at most prompt_chunk prompt tokens; after: 64 when alone.
+    old = _backend(path, tmp_path, flash_attn="off", prompt_chunk=16, prefill_batch=16)
+    new = _backend(path, tmp_path, flash_attn="off", prompt_chunk=16, prefill_batch=64)
+    try:
+        prompt = [int(t) for t in range(5, 105)]  # 100 tokens
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
+        out = {}
+        for name, b in (("old", old), ("new", new)):
+            steps0 = b.stats()["decode_steps"]
+            steps = list(b.submit(GenerationRequest(prompt, params)))
+            out[name] = (steps, b.stats()["decode_steps"] - steps0)
+        (old_steps, old_calls), (new_steps, new_calls) = out["old"], out["new"]
+        assert old_calls == 7 + 5 and new_calls == 2 + 5  # ceil(100/16), ceil(100/64); 5 decodes
+        assert [s.token_id for s in new_steps] == [s.token_id for s in old_steps]
+        for a, b_ in zip(old_steps, new_steps, strict=True):
+            assert b_.logprob == pytest.approx(a.logprob, abs=1e-5)
+            assert [t for t, _ in b_.top_logprobs] == [t for t, _ in a.top_logprobs]
+    finally:
+        old.close()
+        new.close()
+
+
+def test_a_calibration_past_its_budget_keeps_the_default(
+    tiny_gpt2_models, tmp_path, monkeypatch
+) -> None:
+    from fastpilot.backends import llamacpp_tuning
+
+    monkeypatch.setattr(llamacpp_tuning, "BUDGET_S", 0.0)  # every probe ends past it
+    b = _backend(tiny_gpt2_models["gguf-f32"], tmp_path)
+    try:
+        k = b.info.extra["kernels"]
+        assert (k["flash_attn"], k["source"]["flash_attn"]) == ("on", "default")
+        assert k["calibration"]["over_budget"] is True and k["calibration"]["probes"] == []
+        assert not list(tmp_path.glob("kernels/*.json"))  # measured again next time
+    finally:
+        b.close()
