@@ -155,7 +155,8 @@ def finalize_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m conversion.train_tiny_py finalize")
     ap.add_argument("--from", dest="src", type=Path, required=True, help="the run's $OUT")
     ap.add_argument("--to", type=Path, default=Path("conversion/tiny_py/checkpoint"))
-    ap.add_argument("--old-ref", default="main", help="git ref holding the v1 checkpoint")
+    # v2 replaced v1's model.safetensors with shards; 7292bd4 (on main) is the last commit with v1.
+    ap.add_argument("--old-ref", default="7292bd4", help="git ref holding the v1 checkpoint")
     ap.add_argument("--eval-tokens", type=int, default=150_000)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
