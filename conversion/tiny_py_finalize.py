@@ -23,6 +23,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,8 @@ from typing import Any
 
 import torch
 
-from .tiny_py_model import INDEX_NAME
+from .tiny_py_corpus import is_heldout, walk_py
+from .tiny_py_model import INDEX_NAME, evaluate
 
 OLD_FILES = ("model.safetensors", "config.json")
 TOKENIZER_FILES = (
@@ -120,8 +122,6 @@ def evaluate_dir(
     from tokenizers import Tokenizer
     from transformers import GPT2LMHeadModel
 
-    from .train_tiny_py import evaluate
-
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     model = GPT2LMHeadModel.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     subsets = {
@@ -164,10 +164,10 @@ def finalize_main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    from .train_tiny_py import collect_files, is_heldout
-
     state = install(a.src, a.to)
-    files = [(p, t) for p, t in collect_files() if is_heldout(p)]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    # The v1 trainer's evaluation set: its held-out stdlib files in sorted path order.
+    files = sorted((f.relpath, f.text) for f in walk_py(stdlib, "stdlib") if is_heldout(f.relpath))
     print(
         f"installed step {state.get('step')} into {a.to}; {len(files)} held-out files", flush=True
     )

@@ -196,3 +196,31 @@ def save_sharded(
     tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out / INDEX_NAME)
     return names
+
+
+@torch.no_grad()
+def evaluate(model, ids: torch.Tensor, block: int, max_tokens: int, n_bytes_per_tok: float):
+    """Non-overlapping windows over the held-out stream; returns metrics dict."""
+    model.eval()
+    ids = ids[: max_tokens + 1]
+    nll, correct, count = 0.0, 0, 0
+    for start in range(0, len(ids) - 1, block):
+        x = ids[start : start + block + 1]
+        if len(x) < 2:
+            break
+        inp, tgt = x[:-1].unsqueeze(0), x[1:].unsqueeze(0)
+        logits = model(inp).logits.float()
+        nll += torch.nn.functional.cross_entropy(
+            logits.view(-1, logits.size(-1)), tgt.view(-1), reduction="sum"
+        ).item()
+        correct += (logits.argmax(-1) == tgt).sum().item()
+        count += tgt.numel()
+    model.train()
+    loss = nll / count
+    return {
+        "eval_tokens": count,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "next_token_accuracy": correct / count,
+        "bits_per_byte": loss / math.log(2) / n_bytes_per_tok,
+    }

@@ -37,10 +37,8 @@ stored separately).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -50,10 +48,10 @@ from pathlib import Path
 
 import torch
 
+from .tiny_py_corpus import is_heldout, walk_py
+from .tiny_py_model import evaluate
+
 EOT = "<|endoftext|>"
-SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "pydoc_data"}
-MAX_FILE_BYTES = 300_000
-HOLDOUT_PERCENT = 3
 SAMPLE_PROMPTS = [
     "def fibonacci(n):",
     "import os\n\ndef list_files(path):",
@@ -69,36 +67,9 @@ def log(msg: str) -> None:
 def collect_files(root: str | None = None) -> list[tuple[str, str]]:
     """Return sorted ``(relpath, text)`` for stdlib ``.py`` files worth training on."""
     root = root or sysconfig.get_paths()["stdlib"]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        parts = set(rel_dir.split(os.sep))
-        if parts & SKIP_DIRS:
-            dirnames[:] = []
-            continue
-        dirnames.sort()
-        for fn in sorted(filenames):
-            if not fn.endswith(".py") or fn.startswith("test_"):
-                continue
-            path = os.path.join(dirpath, fn)
-            if os.path.getsize(path) > MAX_FILE_BYTES:
-                continue
-            try:
-                text = Path(path).read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-            if text.strip():
-                out.append((os.path.relpath(path, root).replace(os.sep, "/"), text))
-    out.sort()
-    return out
+    return sorted((f.relpath, f.text) for f in walk_py(root, "stdlib"))
 
 
-def is_heldout(relpath: str) -> bool:
-    h = int(hashlib.sha256(relpath.encode()).hexdigest()[:8], 16)
-    return h % 100 < HOLDOUT_PERCENT
-
-
-# ---------------------------------------------------------------------- tokenizer
 def train_tokenizer(texts: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -195,34 +166,6 @@ def save_checkpoint(model, tok, out: Path, meta: dict, fp16: bool = True) -> Non
 
 
 # --------------------------------------------------------------------------- eval
-@torch.no_grad()
-def evaluate(model, ids: torch.Tensor, block: int, max_tokens: int, n_bytes_per_tok: float):
-    """Non-overlapping windows over the held-out stream; returns metrics dict."""
-    model.eval()
-    ids = ids[: max_tokens + 1]
-    nll, correct, count = 0.0, 0, 0
-    for start in range(0, len(ids) - 1, block):
-        x = ids[start : start + block + 1]
-        if len(x) < 2:
-            break
-        inp, tgt = x[:-1].unsqueeze(0), x[1:].unsqueeze(0)
-        logits = model(inp).logits.float()
-        nll += torch.nn.functional.cross_entropy(
-            logits.view(-1, logits.size(-1)), tgt.view(-1), reduction="sum"
-        ).item()
-        correct += (logits.argmax(-1) == tgt).sum().item()
-        count += tgt.numel()
-    model.train()
-    loss = nll / count
-    return {
-        "eval_tokens": count,
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "next_token_accuracy": correct / count,
-        "bits_per_byte": loss / math.log(2) / n_bytes_per_tok,
-    }
-
-
 @torch.no_grad()
 def samples(model, tok, max_new_tokens: int = 64) -> list[dict]:
     model.eval()
