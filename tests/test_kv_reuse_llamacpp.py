@@ -8,14 +8,14 @@ tokens. Two references:
 * **exact**: the same cells left where they were and the dropped ones removed,
   built with the raw llama.cpp API (attention under RoPE depends only on position
   differences, so this is what a correct shift computes). Measured on these three
-  windows: within 1.6e-4 on the generated tokens' logprobs (1.3e-3 over the whole
-  vocabulary on 16 windows: f16 keys re-rotated). A shift off by one position
-  moves them by 0.04-0.09 here (>= 0.3 over the vocabulary), a dropped shift by
-  0.09-0.15, one off the other way fails the decode. Tolerance: 1e-2.
+  windows: within 1.6e-4 on the generated tokens' logprobs (1.4e-3 over the whole
+  vocabulary, ``benchmarks/sliding_accuracy.py``: f16 keys re-rotated). A shift
+  off by one position moves them by 0.04-0.09 here, a dropped shift by 0.09-0.15,
+  one off the other way fails the decode. Tolerance: 1e-2.
 * **cold**: a fresh evaluation of the new prompt. The shifted cells still carry
   the context of the line that slid out, so this is close, not equal: 0.012-0.025
-  on these windows (up to 0.18 on the chosen tokens of 16 windows, 15 of which
-  kept the same greedy 20 tokens). Tolerance: 0.1, and the same greedy tokens.
+  on these windows (up to 0.18 on the chosen tokens of 12 windows in
+  ``benchmarks/sliding_accuracy.py``). Tolerance: 0.1, and the same greedy tokens.
 """
 
 from __future__ import annotations
