@@ -157,8 +157,10 @@ def measure(contender: str, name: str, directory: Path, args: argparse.Namespace
     rows = []
     with Managed(_argv(contender, directory, port, args, n_ctx), log) as server:
         server.wait_http(port, "/health", 300)
-        complete(port, prompts["cold"][-1][:64])  # untimed: pages the weights in
-        for kind in KINDS:
+        # Untimed: pages the weights in. Reversed, so that no prompt starts like it
+        # (llama-server also keeps old slot states in RAM and restores a common prefix).
+        complete(port, prompts["cold"][-1][63::-1])
+        for kind in args.kinds:
             first, *timed = prompts[kind]
             complete(port, first)  # untimed: fills the cache (for cold: evicts the last)
             replies = [complete(port, p) for p in timed]
@@ -214,7 +216,9 @@ def section(
 ) -> list[dict]:
     """The rows for ``python -m benchmarks.run`` (its ``sliding`` section): rotary GGUF
     models only (GPT-2 cannot shift). A contender that fails is left out (stderr)."""
-    args = argparse.Namespace(threads=threads, requests=requests, cold=2, slots=1, cache_reuse=256)
+    args = argparse.Namespace(
+        threads=threads, requests=requests, cold=2, slots=1, cache_reuse=256, kinds=KINDS
+    )
     names = [c for c in CONTENDERS if llama_server or not c.startswith("llama-server")]
     rows: list[dict] = []
     for name, directory in models:
@@ -235,8 +239,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--slots", type=int, default=1, help="fastpilot --slots = --parallel")
     ap.add_argument("--cache-reuse", type=int, default=256, help="both servers' --cache-reuse")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="which of cold,prefix,slide")
     ap.add_argument("--json", type=Path, default=None, help="write all rows here")
     args = ap.parse_args()
+    args.kinds = args.kinds.split(",")
     contenders = args.contenders.split(",")
     if not server_path().is_file():
         print("llama-server is not built: its rows are skipped", file=sys.stderr)
