@@ -86,21 +86,19 @@ def flat(lines: list[list[int]], start: int, end: int) -> list[int]:
 def schedule(
     lines: list[list[int]], n_ctx: int, requests: int, cold: int
 ) -> dict[str, list[list[int]]]:
-    """Every kind's prompts, the untimed cache-filling one first; no two kinds overlap.
+    """Every kind's prompts, the untimed cache-filling one first.
 
-    The slide runs over the file's last part, the prefix one over the part before it,
-    the cold prompts over the first part, each window disjoint from the others."""
+    Prefix then slide run over the file's last part: the slide starts where the prefix
+    run ends (its untimed first request is the last prefix prompt plus a line, slid,
+    so it costs a reuse, not a cold evaluation). The cold windows come before both,
+    disjoint from each other and from them."""
     limit = n_ctx - MARGIN
     total = len(lines)
     slide_end0 = total - requests
-    slide = []
-    for i in range(requests + 1):
-        end = slide_end0 + i
-        slide.append(flat(lines, fit(lines, end, limit), end))
-    slide_first = fit(lines, slide_end0, limit)
-    prefix_end0 = slide_first - requests
-    prefix_start = fit(lines, slide_first, limit)  # the last prefix prompt is at the limit
-    prefix = [flat(lines, prefix_start, prefix_end0 + i) for i in range(requests + 1)]
+    slide = [flat(lines, fit(lines, end, limit), end) for end in range(slide_end0, total + 1)]
+    prefix_last = slide_end0 - 1
+    prefix_start = fit(lines, prefix_last, limit)  # the last prefix prompt is at the limit
+    prefix = [flat(lines, prefix_start, prefix_last - requests + i) for i in range(requests + 1)]
     colds, end = [], prefix_start
     for _ in range(cold + 1):
         start = fit(lines, end, limit)
