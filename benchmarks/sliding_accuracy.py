@@ -32,7 +32,7 @@ import numpy as np
 def main() -> None:
     from tokenizers import Tokenizer
 
-    from fastpilot.backends.llamacpp_native import NativeBatch, load_library, new_context
+    from fastpilot.backends.llamacpp_native import NativeBatch, context_params, load_library
     from fastpilot.backends.sampling import log_softmax
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,7 +48,17 @@ def main() -> None:
     if not model:
         raise SystemExit(f"cannot load {args.model / 'model.gguf'}")
     n_ctx = args.tokens * 2 + args.greedy + 64
-    ctx = new_context(lib, model, n_ctx, 3, n_ctx, 2, None, 0)
+    cparams = context_params(
+        lib,
+        n_ctx=3 * n_ctx,
+        n_seq=3,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        threads=2,
+        threads_batch=2,
+        flash_attn=False,
+    )
+    ctx = lib.llama_init_from_model(model, cparams)
     mem = lib.llama_get_memory(ctx)
     batch = NativeBatch(lib, n_ctx)
     vocab = lib.llama_model_get_vocab(model)

@@ -88,13 +88,24 @@ class Exact:
     ones past the reused run, go on at the old positions. Raw llama.cpp, one sequence."""
 
     def __init__(self, path: Path) -> None:
-        from fastpilot.backends.llamacpp_native import NativeBatch, load_library, new_context
+        from fastpilot.backends.llamacpp_native import NativeBatch, context_params, load_library
 
         lib = self.lib = load_library()
         params = lib.llama_model_default_params()
         self.model = lib.llama_model_load_from_file(str(find_gguf(path)).encode(), params)
         assert self.model
-        self.ctx = new_context(lib, self.model, 256, 1, 256, 2, None, 0)
+        cparams = context_params(
+            lib,
+            n_ctx=256,
+            n_seq=1,
+            n_batch=256,
+            n_ubatch=256,
+            threads=2,
+            threads_batch=2,
+            flash_attn=False,
+        )
+        self.ctx = lib.llama_init_from_model(self.model, cparams)
+        assert self.ctx
         self.mem = lib.llama_get_memory(self.ctx)
         self.batch = NativeBatch(lib, 256)
         self.rows = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model)))
