@@ -495,6 +495,21 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
             report["kernels"]["table"],
             "",
         ]
+    if report.get("sliding"):
+        from benchmarks.sliding import table as sliding_table
+
+        L += [
+            "## Prompt cache when the window slides",
+            "",
+            "`benchmarks/sliding.py`: one-token completions of token-id prompts from the "
+            "stdlib's `typing.py`, one slot; cold = a fresh window at the context limit, "
+            "prefix = the last prompt plus a line, slide = the window at the limit moved down "
+            "a line. ms: median (range); evaluated: prompt tokens minus `cached_tokens`. "
+            "`-prefix` rows: `--cache-reuse 0` (fastpilot) / no `--cache-reuse` (llama-server).",
+            "",
+            sliding_table(report["sliding"]),
+            "",
+        ]
     if report["notes"]:
         L += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
     L += [

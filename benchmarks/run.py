@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "--contenders",
         default=(
             "floors,fastpilot,llama-server,llama-cpp-python,transformers,speculative,"
-            "overhead,kernels"
+            "overhead,kernels,sliding"
         ),
     )
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -406,6 +406,23 @@ def main(argv: list[str] | None = None) -> int:
             reps = 1 if args.quick else 3
             report["speculative"] = section(spec, args.threads, server_bin is not None, reps)
 
+        def run_sliding() -> None:
+            """Cold / prefix-hit / slid-window TTFT on the rotary (CodeGen) Q4_K_M files."""
+            if time.monotonic() - t_start > args.budget:
+                report["notes"].append(f"sliding: skipped, budget of {args.budget:.0f}s spent")
+                return
+            from benchmarks.sliding import section as sliding_section
+
+            # GPT-2's absolute positions cannot shift: only the rotary models' files.
+            slid = [
+                (f.model, f.directory)
+                for f in files
+                if SPECS[f.model].arch != "gpt2" and f.label == "gguf-q4_k_m"
+            ]
+            log("--- sliding window (prompt cache)")
+            reqs = 3 if args.quick else 6
+            report["sliding"] = sliding_section(slid, args.threads, server_bin is not None, reqs)
+
         for c, full, sessions in queue:
             # Right after the primary files' rows, before the decode-only secondaries.
             if not full and "speculative" in want and "speculative" not in report:
@@ -444,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             report["kernels"] = kernels_section(
                 gpt2[0].directory, args.threads, reps, server_bin is not None
             )
+        if "sliding" in want:
+            run_sliding()
     except KeyboardInterrupt:
         report["notes"].append("interrupted")
         raise

@@ -110,10 +110,10 @@ def backend_options(fmt: str, settings: Settings) -> dict[str, Any]:
     """``--slots``/``--max-queue`` (and llama.cpp's own flags) in each backend's own terms.
 
     llama.cpp decodes ``slots`` sequences in one context (one KV stream each) and
-    takes ``--speculative``/``--draft-max`` and the context's kernel settings
-    (``--flash-attn``, ``--ubatch``, ``--threads-batch``, ``--kv-type``,
-    ``--prefill-batch``); CTranslate2 batches up to ``max_batch`` sequences per
-    ``generate_batch`` and ignores them.
+    takes ``--speculative``/``--draft-max``, ``--cache-reuse`` and the context's
+    kernel settings (``--flash-attn``, ``--ubatch``, ``--threads-batch``,
+    ``--kv-type``, ``--prefill-batch``); CTranslate2 batches up to ``max_batch``
+    sequences per ``generate_batch`` and ignores them.
     """
     if fmt == "gguf":
         return {
@@ -126,6 +126,7 @@ def backend_options(fmt: str, settings: Settings) -> dict[str, Any]:
             "threads_batch": settings.threads_batch,
             "kv_type": settings.kv_type,
             "prefill_batch": settings.prefill_batch,
+            "cache_reuse": settings.cache_reuse,
         }
     return {"max_batch": settings.slots, "max_queue": settings.max_queue}
 

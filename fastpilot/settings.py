@@ -151,6 +151,18 @@ class Settings:
             kind="int",
         ),
     )
+    cache_reuse: int = field(
+        default=256,
+        metadata=_opt(
+            "Prompt cache for llama.cpp models with rotary positions (CodeGen, llama-family): "
+            "when a prompt's window slid, move cached runs of at least N tokens into place "
+            "instead of evaluating them again. Close to, not equal to, a cold evaluation: "
+            "the moved tokens still carry the context of the text that slid out. 0 turns it "
+            "off. GPT-2 (absolute positions) never shifts; CTranslate2 models ignore it.",
+            kind="int",
+            metavar="N",
+        ),
+    )
     max_queue: int = field(
         default=64,
         metadata=_opt(
@@ -319,6 +331,8 @@ class Settings:
         for name in (*names, "draft_max", "prefill_batch"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.cache_reuse < 0:
+            raise SettingsError("--cache-reuse must be 0 (off) or more")
         for name in ("ubatch", "threads_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")

@@ -59,6 +59,7 @@ from fastpilot.backends.llamacpp_native import (
     new_context,
     offload_layers,
     real_vocab_size,
+    shift_min_chunk,
 )
 from fastpilot.backends.llamacpp_tuning import DEFAULT_CACHE, decide
 from fastpilot.backends.sampling import SequenceSampler
@@ -114,6 +115,8 @@ class LlamaCppBackend(LlamaCppExtras):
             byte for byte, sampled text in distribution (with a seed, the same draws).
         draft_max: most tokens a sequence drafts per step; the batch grows by
             ``(SPEC_BUSY + 1) * draft_max`` tokens to hold them.
+        cache_reuse: move cached runs of >= this many tokens into place when the prompt
+            slid (:mod:`fastpilot.backends.kv_reuse`); 0 is off, as for non-RoPE models.
 
     Loading blocks (mmap + context allocation). The worker thread starts at once
     and is the only thread that touches the generation context.
@@ -140,9 +143,10 @@ class LlamaCppBackend(LlamaCppExtras):
         kernel_cache: str | os.PathLike[str] | None = DEFAULT_CACHE,
         speculative: str = "off",
         draft_max: int = 8,
+        cache_reuse: int = 0,
     ) -> None:
-        if min(slots, prompt_chunk, draft_max, prefill_batch, max_queue + 1) < 1:
-            raise ValueError("slots, prompt_chunk, prefill_batch, draft_max >= 1; max_queue >= 0")
+        if min(slots, prompt_chunk, draft_max, prefill_batch, max_queue + 1, cache_reuse + 1) < 1:
+            raise ValueError("slots, prompt_chunk, prefill_batch, draft_max >= 1; others >= 0")
         if speculative not in ("off", "ngram"):
             raise ValueError(f"speculative must be 'off' or 'ngram', not {speculative!r}")
         lib = self._lib = load_library()
@@ -182,6 +186,7 @@ class LlamaCppBackend(LlamaCppExtras):
             self.context_length = min(per_slot, int(lib.llama_n_ctx_seq(self._ctx)))
             self._mem = lib.llama_get_memory(self._ctx)
             self._rows = LogitsRows(lib, self._ctx, self._n_rows)
+            cache_reuse = shift_min_chunk(lib, self._model, self._mem, cache_reuse)
             self._batch = NativeBatch(lib, capacity)
             self._load_vocab(manifest)
             self.fim_tokens = read_fim_tokens(lib, self._vocab)  # engine/fim.py renders them
@@ -206,6 +211,7 @@ class LlamaCppBackend(LlamaCppExtras):
                 "prompt_chunk": prompt_chunk,
                 "prefill_batch": prefill_batch,
                 "kernels": self.kernels.to_json(),
+                "cache_reuse": cache_reuse,
                 "manifest": manifest.to_json() if manifest else {},
             },
         )
@@ -222,6 +228,7 @@ class LlamaCppBackend(LlamaCppExtras):
             speculative=spec,
             draft_max=draft_max,
             prefill_alone=prefill_batch,
+            cache_reuse=cache_reuse,
         )
         self._free = slots  # free slots, read by submit() under the lock
         self._closed = False

@@ -17,7 +17,7 @@ import numpy as np
 
 from fastpilot.backends.base import Step
 from fastpilot.backends.sampling import log_softmax, top_entries
-from fastpilot.backends.scheduler import BatchEntry, KvCopy, KvOp
+from fastpilot.backends.scheduler import BatchEntry, KvCopy, KvOp, KvShift
 from fastpilot.errors import BackendError, ContextLengthExceeded
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "NativeBatch",
     "PromptScorer",
     "apply_kv_ops",
+    "can_shift_positions",
     "context_params",
     "decode_entries",
     "LogitsRows",
@@ -34,6 +35,7 @@ __all__ = [
     "offload_layers",
     "read_pieces",
     "real_vocab_size",
+    "shift_min_chunk",
 ]
 
 _native_log = logging.getLogger("fastpilot.backends.llamacpp.native")
@@ -219,15 +221,43 @@ class NativeBatch:
 
 def apply_kv_ops(lib: Any, mem: Any, ops: Sequence[KvOp]) -> list[int]:
     """Apply a plan's KV ops in order; returns the slots cleared because a partial
-    removal was refused (memories that cannot drop a suffix: recurrent, SWA)."""
+    removal was refused (memories that cannot drop a suffix: recurrent, SWA).
+
+    A shift only moves positions; llama.cpp re-rotates the moved keys at the start of
+    the next ``llama_decode`` (one RoPE pass over the slot's cells per layer).
+    """
     restarted: list[int] = []
     for op in ops:
         if isinstance(op, KvCopy):
             lib.llama_memory_seq_cp(mem, op.src, op.dst, -1, -1)
-        elif not lib.llama_memory_seq_rm(mem, op.seq_id, op.start, -1) and op.start >= 0:
+        elif isinstance(op, KvShift):
+            lib.llama_memory_seq_add(mem, op.seq_id, op.start, op.end, op.delta)
+        elif not lib.llama_memory_seq_rm(mem, op.seq_id, op.start, op.end) and op.start >= 0:
             lib.llama_memory_seq_rm(mem, op.seq_id, -1, -1)
             restarted.append(op.seq_id)
     return restarted
+
+
+def can_shift_positions(lib: Any, model: Any, mem: Any) -> bool:
+    """Whether cached KV cells can be moved to other positions and stay valid.
+
+    Needs rotary positions: llama.cpp then re-rotates the moved keys. Its own
+    ``llama_memory_can_shift`` says yes for GPT-2 too (rope type NONE: the move is
+    only relabelling), but GPT-2 adds a learned embedding of the *absolute* position
+    to its input, so every cached key and value keeps the old position and moving
+    them would be wrong -- GPT-2 keeps the prefix cache only.
+    """
+    rotary = int(lib.llama_model_rope_type(model)) != lib.LLAMA_ROPE_TYPE_NONE
+    return rotary and bool(lib.llama_memory_can_shift(mem))
+
+
+def shift_min_chunk(lib: Any, model: Any, mem: Any, cache_reuse: int) -> int:
+    """``cache_reuse`` if this model's cached cells can move (:func:`can_shift_positions`),
+    else 0 -- logged, so that a GPT-2 served with ``--cache-reuse`` says why it never slides."""
+    if cache_reuse and not can_shift_positions(lib, model, mem):
+        _native_log.info("no rotary positions: the prompt cache reuses prefixes only")
+        return 0
+    return cache_reuse
 
 
 def decode_entries(

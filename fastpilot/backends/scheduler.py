@@ -16,11 +16,12 @@ Each sequence moves ``WAITING -> PREFILLING -> DECODING -> FINISHED`` (see
 the scheduler remembers which tokens each slot's KV holds, which is the prompt
 cache:
 
-* **Slot choice** (:func:`choose_slot`): the free slot whose cached tokens share
-  the longest prefix with the prompt, when that prefix is at least
-  :data:`MIN_COPY` tokens; otherwise the free slot that keeps the busy slot ids
-  one run of consecutive integers (llama.cpp evaluates one graph per run of
-  consecutive sequence ids when every sequence has its own KV stream, so
+* **Slot choice** (:func:`choose_slot`): the free slot whose cached tokens save
+  the most prompt tokens -- the common prefix, plus with ``cache_reuse`` the runs
+  moved into place when the window slid (:mod:`fastpilot.backends.kv_reuse`) --
+  when that is at least :data:`MIN_COPY` tokens; otherwise the free slot that keeps
+  the busy slot ids one run of consecutive integers (llama.cpp evaluates one graph
+  per run of consecutive sequence ids when every sequence has its own KV stream, so
   ``{0, 1, 3}`` costs two weight passes per step where ``{0, 1, 2}`` costs one);
   then the least recently used.
 * **KV copy**: when a *busy* slot holds a prefix at least :data:`MIN_COPY`
@@ -55,6 +56,14 @@ from collections.abc import Iterable
 from typing import Generic
 
 from fastpilot.backends.base import FinishReason
+from fastpilot.backends.kv_reuse import (
+    MIN_COPY,
+    choose_slot,
+    common_prefix,
+    plan_reuse,
+    reuse_ops,
+    runs,
+)
 from fastpilot.backends.ngram import NgramDrafter
 from fastpilot.backends.prefill import batch_tokens, prefill_budget
 from fastpilot.backends.scheduler_state import (
@@ -62,6 +71,7 @@ from fastpilot.backends.scheduler_state import (
     KvCopy,
     KvOp,
     KvRemove,
+    KvShift,
     OwnerT,
     Plan,
     Sample,
@@ -78,6 +88,7 @@ __all__ = [
     "KvCopy",
     "KvOp",
     "KvRemove",
+    "KvShift",
     "Plan",
     "Sample",
     "Scheduler",
@@ -90,10 +101,6 @@ __all__ = [
     "common_prefix",
     "runs",
 ]
-
-# Fewest prompt tokens worth a cached prefix, or copying another slot's KV stream for.
-# The copy moves the whole stream (n_ctx cells x layers), about the cost of a few tokens.
-MIN_COPY = 16
 
 # Most tokens of *other* sequences a batch may hold for a sequence to still draft:
 # up to SPEC_BUSY + 1 streams speculate together; beyond that the batch is busy enough.
@@ -111,33 +118,6 @@ def batch_capacity(
     return batch_tokens(slots, prompt_chunk, (SPEC_BUSY + 1) * draft_max, prefill_alone)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def runs(ids: Iterable[int]) -> int:
-    """Maximal runs of consecutive integers in ``ids`` ({0, 1, 3} has two)."""
-    s = set(ids)
-    return sum(1 for i in s if i - 1 not in s)
-
-
-def choose_slot(slots: list[Slot], prompt: list[int]) -> Slot:
-    """The free slot for ``prompt``: a cached prefix of >= MIN_COPY tokens wins, else the
-    one keeping busy ids contiguous, else the least recently used; ties go to the lower id."""
-    busy = {s.seq_id for s in slots if s.busy}
-
-    def rank(s: Slot) -> tuple[int, int, int]:
-        shared = common_prefix(s.tokens, prompt)
-        return (shared if shared >= MIN_COPY else 0, -runs(busy | {s.seq_id}), -s.last_used)
-
-    return max((s for s in slots if not s.busy), key=rank)
-
-
 class Scheduler(Generic[OwnerT]):
     """Continuous-batching policy over ``slots`` KV streams; see the module docstring.
 
@@ -150,6 +130,9 @@ class Scheduler(Generic[OwnerT]):
         draft_max: most tokens one sequence drafts per step.
         prefill_alone: prompt tokens per step when no sequence is decoding
             (None: ``prompt_chunk``, one budget for every step).
+        cache_reuse: shortest run of cached tokens moved into place when the prompt
+            slid (:mod:`fastpilot.backends.kv_reuse`); 0 keeps the prefix cache only.
+            Only for memories that can shift positions (rotary models).
     """
 
     def __init__(
@@ -162,9 +145,11 @@ class Scheduler(Generic[OwnerT]):
         speculative: bool = False,
         draft_max: int = 8,
         prefill_alone: int | None = None,
+        cache_reuse: int = 0,
     ) -> None:
-        if slots < 1 or prompt_chunk < 1 or draft_max < 1:
-            raise ValueError("slots, prompt_chunk and draft_max must be >= 1")
+        if slots < 1 or prompt_chunk < 1 or draft_max < 1 or cache_reuse < 0:
+            raise ValueError("slots, prompt_chunk, draft_max must be >= 1, cache_reuse >= 0")
+        self.cache_reuse = cache_reuse
         self.speculative = speculative
         self.draft_max = draft_max
         self.slots = [Slot(i) for i in range(slots)]
@@ -180,6 +165,8 @@ class Scheduler(Generic[OwnerT]):
                 "cached_prompt_tokens",
                 "shared_prefills",
                 "prefix_copies",
+                "kv_shifts",
+                "shifted_prompt_tokens",
                 "draft_tokens_accepted",
                 "draft_tokens_rejected",
             ),
@@ -219,21 +206,21 @@ class Scheduler(Generic[OwnerT]):
     def _admit(self, seq: Seq[OwnerT]) -> None:
         prompt = seq.prompt
         leader = self._leader_for(prompt)
-        slot = choose_slot(self.slots, prompt)
-        shared = common_prefix(slot.tokens, prompt)
+        slot = choose_slot(self.slots, prompt, self.cache_reuse)
+        plan = plan_reuse(slot.tokens, prompt, self.cache_reuse)
         # A follower gets the leader's whole KV once that prefill ends: no donor.
         donor = None if leader is not None else self._donor_for(prompt)
-        if donor is not None and common_prefix(donor.tokens, prompt) >= shared + MIN_COPY:
+        if donor is not None and common_prefix(donor.tokens, prompt) >= plan.tokens + MIN_COPY:
             slot = self._lru_free()
             self._ops += [KvRemove(slot.seq_id), KvCopy(donor.seq_id, slot.seq_id)]
             slot.tokens = list(donor.tokens)
-            shared = common_prefix(slot.tokens, prompt)
+            plan = plan_reuse(slot.tokens, prompt, self.cache_reuse)
             self.counters["prefix_copies"] += 1
-        # Keep at least the last prompt token to evaluate: its logits pick the first token.
-        reuse = min(shared, len(prompt) - 1)
-        if reuse < len(slot.tokens):
-            self._ops.append(KvRemove(slot.seq_id, reuse))
-            del slot.tokens[reuse:]
+        # The plan keeps the last prompt token to evaluate: its logits pick the first token.
+        self._ops += reuse_ops(slot.seq_id, len(slot.tokens), plan)
+        slot.tokens, reuse = prompt[: plan.tokens], plan.tokens
+        self.counters["kv_shifts"] += bool(plan.chunks)
+        self.counters["shifted_prompt_tokens"] += plan.shifted
         slot.busy = True
         seq.slot, seq.state = slot, SeqState.PREFILLING
         seq.cached_tokens = reuse

@@ -2,10 +2,10 @@
 
 :class:`fastpilot.backends.scheduler.Scheduler` decides with them and the backend
 (:mod:`fastpilot.backends.llamacpp`, :mod:`fastpilot.backends.llamacpp_native`)
-executes them: a :class:`Plan` is the KV ops (:class:`KvRemove`, :class:`KvCopy`)
-and the :class:`BatchEntry` rows of one ``llama_decode``; a :class:`Sample` says
-which logits row to sample for a :class:`Seq`; a :class:`Verdict` is what the
-scheduler made of the sampled token. Every name here is re-exported by
+executes them: a :class:`Plan` is the KV ops (:class:`KvRemove`, :class:`KvCopy`,
+:class:`KvShift`) and the :class:`BatchEntry` rows of one ``llama_decode``; a
+:class:`Sample` says which logits row to sample for a :class:`Seq`; a
+:class:`Verdict` is what the scheduler made of the sampled token. Every name here is re-exported by
 :mod:`fastpilot.backends.scheduler`, the place to import them from.
 """
 
@@ -23,6 +23,7 @@ __all__ = [
     "KvCopy",
     "KvOp",
     "KvRemove",
+    "KvShift",
     "OwnerT",
     "Plan",
     "Sample",
@@ -79,7 +80,8 @@ class Seq(Generic[OwnerT]):
 
 @dataclass(frozen=True, slots=True)
 class KvRemove:
-    """Drop a slot's KV cells at positions ``>= start``; ``start == -1`` drops all of them.
+    """Drop a slot's KV cells at positions ``[start, end)`` (``end == -1``: to the last);
+    ``start == -1`` drops all of them.
 
     A partial removal may be refused by memories that cannot drop a suffix
     (recurrent, sliding-window); the executor then drops everything and calls
@@ -88,6 +90,21 @@ class KvRemove:
 
     seq_id: int
     start: int = -1
+    end: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class KvShift:
+    """Add ``delta`` to the positions of a slot's cells in ``[start, end)``
+    (``llama_memory_seq_add``; rotary models re-rotate those keys before the next decode).
+
+    Only emitted for memories that can shift (see :mod:`fastpilot.backends.kv_reuse`).
+    """
+
+    seq_id: int
+    start: int
+    end: int
+    delta: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +115,7 @@ class KvCopy:
     dst: int
 
 
-KvOp = KvRemove | KvCopy
+KvOp = KvRemove | KvCopy | KvShift
 
 
 @dataclass(frozen=True, slots=True)
