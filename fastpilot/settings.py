@@ -152,13 +152,13 @@ class Settings:
         ),
     )
     cache_reuse: int = field(
-        default=256,
+        default=0,
         metadata=_opt(
             "Prompt cache for llama.cpp models with rotary positions (CodeGen, llama-family): "
             "when a prompt's window slid, move cached runs of at least N tokens into place "
             "instead of evaluating them again. Close to, not equal to, a cold evaluation: "
-            "the moved tokens still carry the context of the text that slid out. 0 turns it "
-            "off. GPT-2 (absolute positions) never shifts; CTranslate2 models ignore it.",
+            "the moved tokens still carry the context of the text that slid out, so it is off "
+            "(0) unless asked; 256 suits editors. GPT-2 (absolute positions) never shifts; CTranslate2 models ignore it.",
             kind="int",
             metavar="N",
         ),

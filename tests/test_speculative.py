@@ -240,7 +240,7 @@ def test_settings_reach_the_llamacpp_options_only() -> None:
         "threads_batch": None,
         "kv_type": None,
         "prefill_batch": 1024,
-        "cache_reuse": 256,
+        "cache_reuse": 0,
     }
     assert "speculative" not in backend_options("ct2", s)  # CTranslate2 has no speculation
     assert load_settings([], environ={}).speculative == "off"
