@@ -376,10 +376,12 @@ class LlamaCppBackend(LlamaCppExtras):
     def _decode(self, entries: list[BatchEntry[_Request]]) -> int:
         t0 = time.perf_counter()
         rc = decode_entries(self._lib, self._ctx, self._mem, self._batch, entries)
-        self._counters["decode_seconds"] += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self._counters["decode_seconds"] += dt
         self._counters["decode_steps"] += 1
         if rc == 0:
             self._counters["tokens_evaluated"] += self._batch.n
+            self._sched.observe_decode(entries, dt)  # speculation sizes drafts by it
         return rc
 
     def _after_decode(self, entries: list[BatchEntry[_Request]]) -> None:
