@@ -15,13 +15,13 @@ from collections.abc import Callable
 import pytest
 
 from fastpilot.backends.base import FinishReason
-from fastpilot.backends.ngram import NgramDrafter
 from fastpilot.backends.draft_policy import (
     PRIOR_RATIO,
     Acceptance,
     DecodeCost,
     best_draft_len,
 )
+from fastpilot.backends.ngram import NgramDrafter
 from fastpilot.backends.scheduler import (
     SPEC_BUSY,
     KvRemove,
@@ -232,6 +232,10 @@ def test_acceptance_and_cost_estimates() -> None:
     for n in (1, 9, 1, 33, 5):  # t = 10 ms + 1 ms per token: ratio 1/11
         c.observe(n, 0.010 + 0.001 * n)
     assert c.ratio == pytest.approx(1 / 11, rel=1e-6)
+    c.pin(0.0)  # pinned: the fit is ignored until unpinned
+    assert c.ratio == 0.0 and best_draft_len(0.5, c.ratio, 8) == 8
+    c.pin(None)
+    assert c.ratio == pytest.approx(1 / 11, rel=1e-6)
 
 
 def test_no_drafting_when_the_batch_is_busy() -> None:
@@ -311,7 +315,8 @@ def test_settings_reach_the_llamacpp_options_only() -> None:
         "cache_reuse": 0,
     }
     assert "speculative" not in backend_options("ct2", s)  # CTranslate2 has no speculation
-    assert load_settings([], environ={}).speculative == "off"
+    defaults = load_settings([], environ={})
+    assert (defaults.speculative, defaults.draft_max) == ("ngram", 32)  # on by default
     with pytest.raises(SettingsError, match="--speculative must be one of off, ngram"):
         load_settings(["--speculative", "eagle"], environ={}).check()
     with pytest.raises(SettingsError, match="--draft-max"):

@@ -124,10 +124,16 @@ class DecodeCost:
     per chunk, a different cost per token).
     """
 
-    __slots__ = ("_w", "_n", "_t", "_nn", "_nt")
+    __slots__ = ("_w", "_n", "_t", "_nn", "_nt", "_pinned")
 
     def __init__(self) -> None:
         self._w = self._n = self._t = self._nn = self._nt = 0.0
+        self._pinned: float | None = None
+
+    def pin(self, ratio: float | None) -> None:
+        """Use ``ratio`` instead of the fit (``None``: the fit again). Tests pin 0 so that
+        drafts are as long as the acceptance allows whatever a loaded machine's timings say."""
+        self._pinned = ratio
 
     def observe(self, n_tokens: int, seconds: float) -> None:
         """One ``llama_decode`` of ``n_tokens`` tokens that took ``seconds``."""
@@ -142,6 +148,8 @@ class DecodeCost:
     def ratio(self) -> float:
         """``b / (a + b)``: one more token's cost relative to a one-token step, in
         ``[0.005, 1]``; :data:`PRIOR_RATIO` until batches of different sizes were seen."""
+        if self._pinned is not None:
+            return self._pinned
         w = self._w
         if w == 0:
             return PRIOR_RATIO

@@ -109,10 +109,10 @@ class LlamaCppBackend(LlamaCppExtras):
         flash_attn, n_ubatch, threads_batch, kv_type, kernel_cache: the context's kernels
             (:func:`fastpilot.backends.llamacpp_tuning.decide`; ``"auto"`` flash attention
             is measured once per model file and machine); ``self.kernels`` says the choice.
-        speculative: ``"off"`` or ``"ngram"``: draft tokens by n-gram lookup in the
-            prompt and output and verify them in the same decode (see
-            :mod:`fastpilot.backends.ngram`). Output is unchanged -- greedy text
-            byte for byte, sampled text in distribution (with a seed, the same draws).
+        speculative: ``"ngram"`` (default) or ``"off"``: draft tokens by n-gram lookup in
+            the prompt and output, verify them in the same decode, as many as the measured
+            acceptance and cost make pay (:mod:`fastpilot.backends.ngram`). Output is
+            unchanged -- greedy text byte for byte, sampled text in distribution.
         draft_max: most tokens a sequence drafts per step; the batch grows by
             ``(SPEC_BUSY + 1) * draft_max`` tokens to hold them.
         cache_reuse: move cached runs of >= this many tokens into place when the prompt
@@ -141,8 +141,8 @@ class LlamaCppBackend(LlamaCppExtras):
         threads_batch: int | None = None,
         kv_type: str | None = None,
         kernel_cache: str | os.PathLike[str] | None = DEFAULT_CACHE,
-        speculative: str = "off",
-        draft_max: int = 8,
+        speculative: str = "ngram",
+        draft_max: int = 32,
         cache_reuse: int = 0,
     ) -> None:
         if min(slots, prompt_chunk, draft_max, prefill_batch, max_queue + 1, cache_reuse + 1) < 1:
