@@ -7,15 +7,24 @@ speculation). The guess is only a proposal: the model verifies every drafted
 token in one batched ``llama_decode`` and the scheduler keeps the verified
 prefix (:mod:`fastpilot.backends.scheduler`).
 
-Matching: the last ``n`` tokens of the history (prompt + tokens generated so
-far) are looked up for ``n`` in :data:`NGRAM_SIZES`, longest first -- a longer
-match is a stronger hint, a bigram keeps drafting alive in short histories.
+Matching: the last ``n`` tokens of the history (the prompt -- for an infill
+request that includes the suffix, so the middle can run into it -- and the
+tokens generated so far) are looked up for ``n`` in :data:`NGRAM_SIZES`, longest
+first -- a longer match is a stronger hint, a bigram keeps drafting alive in
+short histories.
 Unigram matches are not used: they draft noise that costs verification work.
 Among equal-length matches the most recent wins (code nearby is the best
 predictor). A match may run into the current suffix; the draft then continues
 periodically (``a b a b`` drafts ``a b a ...``), which is what a loop does.
 
 Pure Python, no NumPy: one dict insert per size per token, O(1) per draft token.
+
+Compared with llama-server's ``ngram-mod`` (which drafts only after a 24-token
+match, 48 to 64 tokens or nothing, from one hash table shared by all slots):
+short matches draft here too, and how far to trust them is measured instead of
+fixed -- each sequence's acceptance and the decode cost decide the length
+(:mod:`fastpilot.backends.draft_policy`), so a loop is drafted 32 tokens at a
+time within a few steps while a short history still gets short drafts.
 
 How :class:`fastpilot.backends.scheduler.Scheduler` speculates with it:
 
