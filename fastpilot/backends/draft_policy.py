@@ -16,8 +16,9 @@ the longer batch costs. Both sides are measured, not fixed:
   a constant.
 * **Cost** (:class:`DecodeCost`): ``llama_decode`` time is fitted as ``a + b * n``
   over the decode-only batches of ``n`` tokens the backend runs (every token
-  asking for logits, as a verification does). ``b / (a + b)`` is what one more
-  drafted token costs relative to a one-token step: small for a small model on a
+  asking for logits, as a verification does), and the time a step spends outside
+  it (planning, sampling, emitting) is averaged as ``g``. ``b / (a + b + g)`` is
+  what one more drafted token costs relative to a one-token step: small for a small model on a
   GPU or a CPU whose step is bound by reading the weights, near 1 for a big model
   on a CPU whose batch is bound by arithmetic. Until two batch sizes were seen the
   ratio is :data:`PRIOR_RATIO`.
@@ -32,6 +33,8 @@ Pure Python; used only by the backend's worker thread (not thread-safe).
 """
 
 from __future__ import annotations
+
+import time
 
 __all__ = [
     "MODEL_WEIGHT",
@@ -52,6 +55,8 @@ SEQ_WEIGHT = 16.0
 MODEL_WEIGHT = 64.0
 # The cost fit's samples decay by this per decode (a half-life of ~35 steps).
 COST_DECAY = 0.98
+# A longer pause between two decodes is the worker idle, not a step's own work.
+IDLE_GAP = 0.05
 # A new sequence's counts weigh this many tokens of evidence.
 PRIOR_WEIGHT = 4.0
 # Below this a drafted token's chance of being reached adds nothing worth computing.
@@ -118,16 +123,23 @@ class Acceptance:
 
 
 class DecodeCost:
-    """Decode time as ``a + b * n`` by exponentially weighted least squares.
+    """What a step costs: ``llama_decode`` time as ``a + b * n`` by exponentially
+    weighted least squares, plus the step's time outside ``llama_decode``.
 
-    Only decode-only batches are observed (a prompt chunk asks for one logits row
-    per chunk, a different cost per token).
+    The fit uses decode-only batches (a prompt chunk asks for one logits row per
+    chunk, a different cost per token). The time between one decode's end and the
+    next one's start (planning, sampling, emitting; gaps over :data:`IDLE_GAP` are
+    the worker waiting for work and are skipped) is part of every step too: a
+    drafted token saves a whole step, not just its ``llama_decode``, which matters
+    most for a small model whose decode is as short as the Python around it.
     """
 
-    __slots__ = ("_w", "_n", "_t", "_nn", "_nt", "_pinned")
+    __slots__ = ("_w", "_n", "_t", "_nn", "_nt", "_gap", "_end", "_pinned")
 
     def __init__(self) -> None:
         self._w = self._n = self._t = self._nn = self._nt = 0.0
+        self._gap: float | None = None  # decayed mean time outside llama_decode per step
+        self._end: float | None = None  # when the last decode ended
         self._pinned: float | None = None
 
     def pin(self, ratio: float | None) -> None:
@@ -135,8 +147,21 @@ class DecodeCost:
         drafts are as long as the acceptance allows whatever a loaded machine's timings say."""
         self._pinned = ratio
 
-    def observe(self, n_tokens: int, seconds: float) -> None:
-        """One ``llama_decode`` of ``n_tokens`` tokens that took ``seconds``."""
+    def observe(
+        self, n_tokens: int, seconds: float, *, fit: bool = True, now: float | None = None
+    ) -> None:
+        """One ``llama_decode`` of ``n_tokens`` tokens took ``seconds`` and ended at
+        ``now`` (``time.perf_counter()``); ``fit``: a decode-only batch."""
+        now = time.perf_counter() if now is None else now
+        if self._end is not None:
+            gap = now - seconds - self._end
+            if 0.0 <= gap < IDLE_GAP:
+                self._gap = (
+                    gap if self._gap is None else self._gap * COST_DECAY + gap * (1 - COST_DECAY)
+                )
+        self._end = now
+        if not fit:
+            return
         d = COST_DECAY
         self._w = self._w * d + 1.0
         self._n = self._n * d + n_tokens
@@ -146,7 +171,7 @@ class DecodeCost:
 
     @property
     def ratio(self) -> float:
-        """``b / (a + b)``: one more token's cost relative to a one-token step, in
+        """``b / (a + b + gap)``: one more token's cost relative to a one-token step, in
         ``[0.005, 1]``; :data:`PRIOR_RATIO` until batches of different sizes were seen."""
         if self._pinned is not None:
             return self._pinned
@@ -158,9 +183,9 @@ class DecodeCost:
         if var_n < 0.1:  # (nearly) one batch size so far: no slope to fit
             return PRIOR_RATIO
         b = (self._nt / w - mean_n * mean_t) / var_n
-        a = mean_t - b * mean_n
+        step = mean_t - b * mean_n + b + (self._gap or 0.0)  # a + b + gap
         if b <= 0:
             return 0.005
-        if a + b <= 0:
+        if step <= 0:
             return 1.0
-        return min(1.0, max(0.005, b / (a + b)))
+        return min(1.0, max(0.005, b / step))

@@ -321,10 +321,11 @@ class Scheduler(Generic[OwnerT]):
         return seq.drafter.propose(room, self.draft_cost.ratio)
 
     def observe_decode(self, entries: Sequence[BatchEntry[OwnerT]], seconds: float) -> None:
-        """``llama_decode`` of ``entries`` took ``seconds``; with speculation, decode-only
-        batches (logits for every token, as a verification asks) are the draft cost's samples."""
-        if self.speculative and all(e.n_logits == len(e.tokens) for e in entries):
-            self.draft_cost.observe(sum(len(e.tokens) for e in entries), seconds)
+        """``llama_decode`` of ``entries`` just took ``seconds``: with speculation, the draft
+        cost's sample (fitted when decode-only: logits for every token, as in a verification)."""
+        if self.speculative:
+            fit = all(e.n_logits == len(e.tokens) for e in entries)
+            self.draft_cost.observe(sum(len(e.tokens) for e in entries), seconds, fit=fit)
 
     @staticmethod
     def _entry(seq: Seq[OwnerT], tokens: list[int], n_logits: int) -> BatchEntry[OwnerT]:
