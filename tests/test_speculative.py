@@ -161,7 +161,7 @@ def test_draft_length_follows_the_measured_acceptance() -> None:
     # The model follows the loop: every draft holds, the acceptance estimate rises and
     # the drafts lengthen to draft_max.
     lengths = [drafted(loop_model) for _ in range(6)]
-    assert lengths[0] == 6 and lengths == sorted(lengths) and lengths[-1] == 40
+    assert lengths == [6, 12, 24, 40, 40, 40]  # twice the last whole-accepted draft
     assert s.counters["draft_tokens_rejected"] == 0
     assert seq.drafter is not None and seq.drafter.acceptance.rate > 0.95
     # Refused at once, again and again: the estimate falls and the drafts shorten
@@ -169,7 +169,8 @@ def test_draft_length_follows_the_measured_acceptance() -> None:
     refused = [n for n in (drafted(lambda q, i: [99, 5, 6, 7, 8][i % 5]) for _ in range(12)) if n]
     assert refused[0] == 40 and refused[-1] < 10 and refused == sorted(refused, reverse=True)
     # A new sequence starts from the model's recent rate, not from scratch.
-    assert 0.75 < s.acceptance.rate < seq.drafter.acceptance.rate + 0.2
+    # (the model-wide counts remember longer: less moved by the refusals)
+    assert seq.drafter.acceptance.rate < s.acceptance.rate < 1
     fresh = decoding(s, [3] + LOOP * 8, max_tokens=1000)
     assert fresh.drafter is not None
     assert fresh.drafter.acceptance.rate == pytest.approx(s.acceptance.rate)

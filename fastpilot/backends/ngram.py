@@ -53,8 +53,9 @@ How :class:`fastpilot.backends.scheduler.Scheduler` speculates with it:
 * **Adapting**: each draft's length is the one with the most expected tokens per
   unit of step cost, from this sequence's measured acceptance (starting from the
   model's recent rate) and the measured cost of a longer batch
-  (:mod:`fastpilot.backends.draft_policy`), within ``--draft-max``; a sequence whose
-  drafts keep failing stops drafting, one that loops drafts long. Drafts never
+  (:mod:`fastpilot.backends.draft_policy`), within ``--draft-max``; a draft accepted
+  whole makes the next at least twice as long (acceptance comes in runs: a loop).
+  A sequence whose drafts keep failing stops drafting, one that loops drafts long. Drafts never
   exceed what ``max_tokens`` or the context can still take. A memory that refuses
   the rollback (recurrent, sliding-window) makes the sequence re-evaluate its
   tokens once and turns speculation off.
@@ -88,7 +89,7 @@ class NgramDrafter:
             :meth:`verified`.
     """
 
-    __slots__ = ("tokens", "sizes", "_index", "acceptance", "model_acceptance")
+    __slots__ = ("tokens", "sizes", "_index", "acceptance", "model_acceptance", "_streak")
 
     def __init__(
         self,
@@ -104,6 +105,9 @@ class NgramDrafter:
         # model's counts learn from every verification of every sequence.
         self.model_acceptance = model_acceptance
         self.acceptance = model_acceptance.prior() if model_acceptance else Acceptance()
+        # After a fully accepted draft, the next is at least twice as long: acceptance
+        # comes in runs (a loop), which the averaged estimate is slow to show.
+        self._streak = 0
         # n-gram -> index of the token that followed its most recent occurrence.
         # The n-gram ending at the last token is not indexed yet (nothing follows it),
         # so a lookup of the current suffix finds an *earlier* occurrence.
@@ -132,15 +136,18 @@ class NgramDrafter:
         """The draft worth verifying now: :meth:`draft` of the length
         :func:`~fastpilot.backends.draft_policy.best_draft_len` picks from this
         sequence's acceptance and ``cost_ratio`` (one more batch token's cost relative
-        to a one-token step), at most ``k_max``. Empty without a match."""
+        to a one-token step) -- or twice the last draft when that was accepted whole,
+        if longer -- at most ``k_max``. Empty without a match."""
         start = self._match() if k_max >= 1 else None
         if start is None:
             return []
-        return self._follow(start, best_draft_len(self.acceptance.rate, cost_ratio, k_max))
+        k = max(best_draft_len(self.acceptance.rate, cost_ratio, k_max), self._streak)
+        return self._follow(start, min(k, k_max))
 
     def verified(self, drafted: int, accepted: int) -> None:
         """A verification ended: ``accepted`` of ``drafted`` tokens held (a miss if fewer)."""
         missed = accepted < drafted
+        self._streak = 0 if missed else 2 * drafted
         self.acceptance.record(accepted, missed, SEQ_WEIGHT)
         if self.model_acceptance is not None:
             self.model_acceptance.record(accepted, missed, MODEL_WEIGHT)
