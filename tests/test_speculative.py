@@ -161,7 +161,7 @@ def test_draft_length_follows_the_measured_acceptance() -> None:
     # The model follows the loop: every draft holds, the acceptance estimate rises and
     # the drafts lengthen to draft_max.
     lengths = [drafted(loop_model) for _ in range(6)]
-    assert lengths == [6, 12, 24, 40, 40, 40]  # twice the last whole-accepted draft
+    assert lengths == [6, 12, 20, 33, 40, 40]
     assert s.counters["draft_tokens_rejected"] == 0
     assert seq.drafter is not None and seq.drafter.acceptance.rate > 0.95
     # Refused at once, again and again: the estimate falls and the drafts shorten
@@ -174,6 +174,18 @@ def test_draft_length_follows_the_measured_acceptance() -> None:
     fresh = decoding(s, [3] + LOOP * 8, max_tokens=1000)
     assert fresh.drafter is not None
     assert fresh.drafter.acceptance.rate == pytest.approx(s.acceptance.rate)
+
+
+def test_a_run_of_accepted_drafts_counts_as_acceptance() -> None:
+    """After n drafted tokens accepted in a row the draft is sized for p = n / (n + 1),
+    even when the sequence's average says less; a refusal ends the run."""
+    d = NgramDrafter(LOOP * 8)
+    d.acceptance = Acceptance(8.0, 8.0)  # a history of refusals: p = 0.5
+    d.verified(10, 10)
+    assert d.acceptance.rate < 0.75
+    assert len(d.propose(40, PRIOR_RATIO)) == best_draft_len(10 / 11, PRIOR_RATIO, 40) > 12
+    d.verified(20, 3)  # refused at the fourth: the run is over
+    assert len(d.propose(40, PRIOR_RATIO)) == best_draft_len(d.acceptance.rate, PRIOR_RATIO, 40)
 
 
 def test_costly_verification_shortens_the_drafts() -> None:

@@ -25,9 +25,9 @@ the longer batch costs. Both sides are measured, not fixed:
 
 :func:`best_draft_len` picks the ``k`` (up to ``--draft-max``) that maximizes
 expected tokens per unit of step cost, ``(1 + p + ... + p^k) / (1 + r * k)``; the
-drafter (:mod:`fastpilot.backends.ngram`) doubles a draft that was accepted whole
-instead when that is longer, since acceptance comes in runs (a loop) that an
-average over the last 16 tokens is slow to show.
+drafter (:mod:`fastpilot.backends.ngram`) passes ``n / (n + 1)`` as ``p`` instead
+after a run of ``n`` accepted drafted tokens when that is higher, since acceptance
+comes in runs (a loop) that an average over the last 16 tokens is slow to show.
 Speculating never changes the text (the sampler decides every token, see
 :mod:`fastpilot.backends.ngram`); this only decides how much verification work
 is worth spending. The cost is wall time, so on a loaded machine drafts shorten.

@@ -53,8 +53,10 @@ How :class:`fastpilot.backends.scheduler.Scheduler` speculates with it:
 * **Adapting**: each draft's length is the one with the most expected tokens per
   unit of step cost, from this sequence's measured acceptance (starting from the
   model's recent rate) and the measured cost of a longer batch
-  (:mod:`fastpilot.backends.draft_policy`), within ``--draft-max``; a draft accepted
-  whole makes the next at least twice as long (acceptance comes in runs: a loop).
+  (:mod:`fastpilot.backends.draft_policy`), within ``--draft-max``; a run of ``n``
+  drafted tokens accepted since the last refusal counts as acceptance ``n / (n + 1)``
+  (acceptance comes in runs: a loop), so drafts lengthen fast where verifying is
+  cheap and stay short where it is not.
   A sequence whose drafts keep failing stops drafting, one that loops drafts long. Drafts never
   exceed what ``max_tokens`` or the context can still take. A memory that refuses
   the rollback (recurrent, sliding-window) makes the sequence re-evaluate its
@@ -105,8 +107,9 @@ class NgramDrafter:
         # model's counts learn from every verification of every sequence.
         self.model_acceptance = model_acceptance
         self.acceptance = model_acceptance.prior() if model_acceptance else Acceptance()
-        # After a fully accepted draft, the next is at least twice as long: acceptance
-        # comes in runs (a loop), which the averaged estimate is slow to show.
+        # Drafted tokens accepted since the last refusal: acceptance comes in runs (a
+        # loop), which the averaged estimate is slow to show; a run of n is evidence
+        # for p = n / (n + 1).
         self._streak = 0
         # n-gram -> index of the token that followed its most recent occurrence.
         # The n-gram ending at the last token is not indexed yet (nothing follows it),
@@ -136,18 +139,20 @@ class NgramDrafter:
         """The draft worth verifying now: :meth:`draft` of the length
         :func:`~fastpilot.backends.draft_policy.best_draft_len` picks from this
         sequence's acceptance and ``cost_ratio`` (one more batch token's cost relative
-        to a one-token step) -- or twice the last draft when that was accepted whole,
-        if longer -- at most ``k_max``. Empty without a match."""
+        to a one-token step), at most ``k_max``; the acceptance is the sequence's
+        estimate or, when higher, ``n / (n + 1)`` after a run of ``n`` accepted drafted
+        tokens. Empty without a match."""
         start = self._match() if k_max >= 1 else None
         if start is None:
             return []
-        k = max(best_draft_len(self.acceptance.rate, cost_ratio, k_max), self._streak)
-        return self._follow(start, min(k, k_max))
+        run = self._streak / (self._streak + 1)
+        k = best_draft_len(max(self.acceptance.rate, run), cost_ratio, k_max)
+        return self._follow(start, k)
 
     def verified(self, drafted: int, accepted: int) -> None:
         """A verification ended: ``accepted`` of ``drafted`` tokens held (a miss if fewer)."""
         missed = accepted < drafted
-        self._streak = 0 if missed else 2 * drafted
+        self._streak = 0 if missed else self._streak + accepted
         self.acceptance.record(accepted, missed, SEQ_WEIGHT)
         if self.model_acceptance is not None:
             self.model_acceptance.record(accepted, missed, MODEL_WEIGHT)
