@@ -194,12 +194,12 @@ def test_costly_verification_shortens_the_drafts() -> None:
     for per_token in (0.001, 0.5):  # seconds per extra token over a 1 s step
         s = spec(draft_max=64)
         for n in (1, 2, 5, 9, 1, 17):
-            s.observe_decode([_fake_entry(n)], 1.0 + per_token * (n - 1))
+            s.draft_cost.observe_batch([_fake_entry(n)], 1.0 + per_token * (n - 1))
         decoding(s, LOOP * 8)
         lengths.append(len(s.plan_step().entries[0].tokens) - 1)
     assert lengths[0] > lengths[1] >= 1
     s = spec()
-    s.observe_decode([_fake_entry(3, n_logits=1)], 99.0)  # a prompt chunk: not a sample
+    s.draft_cost.observe_batch([_fake_entry(3, n_logits=1)], 99.0)  # a prompt chunk: not a sample
     assert s.draft_cost.ratio == PRIOR_RATIO
 
 

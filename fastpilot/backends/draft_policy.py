@@ -38,6 +38,8 @@ Pure Python; used only by the backend's worker thread (not thread-safe).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "MODEL_WEIGHT",
@@ -171,6 +173,16 @@ class DecodeCost:
         self._t = self._t * d + seconds
         self._nn = self._nn * d + n_tokens * n_tokens
         self._nt = self._nt * d + n_tokens * seconds
+
+    def observe_batch(self, entries: Iterable[Any], seconds: float) -> None:
+        """The backend's ``llama_decode`` of a plan's entries (:class:`BatchEntry`) just
+        took ``seconds``; fitted when decode-only (logits for every token, as in a
+        verification), its gap to the previous decode counted either way."""
+        n, fit = 0, True
+        for e in entries:
+            n += len(e.tokens)
+            fit = fit and e.n_logits == len(e.tokens)
+        self.observe(n, seconds, fit=fit)
 
     @property
     def ratio(self) -> float:

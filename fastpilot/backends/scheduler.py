@@ -52,7 +52,7 @@ Not thread-safe: only the backend's worker thread uses a scheduler.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Generic
 
 from fastpilot.backends.base import FinishReason
@@ -125,8 +125,7 @@ class Scheduler(Generic[OwnerT]):
         prompt_chunk: prompt tokens per step, shared by every prefilling sequence.
         context_length: cells per slot; a sequence finishes ``LENGTH`` when full.
         eos_token_ids: tokens that finish a sequence ``STOP`` (no step is pushed).
-        speculative: draft tokens by n-gram lookup and verify them in the batch.
-        draft_max: most tokens one sequence drafts per step.
+        speculative, draft_max: n-gram drafts of up to this many tokens, verified in the batch.
         prefill_alone: prompt tokens per step when no sequence is decoding
             (None: ``prompt_chunk``, one budget for every step).
         cache_reuse: shortest run of cached tokens moved into place when the prompt
@@ -173,9 +172,8 @@ class Scheduler(Generic[OwnerT]):
         )
         self._ops: list[KvOp] = []
         self._clock = 0
-        # Draft lengths follow these (fastpilot.backends.draft_policy).
-        self.acceptance = Acceptance()  # every sequence's verifications
-        self.draft_cost = DecodeCost()  # decode-only batches, fed by observe_decode
+        self.acceptance = Acceptance()  # every sequence's verifications (draft_policy.py)
+        self.draft_cost = DecodeCost()  # step times, fed by the backend (draft_policy.py)
 
     @property
     def capacity(self) -> int:
@@ -308,9 +306,8 @@ class Scheduler(Generic[OwnerT]):
         return Plan(self.take_kv_ops(), tuple(entries))
 
     def _drafts(self, seq: Seq[OwnerT]) -> list[int]:
-        """The n-gram drafts worth verifying (length from the measured acceptance and
-        decode cost), at most draft_max and no more than max_tokens and the context
-        can still take (the token after the drafts is the model's own)."""
+        """The n-gram drafts worth verifying (draft_policy.py), at most draft_max, max_tokens
+        and the context can still take (the token after the drafts is the model's own)."""
         assert seq.slot is not None and seq.drafter is not None
         room = min(
             self.draft_max,
@@ -319,13 +316,6 @@ class Scheduler(Generic[OwnerT]):
             self.context_length - len(seq.slot.tokens) - 2,
         )
         return seq.drafter.propose(room, self.draft_cost.ratio)
-
-    def observe_decode(self, entries: Sequence[BatchEntry[OwnerT]], seconds: float) -> None:
-        """``llama_decode`` of ``entries`` just took ``seconds``: with speculation, the draft
-        cost's sample (fitted when decode-only: logits for every token, as in a verification)."""
-        if self.speculative:
-            fit = all(e.n_logits == len(e.tokens) for e in entries)
-            self.draft_cost.observe(sum(len(e.tokens) for e in entries), seconds, fit=fit)
 
     @staticmethod
     def _entry(seq: Seq[OwnerT], tokens: list[int], n_logits: int) -> BatchEntry[OwnerT]:
@@ -396,8 +386,7 @@ class Scheduler(Generic[OwnerT]):
             return Verdict(emit=False, finish=FinishReason.STOP)
         seq.generated += 1
         assert seq.slot is not None
-        drafter = seq.drafter
-        if drafter is not None:
+        if (drafter := seq.drafter) is not None:
             drafter.extend((token,))
         # The KV holds len(tokens); the token just sampled would take one more cell.
         if seq.generated >= seq.max_tokens or len(seq.slot.tokens) + 1 >= self.context_length:
