@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         queue.sort(key=lambda q: not q[1])
 
         def run_speculative() -> None:
-            """n-gram speculation off/on, fastpilot and llama-server, single stream."""
+            """n-gram speculation off/on, fastpilot and llama-server, 1 and 8 clients."""
             if time.monotonic() - t_start > args.budget:
                 report["notes"].append(f"speculative: skipped, budget of {args.budget:.0f}s spent")
                 report["speculative"] = []  # asked once only
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             tiny = HERE.parent / "models" / "tiny-py" / "gguf-q4_k_m"  # `make convert` output
             if (tiny / "model.gguf").is_file():
                 spec.append(("tiny-py", tiny))
-            log("--- speculative (single stream)")
+            log("--- speculative (1 and 8 clients)")
             reps = 1 if args.quick else 3
             report["speculative"] = section(spec, args.threads, server_bin is not None, reps)
 

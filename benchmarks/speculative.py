@@ -1,11 +1,17 @@
 """Does n-gram speculation pay? fastpilot and llama-server, speculation off and on.
 
-``python -m benchmarks.speculative --model NAME=DIR [--model ...] [--clients 1,8]``
-prints one JSON line per run and a table. Each contender is one server at a time,
+``python -m benchmarks.speculative [--models tiny-py,gpt2-117m,codegen-350m]
+[--model NAME=DIR ...] [--clients 1,8]`` prints one JSON line per run, a table and the
+ratios the issue's targets are stated in. ``--models`` names tiny-py (``make
+convert``'s ``models/tiny-py/gguf-q4_k_m``) and the random-weight GPT-2-117M- and
+CodeGen-350M-shaped Q4_K_M files of :mod:`benchmarks.models` (built when missing);
+``--model`` adds any GGUF directory. Each contender is one server at a time,
 single-stream (``--clients 1``) or N concurrent streams:
 
-* ``fastpilot-off``: ``fastpilot serve --speculative off`` (the default);
-* ``fastpilot-ngram``: ``fastpilot serve --speculative ngram --draft-max D``;
+* ``fastpilot-off``: ``fastpilot serve --speculative off``;
+* ``fastpilot-ngram``: ``fastpilot serve --speculative ngram`` (the default) with its
+  default ``--draft-max``, or ``--draft-max D`` when ``--draft-max`` is given;
+  ``fastpilot-ngram@D`` runs ``--draft-max D`` (several can be compared in one run);
 * ``llama-server``: llama.cpp's own server, built by :mod:`benchmarks.llama_server_build`;
 * ``llama-server-ngram-mod``: the same with ``--spec-type ngram-mod`` and its default
   draft sizes (skipped when its ``--help`` does not list ``ngram-mod``).
@@ -44,6 +50,9 @@ from benchmarks.llama_server_build import server_path
 from benchmarks.procs import Managed, free_port
 
 CONTENDERS = ("fastpilot-off", "fastpilot-ngram", "llama-server", "llama-server-ngram-mod")
+# The issue-12 models: tiny-py (trained on code: real acceptance) and the random-weight files.
+MODELS = ("tiny-py", "gpt2-117m", "codegen-350m")
+TINY_PY = Path(__file__).resolve().parent.parent / "models" / "tiny-py" / "gguf-q4_k_m"
 # Held out of tiny-py's training set (conversion/tiny_py/MODEL_CARD.md): not memorized.
 SOURCE = Path(sysconfig.get_paths()["stdlib"]) / "ast.py"
 
@@ -112,8 +121,11 @@ def _argv(contender: str, directory: Path, port: int, args: argparse.Namespace, 
         argv = [sys.executable, "-c", "from fastpilot.cli import main; raise SystemExit(main())"]
         argv += ["serve", "--model", f"m={directory}", "--port", str(port)]
         argv += ["--threads", t, "--slots", str(n)]
-        if contender == "fastpilot-ngram":
-            argv += ["--speculative", "ngram", "--draft-max", str(args.draft_max)]
+        if contender.startswith("fastpilot-ngram"):
+            argv += ["--speculative", "ngram"]
+            draft_max = contender.partition("@")[2] or args.draft_max
+            if draft_max:
+                argv += ["--draft-max", str(draft_max)]
         else:
             argv += ["--speculative", "off"]
         return argv
@@ -247,15 +259,21 @@ def table(rows: list[dict]) -> str:
 
 
 def section(
-    models: list[tuple[str, Path]], threads: int, llama_server: bool, repeats: int = 3
+    models: list[tuple[str, Path]],
+    threads: int,
+    llama_server: bool,
+    repeats: int = 3,
+    clients: tuple[int, ...] = (1, 8),
 ) -> list[dict]:
-    """The single-stream rows for ``python -m benchmarks.run`` (its ``speculative`` section).
+    """The rows for ``python -m benchmarks.run`` (its ``speculative`` section).
 
     ``llama_server``: include the llama-server rows (plain, and ``ngram-mod`` when this
-    build has it). A contender that fails is left out; the error goes to stderr.
+    build has it). Every contender runs single-stream and with 8 clients (the
+    8-client gate: speculation must not cost throughput). A contender that fails is
+    left out; the error goes to stderr.
     """
     args = argparse.Namespace(
-        threads=threads, tokens=160, repeats=repeats, draft_max=8, prompt_chars=600
+        threads=threads, tokens=160, repeats=repeats, draft_max=None, prompt_chars=600
     )
     names = list(CONTENDERS[:2])
     if llama_server:
@@ -264,23 +282,81 @@ def section(
             names.append("llama-server-ngram-mod")
     rows: list[dict] = []
     for name, directory in models:
-        for c in names:
-            try:
-                rows.extend(measure(c, name, directory, args, 1))
-            except (RuntimeError, OSError) as ex:
-                print(f"[speculative] {c} on {name} failed: {ex}", file=sys.stderr, flush=True)
+        for n in clients:
+            for c in names:
+                try:
+                    rows.extend(measure(c, name, directory, args, n))
+                except (RuntimeError, OSError) as ex:
+                    print(f"[speculative] {c} on {name} failed: {ex}", file=sys.stderr, flush=True)
     return rows
+
+
+def ratios(rows: list[dict]) -> list[str]:
+    """The issue-12 ratios from the medians of one run, one line each."""
+    med: dict[tuple, float] = {}
+    keys: dict[tuple, list[dict]] = {}
+    for r in rows:
+        keys.setdefault((r["model"], r["clients"], r["contender"]), []).append(r)
+    for k, rs in keys.items():
+        d = [r["decode_tok_s"] for r in rs if r["decode_tok_s"] is not None]
+        med[k + ("decode",)] = statistics.median(d) if d else float("nan")
+        med[k + ("aggregate",)] = statistics.median(r["aggregate_tok_s"] for r in rs)
+    out = []
+    pairs = (
+        (1, "decode", "fastpilot-ngram", "llama-server-ngram-mod"),
+        (1, "decode", "fastpilot-off", "llama-server"),
+        (1, "decode", "fastpilot-ngram", "fastpilot-off"),
+        (1, "decode", "llama-server-ngram-mod", "llama-server"),
+        (1, "aggregate", "fastpilot-ngram", "llama-server-ngram-mod"),
+        (8, "aggregate", "fastpilot-ngram", "fastpilot-off"),
+        (8, "aggregate", "fastpilot-ngram", "llama-server"),
+    )
+    variants = [c for c in dict.fromkeys(r["contender"] for r in rows) if "ngram@" in c]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for n, what, a, b in pairs:
+            # fastpilot-ngram@D variants are compared like fastpilot-ngram.
+            for a2 in [a] + (variants if a == "fastpilot-ngram" else []):
+                x, y = med.get((model, n, a2, what)), med.get((model, n, b, what))
+                if x and y:
+                    out.append(f"{model} {n} client(s) {what}: {a2} / {b} = {x / y:.2f}")
+    return out
+
+
+def resolve(names: list[str], tiny_py: Path = TINY_PY) -> list[tuple[str, Path]]:
+    """(name, GGUF directory) for tiny-py and the :mod:`benchmarks.models` names
+    (building missing random-weight files); tiny-py is skipped with a note when
+    ``make convert`` has not made it."""
+    from benchmarks.models import prepare
+
+    out: list[tuple[str, Path]] = []
+    for name in names:
+        if name == "tiny-py":
+            if (tiny_py / "model.gguf").is_file():
+                out.append((name, tiny_py))
+            else:
+                print(f"tiny-py skipped: {tiny_py} missing (make convert)", file=sys.stderr)
+            continue
+        logs = Path("/tmp/speculative-build-logs")
+        logs.mkdir(exist_ok=True)
+        out += [(f.model, f.directory) for f in prepare([name], ["gguf-q4_k_m"], logs)]
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", required=True, help="NAME=DIR (a GGUF model)")
+    ap.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated: tiny-py and benchmarks.models names ('' for none)",
+    )
+    ap.add_argument("--model", action="append", default=[], help="NAME=DIR (any GGUF model)")
+    ap.add_argument("--tiny-py", type=Path, default=TINY_PY, help="tiny-py's Q4_K_M directory")
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
-    ap.add_argument("--clients", default="1")
+    ap.add_argument("--clients", default="1,8")
     ap.add_argument("--tokens", type=int, default=160)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--draft-max", type=int, default=8)
+    ap.add_argument("--draft-max", type=int, default=None, help="default: fastpilot's own")
     ap.add_argument("--prompt-chars", type=int, default=600)
     ap.add_argument("--json", type=Path, default=None, help="write all rows here")
     args = ap.parse_args()
@@ -290,15 +366,17 @@ def main() -> None:
         contenders.remove("llama-server-ngram-mod")
     if not server_path().is_file():
         contenders = [c for c in contenders if not c.startswith("llama-server")]
+    models = resolve([m for m in args.models.split(",") if m], args.tiny_py)
+    models += [(n, Path(d)) for n, _, d in (m.partition("=") for m in args.model)]
     rows: list[dict] = []
-    for spec in args.model:
-        name, _, directory = spec.partition("=")
+    for name, directory in models:
         for n in (int(x) for x in args.clients.split(",")):
             for c in contenders:
                 rows.extend(measure(c, name, Path(directory), args, n))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
     print(table(rows))
+    print("\n".join(ratios(rows)))
 
 
 if __name__ == "__main__":

@@ -93,19 +93,21 @@ class Settings:
         ),
     )
     speculative: str = field(
-        default="off",
+        default="ngram",
         metadata=_opt(
-            "Speculative decoding for llama.cpp models: off, or ngram (draft tokens by "
-            "matching the last tokens against the prompt and output, verify them in the "
-            "same batch; output unchanged). Off by default until `make bench` shows it "
-            "pays. CTranslate2 models ignore it."
+            "Speculative decoding for llama.cpp models: ngram (the default: draft tokens "
+            "by matching the last tokens against the prompt and output, verify them in "
+            "the same batch; output unchanged; each draft only as long as the measured "
+            "acceptance and decode cost make it pay, none while more than three streams "
+            "decode), or off. CTranslate2 models ignore it."
         ),
     )
     draft_max: int = field(
-        default=8,
+        default=32,
         metadata=_opt(
-            "Most tokens one sequence drafts per step with --speculative ngram "
-            "(the draft length adapts within 1..this). CTranslate2 models ignore it.",
+            "Most tokens one sequence drafts per step with --speculative ngram (the "
+            "length adapts within 0..this; each slot of the batch grows by it for up to "
+            "three speculating streams). CTranslate2 models ignore it.",
             kind="int",
         ),
     )

@@ -15,9 +15,14 @@ from collections.abc import Callable
 import pytest
 
 from fastpilot.backends.base import FinishReason
+from fastpilot.backends.draft_policy import (
+    PRIOR_RATIO,
+    Acceptance,
+    DecodeCost,
+    best_draft_len,
+)
 from fastpilot.backends.ngram import NgramDrafter
 from fastpilot.backends.scheduler import (
-    DRAFT_START,
     SPEC_BUSY,
     KvRemove,
     Plan,
@@ -98,11 +103,11 @@ def test_drafter_extends_incrementally_and_repeats_periodically() -> None:
 
 
 def test_drafts_ride_in_one_entry_with_logits_for_every_token() -> None:
-    s = spec()
+    s = spec(draft_max=4)
     seq = decoding(s, LOOP * 4)
     plan = s.plan_step()
     (entry,) = plan.entries
-    assert entry.tokens == (seq.next_token, 6, 7, 8, 5)[: 1 + DRAFT_START]
+    assert entry.tokens == (seq.next_token, 6, 7, 8, 5)
     assert entry.n_logits == len(entry.tokens)
     assert entry.pos0 == len(LOOP * 4)
     (sample,) = s.update_from_output(plan.entries)
@@ -128,7 +133,7 @@ def test_no_drafts_when_speculation_is_off_or_nothing_matches() -> None:
 
 
 def test_accepted_drafts_stay_and_a_rejection_rolls_the_kv_back() -> None:
-    s = spec()
+    s = spec(draft_max=4)
     seq = decoding(s, LOOP * 4)
     assert seq.slot is not None
     L = len(seq.slot.tokens)
@@ -146,25 +151,120 @@ def test_accepted_drafts_stay_and_a_rejection_rolls_the_kv_back() -> None:
     assert nxt.entries[0].pos0 == L + 3  # positions stay contiguous
 
 
-def test_draft_length_adapts_within_one_and_draft_max() -> None:
-    s = spec(draft_max=6)
-    seq = decoding(s, LOOP * 8)
+def test_draft_length_follows_the_measured_acceptance() -> None:
+    s = spec(draft_max=40, ctx=2048)
+    seq = decoding(s, LOOP * 8, max_tokens=1000)
 
     def drafted(model: Callable[[Seq[str], int], int]) -> int:
         return len(verify(s, model).entries[0].tokens) - 1
 
-    # The model follows the loop: every draft holds and the length grows to draft_max.
-    assert [drafted(loop_model) for _ in range(4)] == [4, 5, 6, 6]
+    # The model follows the loop: every draft holds, the acceptance estimate rises and
+    # the drafts lengthen to draft_max.
+    lengths = [drafted(loop_model) for _ in range(6)]
+    assert lengths == [6, 12, 20, 33, 40, 40]
     assert s.counters["draft_tokens_rejected"] == 0
-    assert drafted(lambda q, i: 99) == 6  # refused at once: the length halves
-    assert seq.draft_len == 3 and s.counters["draft_tokens_rejected"] == 6
-    assert drafted(lambda q, i: 5) == 0  # "... 99": no n-gram to match
-    assert drafted(loop_model) == 0  # "99 5": still none
-    # "5 6" matches again, most recently followed by "99 5": 99 holds, 5 is refused.
-    assert drafted(lambda q, i: 99) == 3
-    assert seq.draft_len == 1
-    assert seq.slot is not None and seq.slot.tokens[-2:] == [6, 99] and seq.next_token == 99
-    assert s.counters["draft_tokens_accepted"] == 4 + 5 + 6 + 6 + 1
+    assert seq.drafter is not None and seq.drafter.acceptance.rate > 0.95
+    # Refused at once, again and again: the estimate falls and the drafts shorten
+    # (the steps after each 99 have no n-gram to match, so they draft nothing).
+    refused = [n for n in (drafted(lambda q, i: [99, 5, 6, 7, 8][i % 5]) for _ in range(12)) if n]
+    assert refused[0] == 40 and refused[-1] < 10 and refused == sorted(refused, reverse=True)
+    # A new sequence starts from the model's recent rate, not from scratch.
+    # (the model-wide counts remember longer: less moved by the refusals)
+    assert seq.drafter.acceptance.rate < s.acceptance.rate < 1
+    fresh = decoding(s, [3] + LOOP * 8, max_tokens=1000)
+    assert fresh.drafter is not None
+    assert fresh.drafter.acceptance.rate == pytest.approx(s.acceptance.rate)
+
+
+def test_a_run_of_accepted_drafts_counts_as_acceptance() -> None:
+    """After n drafted tokens accepted in a row the draft is sized for p = n / (n + 1),
+    even when the sequence's average says less; a refusal ends the run."""
+    d = NgramDrafter(LOOP * 8)
+    d.acceptance = Acceptance(8.0, 8.0)  # a history of refusals: p = 0.5
+    d.verified(10, 10)
+    assert d.acceptance.rate < 0.75
+    assert len(d.propose(40, PRIOR_RATIO)) == best_draft_len(10 / 11, PRIOR_RATIO, 40) > 12
+    d.verified(20, 3)  # refused at the fourth: the run is over
+    assert len(d.propose(40, PRIOR_RATIO)) == best_draft_len(d.acceptance.rate, PRIOR_RATIO, 40)
+
+
+def test_costly_verification_shortens_the_drafts() -> None:
+    """The same acceptance drafts less when the measured batch cost grows faster."""
+    lengths = []
+    for per_token in (0.001, 0.5):  # seconds per extra token over a 1 s step
+        s = spec(draft_max=64)
+        for n in (1, 2, 5, 9, 1, 17):
+            s.draft_cost.observe_batch([_fake_entry(n)], 1.0 + per_token * (n - 1))
+        decoding(s, LOOP * 8)
+        lengths.append(len(s.plan_step().entries[0].tokens) - 1)
+    assert lengths[0] > lengths[1] >= 1
+    s = spec()
+    s.draft_cost.observe_batch([_fake_entry(3, n_logits=1)], 99.0)  # a prompt chunk: not a sample
+    assert s.draft_cost.ratio == PRIOR_RATIO
+
+
+def _fake_entry(n: int, n_logits: int | None = None):
+    from fastpilot.backends.scheduler import BatchEntry
+
+    return BatchEntry(Seq("", [1], 1), 0, tuple(range(n)), 0, n if n_logits is None else n_logits)
+
+
+def test_best_draft_len_weighs_acceptance_against_cost() -> None:
+    assert best_draft_len(0.0, 0.01, 64) == 0  # nothing will be accepted
+    assert best_draft_len(0.99, 0.0, 64) == 64  # free verification: all of it
+    assert best_draft_len(0.9, 0.05, 3) == 3  # capped
+    by_p = [best_draft_len(p, 1 / 16, 64) for p in (0.3, 0.6, 0.8, 0.9, 0.97)]
+    assert by_p == sorted(by_p) and by_p[0] <= 2 and by_p[-1] >= 20
+    by_cost = [best_draft_len(0.9, r, 64) for r in (0.01, 0.05, 0.2, 0.8)]
+    assert by_cost == sorted(by_cost, reverse=True) and by_cost[-1] <= 1
+    # The chosen length beats its neighbours on expected tokens per unit cost.
+    p, r = 0.85, 0.1
+    k = best_draft_len(p, r, 64)
+
+    def value(j: int) -> float:
+        return sum(p**i for i in range(j + 1)) / (1 + r * j)
+
+    assert value(k) >= value(k - 1) and value(k) >= value(k + 1)
+
+
+def test_acceptance_and_cost_estimates() -> None:
+    a = Acceptance()
+    assert a.rate == 0.75
+    a.record(10, False, 100.0)
+    a.record(0, True, 100.0)
+    assert a.rate == pytest.approx(13 / 15)
+    assert a.prior(4.0).rate == pytest.approx(a.rate)
+    a.record(1000, False, 16.0)  # a long run weighs at most 16 tokens: one miss counts
+    a.record(0, True, 16.0)
+    assert 0.9 < a.rate < 16 / 17 + 1e-9
+    c = DecodeCost()
+    assert c.ratio == PRIOR_RATIO
+    clock = 0.0
+
+    def step(n: int, seconds: float, outside: float, fit: bool = True) -> None:
+        nonlocal clock
+        clock += outside + seconds
+        c.observe(n, seconds, fit=fit, now=clock)
+
+    for n in (1, 1, 1):
+        step(n, 0.011, 0.0)
+    assert c.ratio == PRIOR_RATIO  # one batch size: no slope yet
+    for n in (1, 9, 1, 33, 5):  # t = 10 ms + 1 ms per token: ratio 1/11
+        step(n, 0.010 + 0.001 * n, 0.0)
+    assert c.ratio == pytest.approx(1 / 11, rel=1e-6)
+    # 11 ms spent outside llama_decode per step (sampling, emitting): a drafted token
+    # saves that too, so it is relatively cheaper: 1 / (11 + 11).
+    for _ in range(400):
+        step(1, 0.011, 0.011)
+        step(9, 0.019, 0.011)
+    assert c.ratio == pytest.approx(1 / 22, rel=1e-3)
+    step(1, 0.011, 5.0)  # the worker idle for 5 s: not a step's own time
+    step(3, 0.5, 0.011, fit=False)  # a prompt chunk: its gap counts, its time does not
+    assert c.ratio == pytest.approx(1 / 22, rel=2e-2)
+    c.pin(0.0)  # pinned: the fit is ignored until unpinned
+    assert c.ratio == 0.0 and best_draft_len(0.5, c.ratio, 8) == 8
+    c.pin(None)
+    assert c.ratio == pytest.approx(1 / 22, rel=2e-2)
 
 
 def test_no_drafting_when_the_batch_is_busy() -> None:
@@ -215,7 +315,8 @@ def test_finishing_mid_verification_drops_the_unverified_cells() -> None:
     plan = verify(s2, lambda x, i: EOS)  # end of sequence at the first row
     assert q.finish_reason is FinishReason.STOP
     assert s2.take_kv_ops() == (KvRemove(q.slot.seq_id, plan.entries[0].pos0 + 1),)
-    assert s2.counters["draft_tokens_rejected"] == DRAFT_START
+    # The first draft's length: the prior acceptance (3 of 4) at the prior cost ratio.
+    assert s2.counters["draft_tokens_rejected"] == best_draft_len(0.75, PRIOR_RATIO, 8) == 6
 
 
 def test_capacity_holds_the_drafts() -> None:
@@ -243,7 +344,8 @@ def test_settings_reach_the_llamacpp_options_only() -> None:
         "cache_reuse": 0,
     }
     assert "speculative" not in backend_options("ct2", s)  # CTranslate2 has no speculation
-    assert load_settings([], environ={}).speculative == "off"
+    defaults = load_settings([], environ={})
+    assert (defaults.speculative, defaults.draft_max) == ("ngram", 32)  # on by default
     with pytest.raises(SettingsError, match="--speculative must be one of off, ngram"):
         load_settings(["--speculative", "eagle"], environ={}).check()
     with pytest.raises(SettingsError, match="--draft-max"):

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from fastpilot.backends.base import FinishReason, GenerationRequest, SamplingParams, Step
+from fastpilot.backends.base import (
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    Step,
+    TokenStream,
+)
 from tests import tinymodels
 
 pytestmark = pytest.mark.timeout(300)
@@ -32,8 +38,11 @@ def pair(request: pytest.FixtureRequest, tiny_models: dict[str, dict[str, Path]]
 
     path = tiny_models[str(request.param)]["gguf-f32"]
     kw = {"threads": 2, "slots": 2, "prompt_chunk": 32, "max_queue": 512}
-    plain = LlamaCppBackend(path, **kw)
+    plain = LlamaCppBackend(path, speculative="off", **kw)
     spec = LlamaCppBackend(path, speculative="ngram", draft_max=6, **kw)
+    # Drafts as long as the acceptance allows, whatever this machine's timings say: every
+    # test below exercises verification (the cost-based length is tests/test_speculative.py's).
+    spec._sched.draft_cost.pin(0.0)
     yield plain, spec
     plain.close()
     spec.close()
@@ -178,7 +187,7 @@ def test_serve_flags_reach_the_backend_and_metrics(tiny_models) -> None:
     path = tiny_models["gpt2"]["gguf-f32"]
     refused = run_serve(["--model", f"m={path}", "--speculative", "eagle"])
     assert refused.returncode != 0 and "--speculative must be one of off, ngram" in refused.stderr
-    plain = LlamaCppBackend(path, threads=1, slots=1)
+    plain = LlamaCppBackend(path, threads=1, slots=1, speculative="off")
     try:
         want, _ = run(plain, plain.tokenize(REPEATING), max_tokens=24)
         text = plain.detokenize([s.token_id for s in want])
@@ -208,36 +217,110 @@ def test_serve_flags_reach_the_backend_and_metrics(tiny_models) -> None:
         assert float(line.split()[-1]) > 0
 
 
-def test_stop_strings_logprobs_and_usage_through_the_engine(tiny_models) -> None:
-    """The library's completions are the same JSON with speculation on (but its details)."""
+@pytest.fixture(scope="module", params=["gpt2", "codegen"])
+def engines(request: pytest.FixtureRequest, tiny_models: dict[str, dict[str, Path]]) -> Iterator:
+    """(plain, speculative) library models on one architecture's f32 GGUF."""
     import fastpilot
 
-    path = tiny_models["gpt2"]["gguf-f32"]
+    path = tiny_models[str(request.param)]["gguf-f32"]
     kw = {"trust_unverified": True, "threads": 1, "slots": 1}
-    plain = fastpilot.load(path, **kw)
-    spec = fastpilot.load(path, speculative="ngram", **kw)
-    try:
-        req = {"prompt": REPEATING, "max_tokens": 40, "temperature": 0, "logprobs": 2}
-        full = plain.complete(**req)["choices"][0]["text"]
-        spec.complete(**req)  # both prompt caches warm alike: cached_tokens compare too
-        stops = [full[len(full) // 2 : len(full) // 2 + 3]]
-        assert stops[0] and len(full) > 10
-        for extra in ({}, {"stop": stops}):
-            want = plain.complete(**req, **extra)
-            got = spec.complete(**req, **extra)
-            (g,), (w,) = got["choices"], want["choices"]
-            assert (g["text"], g["finish_reason"]) == (w["text"], w["finish_reason"])
-            for key in ("tokens", "text_offset"):
-                assert g["logprobs"][key] == w["logprobs"][key]
-            assert g["logprobs"]["token_logprobs"] == pytest.approx(
-                w["logprobs"]["token_logprobs"], abs=1e-3
-            )
-            details = got["usage"].pop("completion_tokens_details", None)
-            if not extra:  # (a stop string may end it before any draft was verified)
-                assert details is not None and details["accepted_prediction_tokens"] > 0
-            assert got["usage"] == want["usage"]
-        assert want["choices"][0]["finish_reason"] == "stop"
-        assert len(want["choices"][0]["text"]) < len(full)
-    finally:
-        plain.close()
-        spec.close()
+    plain = fastpilot.load(path, speculative="off", **kw)
+    spec = fastpilot.load(path, **kw)  # speculation is the default
+    spec.backend._sched.draft_cost.pin(0.0)
+    yield plain, spec
+    plain.close()
+    spec.close()
+
+
+def test_stop_strings_logprobs_and_usage_through_the_engine(engines) -> None:
+    """The library's completions are the same JSON with speculation on (but its details)."""
+    plain, spec = engines
+    req = {"prompt": REPEATING, "max_tokens": 40, "temperature": 0, "logprobs": 2}
+    full = plain.complete(**req)["choices"][0]["text"]
+    spec.complete(**req)  # both prompt caches warm alike: cached_tokens compare too
+    stops = [full[len(full) // 2 : len(full) // 2 + 3]]
+    assert stops[0] and len(full) > 10
+    for extra in ({}, {"stop": stops}):
+        want = plain.complete(**req, **extra)
+        got = spec.complete(**req, **extra)
+        (g,), (w,) = got["choices"], want["choices"]
+        assert (g["text"], g["finish_reason"]) == (w["text"], w["finish_reason"])
+        for key in ("tokens", "text_offset"):
+            assert g["logprobs"][key] == w["logprobs"][key]
+        assert g["logprobs"]["token_logprobs"] == pytest.approx(
+            w["logprobs"]["token_logprobs"], abs=1e-3
+        )
+        details = got["usage"].pop("completion_tokens_details", None)
+        if not extra:  # (a stop string may end it before any draft was verified)
+            assert details is not None and details["accepted_prediction_tokens"] > 0
+        assert got["usage"] == want["usage"]
+    assert want["choices"][0]["finish_reason"] == "stop"
+    assert len(want["choices"][0]["text"]) < len(full)
+
+
+def test_n_indent_cuts_where_plain_decoding_cuts(engines) -> None:
+    """The line stop sees the same text, token for token, with drafts accepted on the way."""
+    from fastpilot.engine.editor_stops import LineLimits, LineStops
+
+    plain, spec = engines
+    # Seeded sampling among three tokens (strongly biased), from a prompt made of them:
+    # lines of both depths, and n-grams for the drafter to find.
+    bias = {str(plain.tokenize(t)[0]): 30 for t in ("\n", "x", " ")}
+    req = {
+        "prompt": "x\n  x x\n x\n" * 6,
+        "max_tokens": 60,
+        "temperature": 1.0,
+        "seed": 5,
+        "logit_bias": bias,
+    }
+    full = plain.complete(**req)["choices"][0]["text"]
+    spec_full = spec.complete(**req)
+    assert spec_full["choices"][0]["text"] == full
+    assert spec_full["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] > 0
+    expected, cut = LineStops(LineLimits(n_indent=1)).feed(full)
+    assert cut and expected != full, repr(full)  # the sample really has a shallow line
+    want = plain.complete(**req, n_indent=1)["choices"][0]
+    got = spec.complete(**req, n_indent=1)["choices"][0]
+    assert (got["text"], got["finish_reason"]) == (want["text"], want["finish_reason"])
+    assert got["text"] == expected and got["finish_reason"] == "stop"
+
+
+class CancelAt(TokenStream):
+    """A stream that cancels itself in the worker thread right after its ``at``-th step,
+    noting how many drafts of its verification were still in flight and the step count."""
+
+    def __init__(self, request: GenerationRequest, at: int, backend) -> None:
+        super().__init__(request)
+        self.at, self.backend, self.count = at, backend, 0
+        self.drafts_left, self.steps = -1, -1.0
+
+    def put(self, step: Step) -> None:
+        super().put(step)
+        self.count += 1
+        if self.count == self.at:
+            seq = next(q for q in self.backend._sched.running if q.owner.stream is self)
+            self.drafts_left = len(seq.drafts)
+            self.cancel()
+            self.steps = self.backend.stats()["decode_steps"]
+
+
+def test_cancelling_mid_verification_stops_at_once_and_leaves_the_kv_right(pair) -> None:
+    """Cancelled at its k-th token while later drafts of the same verification wait: the
+    stream ends with exactly k tokens, nothing more is decoded for it, and the slot's KV
+    (rejected cells dropped) serves the next request as plain decoding would."""
+    plain, spec = pair
+    ids = plain.tokenize(REPEATING)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    want = [s.token_id for s in plain.submit(GenerationRequest(list(ids), params))]
+    mid_verification = 0
+    for k in (4, 7, 10, 13):
+        stream = CancelAt(GenerationRequest(list(ids), params), k, spec)
+        spec._enqueue(stream)
+        got = [s.token_id for s in stream]
+        assert got == want[:k] and stream.finish_reason is FinishReason.CANCELLED
+        assert spec.stats()["decode_steps"] == stream.steps  # no step after the cancel
+        mid_verification += stream.drafts_left > 0
+        # The next request (same prompt: the slot's cache) decodes exactly as plain does.
+        again = [s.token_id for s in spec.submit(GenerationRequest(list(ids), params))]
+        assert again == want
+    assert mid_verification > 0  # some cancels landed while drafts were still in flight

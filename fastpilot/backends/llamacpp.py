@@ -109,12 +109,10 @@ class LlamaCppBackend(LlamaCppExtras):
         flash_attn, n_ubatch, threads_batch, kv_type, kernel_cache: the context's kernels
             (:func:`fastpilot.backends.llamacpp_tuning.decide`; ``"auto"`` flash attention
             is measured once per model file and machine); ``self.kernels`` says the choice.
-        speculative: ``"off"`` or ``"ngram"``: draft tokens by n-gram lookup in the
-            prompt and output and verify them in the same decode (see
-            :mod:`fastpilot.backends.ngram`). Output is unchanged -- greedy text
-            byte for byte, sampled text in distribution (with a seed, the same draws).
-        draft_max: most tokens a sequence drafts per step; the batch grows by
-            ``(SPEC_BUSY + 1) * draft_max`` tokens to hold them.
+        speculative, draft_max: ``"ngram"`` (default) drafts up to ``draft_max`` tokens per
+            step by n-gram lookup and verifies them in the same decode, as many as the
+            measured acceptance and cost make pay (:mod:`fastpilot.backends.ngram`); the
+            output is unchanged (greedy byte for byte, sampled in distribution). ``"off"``.
         cache_reuse: move cached runs of >= this many tokens into place when the prompt
             slid (:mod:`fastpilot.backends.kv_reuse`); 0 is off, as for non-RoPE models.
 
@@ -141,8 +139,8 @@ class LlamaCppBackend(LlamaCppExtras):
         threads_batch: int | None = None,
         kv_type: str | None = None,
         kernel_cache: str | os.PathLike[str] | None = DEFAULT_CACHE,
-        speculative: str = "off",
-        draft_max: int = 8,
+        speculative: str = "ngram",
+        draft_max: int = 32,
         cache_reuse: int = 0,
     ) -> None:
         if min(slots, prompt_chunk, draft_max, prefill_batch, max_queue + 1, cache_reuse + 1) < 1:
@@ -376,10 +374,12 @@ class LlamaCppBackend(LlamaCppExtras):
     def _decode(self, entries: list[BatchEntry[_Request]]) -> int:
         t0 = time.perf_counter()
         rc = decode_entries(self._lib, self._ctx, self._mem, self._batch, entries)
-        self._counters["decode_seconds"] += time.perf_counter() - t0
+        self._counters["decode_seconds"] += (dt := time.perf_counter() - t0)
         self._counters["decode_steps"] += 1
         if rc == 0:
             self._counters["tokens_evaluated"] += self._batch.n
+            if self._sched.speculative:  # drafts are sized by the measured step cost
+                self._sched.draft_cost.observe_batch(entries, dt)
         return rc
 
     def _after_decode(self, entries: list[BatchEntry[_Request]]) -> None:

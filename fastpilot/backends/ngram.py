@@ -7,15 +7,24 @@ speculation). The guess is only a proposal: the model verifies every drafted
 token in one batched ``llama_decode`` and the scheduler keeps the verified
 prefix (:mod:`fastpilot.backends.scheduler`).
 
-Matching: the last ``n`` tokens of the history (prompt + tokens generated so
-far) are looked up for ``n`` in :data:`NGRAM_SIZES`, longest first -- a longer
-match is a stronger hint, a bigram keeps drafting alive in short histories.
+Matching: the last ``n`` tokens of the history (the prompt -- for an infill
+request that includes the suffix, so the middle can run into it -- and the
+tokens generated so far) are looked up for ``n`` in :data:`NGRAM_SIZES`, longest
+first -- a longer match is a stronger hint, a bigram keeps drafting alive in
+short histories.
 Unigram matches are not used: they draft noise that costs verification work.
 Among equal-length matches the most recent wins (code nearby is the best
 predictor). A match may run into the current suffix; the draft then continues
 periodically (``a b a b`` drafts ``a b a ...``), which is what a loop does.
 
 Pure Python, no NumPy: one dict insert per size per token, O(1) per draft token.
+
+Compared with llama-server's ``ngram-mod`` (which drafts only after a 24-token
+match, 48 to 64 tokens or nothing, from one hash table shared by all slots):
+short matches draft here too, and how far to trust them is measured instead of
+fixed -- each sequence's acceptance and the decode cost decide the length
+(:mod:`fastpilot.backends.draft_policy`), so a loop is drafted 32 tokens at a
+time within a few steps while a short history still gets short drafts.
 
 How :class:`fastpilot.backends.scheduler.Scheduler` speculates with it:
 
@@ -41,16 +50,29 @@ How :class:`fastpilot.backends.scheduler.Scheduler` speculates with it:
   tiny-py's Q4_K_M file, measured one-per-step against one batch), so a near-tie
   can flip and greedy text can differ from plain decoding -- seen on random-weight
   Q4_K_M files in benchmarks/RESULTS.md, as with llama-server's own ngram-mod.
-* **Adapting**: each sequence's draft length starts at ``min(4, draft_max)``,
-  grows by one after a fully accepted draft and halves after a rejection (within
-  ``1..draft_max``); drafts never exceed what ``max_tokens`` or the context can
-  still take. A memory that refuses the rollback (recurrent, sliding-window) makes
-  the sequence re-evaluate its tokens once and turns speculation off.
+* **Adapting**: each draft's length is the one with the most expected tokens per
+  unit of step cost, from this sequence's measured acceptance (starting from the
+  model's recent rate) and the measured cost of a longer batch
+  (:mod:`fastpilot.backends.draft_policy`), within ``--draft-max``; a run of ``n``
+  drafted tokens accepted since the last refusal counts as acceptance ``n / (n + 1)``
+  (acceptance comes in runs: a loop), so drafts lengthen fast where verifying is
+  cheap and stay short where it is not.
+  A sequence whose drafts keep failing stops drafting, one that loops drafts long. Drafts never
+  exceed what ``max_tokens`` or the context can still take. A memory that refuses
+  the rollback (recurrent, sliding-window) makes the sequence re-evaluate its
+  tokens once and turns speculation off.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+from fastpilot.backends.draft_policy import (
+    MODEL_WEIGHT,
+    SEQ_WEIGHT,
+    Acceptance,
+    best_draft_len,
+)
 
 __all__ = ["NGRAM_SIZES", "NgramDrafter"]
 
@@ -64,15 +86,31 @@ class NgramDrafter:
     Args:
         history: the prompt (and any tokens already generated).
         sizes: suffix lengths to match, tried in this order.
+        model_acceptance: the model-wide acceptance counts (shared by every
+            sequence of one scheduler): the starting estimate, updated by
+            :meth:`verified`.
     """
 
-    __slots__ = ("tokens", "sizes", "_index")
+    __slots__ = ("tokens", "sizes", "_index", "acceptance", "model_acceptance", "_streak")
 
-    def __init__(self, history: Iterable[int] = (), sizes: tuple[int, ...] = NGRAM_SIZES) -> None:
+    def __init__(
+        self,
+        history: Iterable[int] = (),
+        sizes: tuple[int, ...] = NGRAM_SIZES,
+        model_acceptance: Acceptance | None = None,
+    ) -> None:
         if not sizes or min(sizes) < 1:
             raise ValueError("n-gram sizes must be >= 1")
         self.tokens: list[int] = []
         self.sizes = tuple(sizes)
+        # This sequence's acceptance, starting from the model's recent rate; the
+        # model's counts learn from every verification of every sequence.
+        self.model_acceptance = model_acceptance
+        self.acceptance = model_acceptance.prior() if model_acceptance else Acceptance()
+        # Drafted tokens accepted since the last refusal: acceptance comes in runs (a
+        # loop), which the averaged estimate is slow to show; a run of n is evidence
+        # for p = n / (n + 1).
+        self._streak = 0
         # n-gram -> index of the token that followed its most recent occurrence.
         # The n-gram ending at the last token is not indexed yet (nothing follows it),
         # so a lookup of the current suffix finds an *earlier* occurrence.
@@ -94,19 +132,47 @@ class NgramDrafter:
 
         Empty when ``k < 1`` or no suffix of a tried size occurred before.
         """
-        toks = self.tokens
-        if k < 1:
+        start = self._match() if k >= 1 else None
+        return [] if start is None else self._follow(start, k)
+
+    def propose(self, k_max: int, cost_ratio: float) -> list[int]:
+        """The draft worth verifying now: :meth:`draft` of the length
+        :func:`~fastpilot.backends.draft_policy.best_draft_len` picks from this
+        sequence's acceptance and ``cost_ratio`` (one more batch token's cost relative
+        to a one-token step), at most ``k_max``; the acceptance is the sequence's
+        estimate or, when higher, ``n / (n + 1)`` after a run of ``n`` accepted drafted
+        tokens. Empty without a match."""
+        start = self._match() if k_max >= 1 else None
+        if start is None:
             return []
+        run = self._streak / (self._streak + 1)
+        k = best_draft_len(max(self.acceptance.rate, run), cost_ratio, k_max)
+        return self._follow(start, k)
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """A verification ended: ``accepted`` of ``drafted`` tokens held (a miss if fewer)."""
+        missed = accepted < drafted
+        self._streak = 0 if missed else self._streak + accepted
+        self.acceptance.record(accepted, missed, SEQ_WEIGHT)
+        if self.model_acceptance is not None:
+            self.model_acceptance.record(accepted, missed, MODEL_WEIGHT)
+
+    def _match(self) -> int | None:
+        """Index of the token after the most recent earlier occurrence of the longest
+        matching suffix (sizes tried in order), or None."""
+        toks = self.tokens
         for n in self.sizes:
-            if len(toks) <= n:
-                continue
-            start = self._index.get(tuple(toks[-n:]))
-            if start is None:
-                continue
-            out: list[int] = []
-            for j in range(k):
-                i = start + j
-                # Past the end the match overlaps the draft itself: continue periodically.
-                out.append(toks[i] if i < len(toks) else out[i - len(toks)])
-            return out
-        return []
+            if len(toks) > n:
+                start = self._index.get(tuple(toks[-n:]))
+                if start is not None:
+                    return start
+        return None
+
+    def _follow(self, start: int, k: int) -> list[int]:
+        toks = self.tokens
+        out: list[int] = []
+        for j in range(k):
+            i = start + j
+            # Past the end the match overlaps the draft itself: continue periodically.
+            out.append(toks[i] if i < len(toks) else out[i - len(toks)])
+        return out

@@ -56,6 +56,7 @@ from collections.abc import Iterable
 from typing import Generic
 
 from fastpilot.backends.base import FinishReason
+from fastpilot.backends.draft_policy import Acceptance, DecodeCost
 from fastpilot.backends.kv_reuse import (
     MIN_COPY,
     choose_slot,
@@ -105,8 +106,6 @@ __all__ = [
 # Most tokens of *other* sequences a batch may hold for a sequence to still draft:
 # up to SPEC_BUSY + 1 streams speculate together; beyond that the batch is busy enough.
 SPEC_BUSY = 2
-# A new sequence's first draft length (capped by draft_max).
-DRAFT_START = 4
 
 
 def batch_capacity(
@@ -126,8 +125,7 @@ class Scheduler(Generic[OwnerT]):
         prompt_chunk: prompt tokens per step, shared by every prefilling sequence.
         context_length: cells per slot; a sequence finishes ``LENGTH`` when full.
         eos_token_ids: tokens that finish a sequence ``STOP`` (no step is pushed).
-        speculative: draft tokens by n-gram lookup and verify them in the batch.
-        draft_max: most tokens one sequence drafts per step.
+        speculative, draft_max: n-gram drafts of up to this many tokens, verified in the batch.
         prefill_alone: prompt tokens per step when no sequence is decoding
             (None: ``prompt_chunk``, one budget for every step).
         cache_reuse: shortest run of cached tokens moved into place when the prompt
@@ -174,6 +172,8 @@ class Scheduler(Generic[OwnerT]):
         )
         self._ops: list[KvOp] = []
         self._clock = 0
+        self.acceptance = Acceptance()  # every sequence's verifications (draft_policy.py)
+        self.draft_cost = DecodeCost()  # step times, fed by the backend (draft_policy.py)
 
     @property
     def capacity(self) -> int:
@@ -233,8 +233,7 @@ class Scheduler(Generic[OwnerT]):
             seq.leader = leader
             leader.followers.append(seq)
         if self.speculative:
-            seq.drafter = NgramDrafter(prompt)
-            seq.draft_len = min(DRAFT_START, self.draft_max)
+            seq.drafter = NgramDrafter(prompt, model_acceptance=self.acceptance)
         self.running.append(seq)
 
     def _leader_for(self, prompt: list[int]) -> Seq[OwnerT] | None:
@@ -307,15 +306,16 @@ class Scheduler(Generic[OwnerT]):
         return Plan(self.take_kv_ops(), tuple(entries))
 
     def _drafts(self, seq: Seq[OwnerT]) -> list[int]:
-        """Up to ``seq.draft_len`` n-gram drafts, no more than max_tokens and the context
-        can still take (the token after the drafts is the model's own)."""
+        """The n-gram drafts worth verifying (draft_policy.py), at most draft_max, max_tokens
+        and the context can still take (the token after the drafts is the model's own)."""
         assert seq.slot is not None and seq.drafter is not None
         room = min(
+            self.draft_max,
             seq.max_tokens - seq.generated - 1,
             # next_token sits at len(tokens); drafts after it, all before the context's end
             self.context_length - len(seq.slot.tokens) - 2,
         )
-        return seq.drafter.draft(min(seq.draft_len, room))
+        return seq.drafter.propose(room, self.draft_cost.ratio)
 
     @staticmethod
     def _entry(seq: Seq[OwnerT], tokens: list[int], n_logits: int) -> BatchEntry[OwnerT]:
@@ -339,6 +339,7 @@ class Scheduler(Generic[OwnerT]):
                 # Only next_token is certain; the drafts join slot.tokens once verified.
                 slot.tokens.append(e.tokens[0])
                 seq.drafts = list(e.tokens[1:])
+                seq.draft_len = len(seq.drafts)
                 samples.append(Sample(seq, row - len(seq.drafts), tuple(seq.drafts)))
                 continue
             slot.tokens.extend(e.tokens)
@@ -385,8 +386,8 @@ class Scheduler(Generic[OwnerT]):
             return Verdict(emit=False, finish=FinishReason.STOP)
         seq.generated += 1
         assert seq.slot is not None
-        if seq.drafter is not None:
-            seq.drafter.extend((token,))
+        if (drafter := seq.drafter) is not None:
+            drafter.extend((token,))
         # The KV holds len(tokens); the token just sampled would take one more cell.
         if seq.generated >= seq.max_tokens or len(seq.slot.tokens) + 1 >= self.context_length:
             self._release(seq, FinishReason.LENGTH)
@@ -395,11 +396,11 @@ class Scheduler(Generic[OwnerT]):
             seq.slot.tokens.append(seq.drafts.pop(0))  # its KV cell is the right one
             self.counters["draft_tokens_accepted"] += 1
             seq.accepted += 1
-            if not seq.drafts:  # all held; the row after the last is the model's own token
-                seq.draft_len = min(self.draft_max, seq.draft_len + 1)
+            if not seq.drafts and drafter:  # all held; the next row is the model's own token
+                drafter.verified(seq.draft_len, seq.draft_len)
             return Verdict(emit=True, more=True)
-        if seq.drafts:
-            seq.draft_len = max(1, seq.draft_len // 2)
+        if seq.drafts and drafter:
+            drafter.verified(seq.draft_len, seq.draft_len - len(seq.drafts))
             self._reject_drafts(seq)
         seq.next_token, seq.state = token, SeqState.DECODING
         return Verdict(emit=True)

@@ -72,7 +72,7 @@ class Seq(Generic[OwnerT]):
     generated: int = 0
     finish_reason: FinishReason | None = None
     drafter: NgramDrafter | None = None  # speculative: prompt + emitted tokens, indexed
-    draft_len: int = 0  # speculative: tokens to draft next time (adaptive)
+    draft_len: int = 0  # speculative: tokens drafted in the verification in flight
     drafts: list[int] = field(default_factory=list)  # in the KV, not yet verified
     accepted: int = 0  # drafts confirmed so far
     rejected: int = 0  # drafts refused so far
