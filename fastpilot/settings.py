@@ -160,7 +160,8 @@ class Settings:
             "when a prompt's window slid, move cached runs of at least N tokens into place "
             "instead of evaluating them again. Close to, not equal to, a cold evaluation: "
             "the moved tokens still carry the context of the text that slid out, so it is off "
-            "(0) unless asked; 256 suits editors. GPT-2 (absolute positions) never shifts; CTranslate2 models ignore it.",
+            "(0) unless asked; 256 suits editors. GPT-2 (absolute positions) never shifts; "
+            "CTranslate2 models ignore it.",
             kind="int",
             metavar="N",
         ),
