@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             "overhead,kernels,sliding"
         ),
     )
+    ap.add_argument("--formats", default=None, help="comma list of files, e.g. gguf-q4_k_m")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument(
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.models:
         plan = Plan(**{**asdict(plan), "models": tuple(args.models.split(","))})
+    if args.formats:
+        plan = Plan(**{**asdict(plan), "formats": tuple(args.formats.split(","))})
     want = set(args.contenders.split(","))
     t_start = time.monotonic()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
