@@ -24,6 +24,24 @@ pytestmark = pytest.mark.timeout(300)
 NATIVE = "fastpilot.backends.llamacpp.native"
 
 
+@pytest.fixture(autouse=True)
+def _native_log_to_logging() -> None:
+    """Point llama.cpp's log back at fastpilot's logger before each test.
+
+    llama.cpp holds one process-wide log callback; an earlier test (the FIM reference in
+    ``tests/fim_models.py``) may have replaced fastpilot's with a silent one, and these
+    tests read the context parameters from the log lines.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    from fastpilot.backends import llamacpp_native as native
+
+    native.load_library()
+    llama_cpp.llama_log_set(native._log_callback, ctypes.c_void_p(0))
+
+
 def _backend(path: Path, cache: Path | None, **kw):
     from fastpilot.backends.llamacpp import LlamaCppBackend
 
