@@ -126,6 +126,26 @@ def fastpilot(mf: ModelFile, threads: int, slots: int) -> Contender:
     )
 
 
+def fastpilot_serve_argv(directory: Path, port: int, threads: int, slots: int) -> list[str]:
+    """``fastpilot serve`` on one model named ``m`` (the section benchmarks' servers)."""
+    argv = [sys.executable, "-c", "from fastpilot.cli import main; raise SystemExit(main())"]
+    argv += ["serve", "--model", f"m={directory}", "--port", str(port)]
+    return argv + ["--threads", str(threads), "--slots", str(slots)]
+
+
+def llama_server_argv(
+    directory: Path, port: int, threads: int, slots: int, n_ctx: int
+) -> list[str]:
+    """llama-server on ``directory/model.gguf`` set up as fastpilot is: same threads for
+    decode and batch, ``slots`` sequences of ``n_ctx`` each, continuous batching, prompt cache."""
+    from benchmarks.llama_server_build import server_path
+
+    t = str(threads)
+    argv = [str(server_path()), "-m", str(directory / "model.gguf"), "--port", str(port)]
+    argv += ["-t", t, "-tb", t, "--parallel", str(slots), "--cont-batching", "--cache-prompt"]
+    return argv + ["--no-kv-unified", "-c", str(n_ctx * slots), "--no-webui"]
+
+
 def llama_server(binary: Path, mf: ModelFile, threads: int, slots: int, n_ctx: int) -> Contender:
     """llama.cpp's own server: same threads (eval and batch), ``--parallel`` = fastpilot's
     slots, continuous batching on, prompt cache on, ``n_ctx`` tokens per slot."""

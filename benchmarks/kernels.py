@@ -37,10 +37,11 @@ import sys
 from pathlib import Path
 
 from benchmarks.client import Call, send
+from benchmarks.contenders import fastpilot_serve_argv, llama_server_argv
 from benchmarks.llama_server_build import server_path
 from benchmarks.models import CACHE
 from benchmarks.procs import Managed, free_port
-from benchmarks.speculative import SOURCE
+from benchmarks.speculative import SOURCE, _body
 
 DEFAULT_MODEL = CACHE / "models" / "gpt2-117m-gguf-q4_k_m"
 SLOTS = 4
@@ -140,27 +141,10 @@ def prompt_texts(gguf: Path, count: int, n_tokens: int) -> list[str]:
 
 def _argv(server: str, directory: Path, port: int, threads: int) -> list[str]:
     if server.startswith("fastpilot"):
-        argv = [sys.executable, "-c", "from fastpilot.cli import main; raise SystemExit(main())"]
-        argv += ["serve", "--model", f"m={directory}", "--port", str(port)]
-        argv += ["--threads", str(threads), "--slots", str(SLOTS)]
+        argv = fastpilot_serve_argv(directory, port, threads, SLOTS)
         return argv + (list(BEFORE) if server == "fastpilot-before" else [])
     ctx = json.loads((directory / "fastpilot.json").read_text()).get("context_length", 1024)
-    t = str(threads)
-    argv = [str(server_path()), "-m", str(directory / "model.gguf"), "--port", str(port)]
-    argv += ["-t", t, "-tb", t, "--parallel", str(SLOTS), "--cont-batching", "--cache-prompt"]
-    return argv + ["--no-kv-unified", "-c", str(ctx * SLOTS), "--no-webui", "-a", "m"]
-
-
-def _body(prompt: str, tokens: int) -> dict:
-    return {
-        "model": "m",
-        "prompt": prompt,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    return llama_server_argv(directory, port, threads, SLOTS, ctx) + ["-a", "m"]
 
 
 def _json(port: int, method: str, path: str, body: dict | None = None) -> dict:

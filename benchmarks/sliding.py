@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.contenders import fastpilot_serve_argv, llama_server_argv
 from benchmarks.llama_server_build import server_path
 from benchmarks.procs import Managed, free_port
 
@@ -110,16 +111,11 @@ def schedule(
 
 
 def _argv(contender: str, directory: Path, port: int, args: argparse.Namespace, n_ctx: int):
-    t, reuse = str(args.threads), str(args.cache_reuse)
+    reuse = str(args.cache_reuse)
     if contender.startswith("fastpilot"):
-        argv = [sys.executable, "-c", "from fastpilot.cli import main; raise SystemExit(main())"]
-        argv += ["serve", "--model", f"m={directory}", "--port", str(port)]
-        argv += ["--threads", t, "--slots", str(args.slots)]
-        argv += ["--cache-reuse", "0" if contender == "fastpilot-prefix" else reuse]
-        return argv
-    argv = [str(server_path()), "-m", str(directory / "model.gguf"), "--port", str(port)]
-    argv += ["-t", t, "-tb", t, "--parallel", str(args.slots), "--cont-batching"]
-    argv += ["--cache-prompt", "--no-kv-unified", "-c", str(n_ctx * args.slots), "--no-webui"]
+        argv = fastpilot_serve_argv(directory, port, args.threads, args.slots)
+        return argv + ["--cache-reuse", "0" if contender == "fastpilot-prefix" else reuse]
+    argv = llama_server_argv(directory, port, args.threads, args.slots, n_ctx)
     if contender == "llama-server":
         argv += ["--cache-reuse", reuse]
     return argv

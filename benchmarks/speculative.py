@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.client import Call, Result, send
+from benchmarks.contenders import fastpilot_serve_argv, llama_server_argv
 from benchmarks.llama_server_build import server_path
 from benchmarks.procs import Managed, free_port
 
@@ -116,11 +117,8 @@ def llama_server_supports_ngram_mod() -> bool:
 
 
 def _argv(contender: str, directory: Path, port: int, args: argparse.Namespace, n: int):
-    t = str(args.threads)
     if contender.startswith("fastpilot"):
-        argv = [sys.executable, "-c", "from fastpilot.cli import main; raise SystemExit(main())"]
-        argv += ["serve", "--model", f"m={directory}", "--port", str(port)]
-        argv += ["--threads", t, "--slots", str(n)]
+        argv = fastpilot_serve_argv(directory, port, args.threads, n)
         if contender.startswith("fastpilot-ngram"):
             argv += ["--speculative", "ngram"]
             draft_max = contender.partition("@")[2] or args.draft_max
@@ -129,11 +127,8 @@ def _argv(contender: str, directory: Path, port: int, args: argparse.Namespace, 
         else:
             argv += ["--speculative", "off"]
         return argv
-    gguf = directory / "model.gguf"
     ctx = json.loads((directory / "fastpilot.json").read_text()).get("context_length", 2048)
-    argv = [str(server_path()), "-m", str(gguf), "--port", str(port), "-t", t, "-tb", t]
-    argv += ["--parallel", str(n), "--cont-batching", "--cache-prompt", "--no-kv-unified"]
-    argv += ["-c", str(ctx * n), "--no-webui"]
+    argv = llama_server_argv(directory, port, args.threads, n, ctx)
     if contender == "llama-server-ngram-mod":
         # Its own defaults (this release removed --draft-max; ngram-mod drafts 48-64 tokens
         # after a 24-token match): what a user of llama-server's ngram-mod runs.
