@@ -18,6 +18,12 @@ Fixtures (all session-scoped; nothing is downloaded):
 ``tiny_gpt2_models`` / ``tiny_codegen_models`` -> dict[str, Path]
     Shortcuts for ``tiny_models["gpt2"]`` / ``tiny_models["codegen"]``.
 
+``llamacpp_device`` -> str
+    ``--device cpu|cuda`` (default: ``$FASTPILOT_TEST_DEVICE`` or ``cpu``): the device
+    every ``LlamaCppBackend`` built in the session gets unless the test names one;
+    ``cuda`` offloads every layer (the GPU run of ``benchmarks/gpu_cuda.sh``). Servers
+    started as subprocesses are not affected.
+
 And ``browser`` (module-scoped): a headless chromium for the playground page
 tests, skipped where chromium or playwright is missing (``tests/playground.py``).
 
@@ -49,6 +55,39 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_KEYS = ("ct2-float32", "ct2-int8", "gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
 ARCHS = ("gpt2", "codegen")
 _LIBS = ("ctranslate2", "llama_cpp_python", "gguf", "tokenizers", "transformers", "torch", "numpy")
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        choices=DEVICES,
+        default=os.environ.get("FASTPILOT_TEST_DEVICE", "cpu"),
+        help="device of the in-process llama.cpp backends (cuda: full offload)",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def llamacpp_device(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The ``--device`` every in-process ``LlamaCppBackend`` defaults to in this session."""
+    device = str(request.config.getoption("--device"))
+    if device == "cpu":  # the backend's own default: nothing to change (nor to import)
+        yield device
+        return
+    from fastpilot.backends.llamacpp import LlamaCppBackend
+
+    init = LlamaCppBackend.__init__
+
+    def on_device(self: Any, *args: Any, **kw: Any) -> None:
+        kw.setdefault("device", device)
+        init(self, *args, **kw)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(LlamaCppBackend, "__init__", on_device)
+    yield device
+    patch.undo()
 
 
 def _fingerprint() -> str:

@@ -125,6 +125,12 @@ def _base_and_longer(b: Any, n_base: int, n_more: int) -> tuple[list[int], list[
 
 
 # -- model facts -----------------------------------------------------------------------
+def test_backend_runs_on_the_session_device(backend, llamacpp_device) -> None:
+    # ``pytest --device cuda`` (tests/conftest.py) must reach the backend: a GPU run whose
+    # backends stayed on the CPU would report CPU results as CUDA ones.
+    assert backend.info.device == llamacpp_device
+
+
 def test_metadata_and_tokenizer_match_hf(backend, built, arch) -> None:
     from transformers import AutoTokenizer
 
