@@ -9,16 +9,18 @@
 #   tests   the llama.cpp backend tests with `pytest --device cuda` (full offload)
 #   bench   fastpilot --device cuda vs llama-server -ngl 99, 1 and 8 clients
 # Environment: OUT (results; default /tmp/gpu-out), STAGES ("build deps tests bench"),
-# BUDGET_S (wall seconds for the whole script, 520), WORK (/tmp/fpgpu: survives between
-# calls on a warm machine, so a second call can skip the build), JOBS (nproc),
+# BUDGET_S (wall seconds for the whole script, 520), WORK (build/fpgpu, git-ignored: the
+# device tool keeps ignored outputs between calls on a warm machine, so a second call
+# skips the build), JOBS (nproc),
 # FA=1 (compile the CUDA flash-attention kernels: about 60% more nvcc time),
 # DEVICE=cpu (a dry run on a CPU build: no offload asked anywhere), REBUILD=1,
-# TESTS (pytest targets), BENCH_ARGS (extra args of benchmarks.gpu_cuda bench),
-# GPU_DIR (.gpu), PY (python3).
+# TESTS (pytest targets), BENCH_MODELS (gpt2-117m,codegen-350m),
+# BENCH_ARGS (extra args of benchmarks.gpu_cuda bench),
+# GPU_DIR (.gpu), PY (python3); for a dry run of the build stage: CUDA=OFF, TARGETS.
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu-out}
-WORK=${WORK:-/tmp/fpgpu}
+WORK=${WORK:-$REPO/build/fpgpu}
 GPU_DIR=${GPU_DIR:-$REPO/.gpu}
 STAGES=${STAGES:-build deps tests bench}
 JOBS=${JOBS:-$(nproc)}
@@ -39,7 +41,10 @@ NGL=99
 CHECK_ARGS=
 [ "$DEVICE" = cpu ] && NGL=-1 && CHECK_ARGS=--cpu
 
-say "start: stages '$STAGES', budget ${BUDGET_S:-520}s, $JOBS jobs, work $WORK"
+command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
+GEN=Ninja
+command -v ninja >/dev/null || GEN="Unix Makefiles"
+say "start: stages '$STAGES', budget ${BUDGET_S:-520}s, $JOBS jobs, $GEN, work $WORK"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
 nvcc --version | tail -2 || true
 $PY -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__)'
@@ -68,6 +73,25 @@ then
     fi
 fi
 
+export PYTHONPATH=$REPO:$SRC:$WORK/site${PYTHONPATH:+:$PYTHONPATH}
+BENCH_CACHE=${FASTPILOT_BENCH_CACHE:-$HOME/.cache/fastpilot/bench}
+BENCH_MODELS=${BENCH_MODELS:-gpt2-117m,codegen-350m}
+if want bench; then
+    # The random bench checkpoints need torch only: written while nvcc runs (the quantized
+    # files need the built llama.cpp, so their conversion waits for the bench stage).
+    mkdir -p "$BENCH_CACHE"
+    tar -xJf "$GPU_DIR/bench-tokenizer.tar.xz" -C "$BENCH_CACHE" || exit 1
+    (
+        for m in ${BENCH_MODELS//,/ }; do
+            [ -f "$BENCH_CACHE/hf/$m/config.json" ] && continue
+            t=$(date +%s)
+            OMP_NUM_THREADS=4 nice -n 10 $PY -m benchmarks.models build "$m" "$BENCH_CACHE/hf/$m" &&
+                say "prebuilt random $m checkpoint in $(($(date +%s) - t))s"
+        done
+    ) >"$WORK/prebuild.log" 2>&1 &
+    PREBUILD=$!
+fi
+
 if want build; then
     if [ -f "$BUILD/bin/libllama.so" ] && [ -x "$BUILD/bin/llama-server" ] && [ -z "${REBUILD:-}" ]; then
         say "build: reusing $BUILD"
@@ -80,9 +104,9 @@ if want build; then
         FA_ARG=-DGGML_CUDA_FA=OFF
         [ "${FA:-0}" = 1 ] && FA_ARG=-DGGML_CUDA_FA=ON
         t1=$(date +%s)
-        CFLAGS=$NO_AMX CXXFLAGS=$NO_AMX cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G Ninja \
+        CFLAGS=$NO_AMX CXXFLAGS=$NO_AMX cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G "$GEN" \
             -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
-            -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 "$FA_ARG" -DGGML_BLAS=OFF \
+            -DGGML_CUDA="${CUDA:-ON}" -DCMAKE_CUDA_ARCHITECTURES=90 "$FA_ARG" -DGGML_BLAS=OFF \
             -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
             -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
             -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_CCACHE=OFF \
@@ -93,7 +117,7 @@ if want build; then
         [ $rc = 0 ] || { tail -40 "$WORK/configure.log"; exit 1; }
         t2=$(date +%s)
         # Every 25th step and every error to the log, with seconds since the build began.
-        timeout "$(cap 420)" ninja -C "$BUILD" -j "$JOBS" llama llama-server 2>&1 |
+        timeout "$(cap 420)" cmake --build "$BUILD" -j "$JOBS" --target ${TARGETS:-llama llama-server} 2>&1 |
             tee "$WORK/build.log" |
             while IFS= read -r line; do
                 case $line in
@@ -105,21 +129,18 @@ if want build; then
                 :
             done
         rc=$?
-        say "build: ninja rc=$rc in $(($(date +%s) - t2))s, total $(($(date +%s) - t0))s"
-        [ $rc = 0 ] || { grep -B2 -A20 -m3 'FAILED' "$WORK/build.log" | head -80; exit 1; }
+        say "build: $GEN rc=$rc in $(($(date +%s) - t2))s, total $(($(date +%s) - t0))s"
+        [ $rc = 0 ] || { grep -B2 -A20 -m3 -E 'FAILED|Error' "$WORK/build.log" | head -80; exit 1; }
     fi
 fi
 
-# The Python package's own sources, the CUDA libraries, the carried wheels.
+# The Python package's own sources (PYTHONPATH above), the CUDA libraries, the wheels.
 export LLAMA_CPP_LIB_PATH=$BUILD/bin
-export PYTHONPATH=$REPO:$SRC:$WORK/site${PYTHONPATH:+:$PYTHONPATH}
 
 if want deps; then
     t0=$(date +%s)
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$WORK/site" "$GPU_DIR"/whl/*.whl || exit 1
-    mkdir -p "$HOME/.cache/fastpilot/bench"
-    tar -xJf "$GPU_DIR/bench-tokenizer.tar.xz" -C "$HOME/.cache/fastpilot/bench" || exit 1
     $PY -m benchmarks.gpu_cuda check $CHECK_ARGS || exit 1
     say "deps: ready in $(($(date +%s) - t0))s"
 fi
@@ -140,10 +161,14 @@ fi
 
 if want bench; then
     t0=$(date +%s)
+    if [ -n "${PREBUILD:-}" ]; then
+        wait "$PREBUILD"
+        cat "$WORK/prebuild.log"
+    fi
     touch "$WORK/bench-start"
     # shellcheck disable=SC2086
     timeout "$(cap 400)" $PY -m benchmarks.gpu_cuda bench --out "$OUT" --llama-build "$BUILD" \
-        --device "$DEVICE" --ngl "$NGL" \
+        --models "$BENCH_MODELS" --device "$DEVICE" --ngl "$NGL" \
         --title "CUDA: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" \
         ${BENCH_ARGS:-}
     say "bench: rc=$? in $(($(date +%s) - t0))s"
