@@ -181,3 +181,4 @@ if want bench; then
         done
 fi
 say "done in $(($(date +%s) - T_START))s"
+sleep 1  # let tee write the last lines into $OUT/log.txt before the command returns
