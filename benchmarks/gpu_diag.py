@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def raw(gguf: Path, keep_callback: bool) -> None:
     say(f"backend init; gpu offload {bool(L.llama_supports_gpu_offload())}")
     libs()
     mp = L.llama_model_default_params()
-    mp.n_gpu_layers = 99
+    mp.n_gpu_layers = int(os.environ.get("DIAG_NGL", "99"))
     model = L.llama_model_load_from_file(str(gguf).encode(), mp)
     say(f"model loaded: {bool(model)}")
     cp = L.llama_context_default_params()
@@ -69,7 +70,7 @@ def ours_load(gguf: Path) -> None:
     lib = load_library()
     say("load_library done")
     mp = lib.llama_model_default_params()
-    mp.n_gpu_layers = offload_layers(lib, "cuda")
+    mp.n_gpu_layers = int(os.environ.get("DIAG_NGL", "0")) or offload_layers(lib, "cuda")
     say(f"n_gpu_layers {mp.n_gpu_layers}")
     libs()
     model = lib.llama_model_load_from_file(str(gguf).encode(), mp)
@@ -95,7 +96,16 @@ def ours(directory: Path) -> None:
 
 def main() -> None:
     mode, directory = sys.argv[1], Path(sys.argv[2])
-    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+    # Knobs for telling causes apart: DIAG_STDCXX=1 loads libstdc++ RTLD_GLOBAL first,
+    # DIAG_NUMPY_FIRST=1 imports numpy before llama_cpp, DIAG_QUIET=1 leaves Python logging
+    # off (the log callback then returns at once), DIAG_NGL=N sets n_gpu_layers.
+    if os.environ.get("DIAG_STDCXX"):
+        ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+        say("libstdc++ loaded RTLD_GLOBAL")
+    if os.environ.get("DIAG_NUMPY_FIRST"):
+        import numpy  # noqa: F401
+    if not os.environ.get("DIAG_QUIET"):
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
     gguf = next(directory.glob("*.gguf"))
     say(f"{mode} on {gguf}")
     if mode in ("raw", "raw-nolog"):
