@@ -144,12 +144,13 @@ class Settings:
             "bytes per step, slightly different logprobs; needs flash attention)."
         ),
     )
-    prefill_batch: int = field(
-        default=1024,
+    prefill_batch: int | None = field(
+        default=None,
         metadata=_opt(
             "Prompt tokens a llama.cpp model evaluates per step when no other stream is "
             "decoding (a prompt alone goes in chunks this large; beside decoding streams, "
-            "256, so their next token waits for at most that). Also sizes n_batch.",
+            "256, so their next token waits for at most that). Default: 1024 with flash "
+            "attention, 256 without (it computes every padded KV cell of a step).",
             kind="int",
         ),
     )
@@ -331,12 +332,12 @@ class Settings:
                 "bind --host 127.0.0.1, or pass --insecure-public if you really mean it."
             )
         names = ("slots", "max_queue", "max_body_bytes", "max_tokens", "max_n", "max_stop")
-        for name in (*names, "draft_max", "prefill_batch"):
+        for name in (*names, "draft_max"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
         if self.cache_reuse < 0:
             raise SettingsError("--cache-reuse must be 0 (off) or more")
-        for name in ("ubatch", "threads_batch"):
+        for name in ("ubatch", "threads_batch", "prefill_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
         for name, choices in (

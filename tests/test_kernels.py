@@ -80,6 +80,9 @@ def test_the_report_is_what_llama_cpp_created(tiny_gpt2_models, tmp_path, caplog
         assert k["threads"] == k["threads_batch"] == 1
         assert "calibration" not in k
         assert not (tmp_path / "kernels").exists()
+        # A prompt alone is prefilled in steps sized by the kernel (prefill.alone_tokens).
+        alone = {"on": 1024, "off": 256}[asked]
+        assert b.info.extra["prefill_batch"] == b._sched.prefill_alone == alone
     finally:
         b.close()
 

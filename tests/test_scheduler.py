@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from fastpilot.backends.base import FinishReason
-from fastpilot.backends.prefill import batch_tokens, prefill_budget
+from fastpilot.backends.prefill import alone_tokens, batch_tokens, prefill_budget
 from fastpilot.backends.scheduler import (
     MIN_COPY,
     KvCopy,
@@ -375,3 +375,10 @@ def test_entries_carry_positions_and_samples_their_batch_rows() -> None:
     # Rows index the batch: one per token, each sample at its entry's last token.
     assert [(x.seq, x.row) for x in samples] == [(a, 0), (b, 1), (c, 6)]
     assert [len(q.slot.tokens) for q in (a, b, c)] == [4, 3, 5]  # type: ignore[union-attr]
+
+
+def test_a_prompt_alone_goes_in_kv_pad_steps_without_flash_attention() -> None:
+    # Without flash attention every padded KV cell of a step is computed, so a cold
+    # prompt costs less in 256-cell steps; with it (or llama.cpp's own choice) 1024.
+    assert alone_tokens(False) == 256
+    assert alone_tokens(True) == alone_tokens(None) == 1024

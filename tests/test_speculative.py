@@ -340,7 +340,7 @@ def test_settings_reach_the_llamacpp_options_only() -> None:
         "n_ubatch": None,
         "threads_batch": None,
         "kv_type": None,
-        "prefill_batch": 1024,
+        "prefill_batch": None,
         "cache_reuse": 0,
     }
     assert "speculative" not in backend_options("ct2", s)  # CTranslate2 has no speculation

@@ -62,6 +62,7 @@ from fastpilot.backends.llamacpp_native import (
     shift_min_chunk,
 )
 from fastpilot.backends.llamacpp_tuning import DEFAULT_CACHE, decide
+from fastpilot.backends.prefill import ALONE_FLASH, alone_tokens
 from fastpilot.backends.sampling import SequenceSampler
 from fastpilot.backends.scheduler import BatchEntry, KvOp, Scheduler, Seq, batch_capacity
 from fastpilot.errors import (
@@ -104,8 +105,8 @@ class LlamaCppBackend(LlamaCppExtras):
         prompt_chunk: prompt tokens evaluated per decode step while other sequences
             decode, shared by all prefilling requests; bounds how much a long prompt
             delays the other streams' next token.
-        prefill_batch: prompt tokens per step when none decodes (a prompt alone); sizes
-            ``n_batch`` with ``prompt_chunk`` (:mod:`fastpilot.backends.prefill`).
+        prefill_batch: prompt tokens per step when none decodes (a prompt alone); None:
+            by the attention kernel (:func:`fastpilot.backends.prefill.alone_tokens`).
         flash_attn, n_ubatch, threads_batch, kv_type, kernel_cache: the context's kernels
             (:func:`fastpilot.backends.llamacpp_tuning.decide`; ``"auto"`` flash attention
             is measured once per model file and machine); ``self.kernels`` says the choice.
@@ -133,7 +134,7 @@ class LlamaCppBackend(LlamaCppExtras):
         max_queue: int = 64,
         context_length: int | None = None,
         prompt_chunk: int = 256,
-        prefill_batch: int = 1024,
+        prefill_batch: int | None = None,
         flash_attn: str | bool | None = "auto",
         n_ubatch: int | None = None,
         threads_batch: int | None = None,
@@ -143,7 +144,8 @@ class LlamaCppBackend(LlamaCppExtras):
         draft_max: int = 32,
         cache_reuse: int = 0,
     ) -> None:
-        if min(slots, prompt_chunk, draft_max, prefill_batch, max_queue + 1, cache_reuse + 1) < 1:
+        alone = prefill_batch or ALONE_FLASH  # the batch's capacity; the step's below
+        if min(slots, prompt_chunk, draft_max, alone, max_queue + 1, cache_reuse + 1) < 1:
             raise ValueError("slots, prompt_chunk, prefill_batch, draft_max >= 1; others >= 0")
         if speculative not in ("off", "ngram"):
             raise ValueError(f"speculative must be 'off' or 'ngram', not {speculative!r}")
@@ -170,7 +172,7 @@ class LlamaCppBackend(LlamaCppExtras):
             self._slots_n = slots
             self._chunk = prompt_chunk
             spec = speculative == "ngram"
-            capacity = batch_capacity(slots, prompt_chunk, draft_max if spec else 0, prefill_batch)
+            capacity = batch_capacity(slots, prompt_chunk, draft_max if spec else 0, alone)
             kernels = decide(
                 lib, self._model, gguf, capacity, per_slot, gpu_layers, threads, threads_batch,
                 flash_attn=flash_attn, n_ubatch=n_ubatch, kv_type=kv_type, cache_dir=kernel_cache,
@@ -179,6 +181,7 @@ class LlamaCppBackend(LlamaCppExtras):
             if not self._ctx:
                 raise BackendError(f"llama.cpp could not create a context for {gguf}")
             self.kernels = kernels.read_back(lib, self._ctx)
+            alone = prefill_batch or alone_tokens(self.kernels.flash_attn)
             self._threads = self.kernels.threads
             log.info("%s: %s", gguf.name, self.kernels.summary())
             self.context_length = min(per_slot, int(lib.llama_n_ctx_seq(self._ctx)))
@@ -207,7 +210,7 @@ class LlamaCppBackend(LlamaCppExtras):
                 "speculative": speculative,
                 "draft_max": draft_max,
                 "prompt_chunk": prompt_chunk,
-                "prefill_batch": prefill_batch,
+                "prefill_batch": alone,
                 "kernels": self.kernels.to_json(),
                 "cache_reuse": cache_reuse,
                 "manifest": manifest.to_json() if manifest else {},
@@ -225,7 +228,7 @@ class LlamaCppBackend(LlamaCppExtras):
             self.eos_token_ids,
             speculative=spec,
             draft_max=draft_max,
-            prefill_alone=prefill_batch,
+            prefill_alone=alone,
             cache_reuse=cache_reuse,
         )
         self._free = slots  # free slots, read by submit() under the lock
@@ -474,15 +477,3 @@ class LlamaCppBackend(LlamaCppExtras):
         with self._embed_lock:
             self._free_native()
         atexit.unregister(self.close)
-
-    def _free_native(self) -> None:
-        lib = self._lib
-        if self._embedder is not None:
-            self._embedder.close()
-            self._embedder = None
-        if self._ctx is not None:
-            lib.llama_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            lib.llama_model_free(self._model)
-            self._model = None

@@ -169,3 +169,16 @@ class LlamaCppExtras(Backend):
                     self._lib, self._model, self.context_length, self._threads
                 )
             return [self._embedder.embed(self.tokenize(t) or [self._bos]) for t in texts]
+
+    def _free_native(self) -> None:
+        """Free the embedder, the context and the model (each once)."""
+        lib = self._lib
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+        if self._ctx is not None:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            lib.llama_model_free(self._model)
+            self._model = None
