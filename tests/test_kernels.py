@@ -83,6 +83,7 @@ def test_the_report_is_what_llama_cpp_created(tiny_gpt2_models, tmp_path, caplog
         # A prompt alone is prefilled in steps sized by the kernel (prefill.alone_tokens).
         alone = {"on": 1024, "off": 256}[asked]
         assert b.info.extra["prefill_batch"] == b._sched.prefill_alone == alone
+        assert k["prefill_batch"] == alone  # /v1/models says it beside the kernels
     finally:
         b.close()
 

@@ -211,7 +211,7 @@ class LlamaCppBackend(LlamaCppExtras):
                 "draft_max": draft_max,
                 "prompt_chunk": prompt_chunk,
                 "prefill_batch": alone,
-                "kernels": self.kernels.to_json(),
+                "kernels": dict(self.kernels.to_json(), prefill_batch=alone),
                 "cache_reuse": cache_reuse,
                 "manifest": manifest.to_json() if manifest else {},
             },
