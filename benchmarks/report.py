@@ -445,7 +445,7 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
             f"({', '.join(s.get('files', []))}), `# Path:` header, 2–6 characters typed between "
             "requests, "
             "max_tokens 32, stream. 8 clients: distinct short prompts, 128 tokens each, streamed, "
-            "one round. "
+            "three rounds, the median round shown (the 8-client target row lists all three). "
             "GET 64: non-streamed (fastpilot: GET with a query string; peers: POST). Decode "
             "tok/s: (tokens−1)/"
             "(e2e−TTFT) of a 128-token stream, median of the repetitions.",
