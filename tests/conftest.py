@@ -37,24 +37,21 @@ directory to cache there.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import tinymodels
+from tests.fingerprint import fingerprint
 from tests.playground import launch_browser
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY_KEYS = ("ct2-float32", "ct2-int8", "gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
 ARCHS = ("gpt2", "codegen")
-_LIBS = ("ctranslate2", "llama_cpp_python", "gguf", "tokenizers", "transformers", "torch", "numpy")
 
 
 DEVICES = ("cpu", "cuda")
@@ -91,18 +88,8 @@ def llamacpp_device(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def _fingerprint() -> str:
-    """Hash of everything that determines the tiny models' bytes."""
-    digest = hashlib.sha256()
-    sources = [ROOT / "tests" / "tinymodels.py", *sorted((ROOT / "conversion").glob("*.py"))]
-    for path in sources:
-        if path.name != "train_tiny_py.py":
-            digest.update(path.name.encode() + path.read_bytes())
-    for lib in _LIBS:
-        try:
-            digest.update(f"{lib}={version(lib.replace('_', '-'))}".encode())
-        except PackageNotFoundError:
-            digest.update(lib.encode())
-    return digest.hexdigest()[:16]
+    """Cache key of the shared tiny models (:func:`tests.fingerprint.fingerprint`)."""
+    return fingerprint("tinymodels.py")
 
 
 def build_tiny_models(root: Path) -> dict[str, dict[str, Path]]:

@@ -18,40 +18,23 @@ Paths are read-only (a cache shared by test runs).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
 
 from tests import tinymodels, tinymodels_infill
+from tests.fingerprint import fingerprint
 
-ROOT = Path(__file__).resolve().parent.parent
 CODEGEN2_KEYS = ("ct2-float32", "ct2-int8", "gguf-f32", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m")
 T5_KEYS = ("ct2-float32", "ct2-int8")
-_LIBS = ("ctranslate2", "llama_cpp_python", "gguf", "tokenizers", "transformers", "torch", "numpy")
 
 
 def _fingerprint(kind: str) -> str:
-    digest = hashlib.sha256()
-    sources = [
-        ROOT / "tests" / "tinymodels.py",
-        ROOT / "tests" / "tinymodels_infill.py",
-        *sorted((ROOT / "conversion").glob("*.py")),
-    ]
-    for path in sources:
-        if path.name != "train_tiny_py.py":
-            digest.update(path.name.encode() + path.read_bytes())
-    for lib in _LIBS:
-        try:
-            digest.update(f"{lib}={version(lib.replace('_', '-'))}".encode())
-        except PackageNotFoundError:
-            digest.update(lib.encode())
-    return f"{kind}-{digest.hexdigest()[:16]}"
+    return f"{kind}-{fingerprint('tinymodels.py', 'tinymodels_infill.py')}"
 
 
 def _build_codegen2(root: Path) -> None:
