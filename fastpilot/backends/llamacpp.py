@@ -144,7 +144,7 @@ class LlamaCppBackend(LlamaCppExtras):
         draft_max: int = 32,
         cache_reuse: int = 0,
     ) -> None:
-        alone = prefill_batch or ALONE_FLASH  # the batch's capacity; the step's below
+        alone = ALONE_FLASH if prefill_batch is None else prefill_batch  # n_batch; step: below
         if min(slots, prompt_chunk, draft_max, alone, max_queue + 1, cache_reuse + 1) < 1:
             raise ValueError("slots, prompt_chunk, prefill_batch, draft_max >= 1; others >= 0")
         if speculative not in ("off", "ngram"):
@@ -181,7 +181,8 @@ class LlamaCppBackend(LlamaCppExtras):
             if not self._ctx:
                 raise BackendError(f"llama.cpp could not create a context for {gguf}")
             self.kernels = kernels.read_back(lib, self._ctx)
-            alone = prefill_batch or alone_tokens(self.kernels.flash_attn)
+            if prefill_batch is None:
+                alone = alone_tokens(self.kernels.flash_attn)
             self._threads = self.kernels.threads
             log.info("%s: %s", gguf.name, self.kernels.summary())
             self.context_length = min(per_slot, int(lib.llama_n_ctx_seq(self._ctx)))
