@@ -112,7 +112,7 @@ def backend_options(fmt: str, settings: Settings) -> dict[str, Any]:
     llama.cpp decodes ``slots`` sequences in one context (one KV stream each) and
     takes ``--speculative``/``--draft-max``, ``--cache-reuse`` and the context's
     kernel settings (``--flash-attn``, ``--ubatch``, ``--threads-batch``,
-    ``--kv-type``, ``--prefill-batch``); CTranslate2 batches up to ``max_batch``
+    ``--kv-type``, ``--prefill-batch``, ``--short-lane``); CTranslate2 batches up to ``max_batch``
     sequences per ``generate_batch`` and ignores them.
     """
     if fmt == "gguf":
@@ -127,6 +127,7 @@ def backend_options(fmt: str, settings: Settings) -> dict[str, Any]:
             "kv_type": settings.kv_type,
             "prefill_batch": settings.prefill_batch,
             "cache_reuse": settings.cache_reuse,
+            "short_lane": settings.short_lane,
         }
     return {"max_batch": settings.slots, "max_queue": settings.max_queue}
 
@@ -164,11 +165,14 @@ def load_models(settings: Settings, registry: Any, *, say: Callable[[str], None]
         )
         registry.add(name, model)
         info = getattr(model, "info", None)
-        kernels = getattr(getattr(model, "backend", None), "kernels", None)
+        backend = getattr(model, "backend", None)
+        kernels = getattr(backend, "kernels", None)
+        lane = getattr(backend, "short_lane", None)
         say(
             f"loaded {name}: {getattr(info, 'backend', '?')} "
             f"{getattr(info, 'quantization', '') or ''} context {model.context_length}"
             + (f"; {kernels.summary()}" if kernels is not None else "")
+            + (f"; {lane.summary()}" if lane is not None else "")
         )
 
 

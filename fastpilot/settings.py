@@ -167,6 +167,17 @@ class Settings:
             metavar="N",
         ),
     )
+    short_lane: int | None = field(
+        default=None,
+        metadata=_opt(
+            "llama.cpp models on CPU with flash attention calibrated off: a second context "
+            "with it on for requests whose mean depth (prompt + max_tokens/2) is under N "
+            "cells, where it is faster (it skips the masked cells of the 256-cell window). "
+            "Default: the crossover the calibration measured; 0: no second context.",
+            kind="int",
+            metavar="N",
+        ),
+    )
     max_queue: int = field(
         default=64,
         metadata=_opt(
@@ -337,6 +348,8 @@ class Settings:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
         if self.cache_reuse < 0:
             raise SettingsError("--cache-reuse must be 0 (off) or more")
+        if self.short_lane is not None and self.short_lane < 0:
+            raise SettingsError("--short-lane must be 0 (off) or more")
         for name in ("ubatch", "threads_batch", "prefill_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")

@@ -304,9 +304,9 @@ def test_batches_are_in_slot_order_and_busy_slots_stay_contiguous(built, arch) -
     seen: list[list[int]] = []
     decode = b._decode
 
-    def recording(entries):  # runs in the worker thread
+    def recording(lane, entries):  # runs in the worker thread
         seen.append([e.seq_id for e in entries])
-        return decode(entries)
+        return decode(lane, entries)
 
     b._decode = recording
     try:

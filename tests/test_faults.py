@@ -330,13 +330,13 @@ class FailingDecodeLlama:
         from fastpilot.backends.llamacpp import LlamaCppBackend
 
         class _Failing(LlamaCppBackend):
-            def _decode(self, entries):
+            def _decode(self, lane, entries):
                 if any(
                     e.seq.owner.stream.request.params.seed == 666 and e.seq.generated >= 3
                     for e in entries
                 ):
                     return -3  # nothing was decoded, so there is no KV state to roll back
-                return super()._decode(entries)
+                return super()._decode(lane, entries)
 
         return _Failing(path, **kwargs)
 

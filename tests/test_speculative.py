@@ -342,6 +342,7 @@ def test_settings_reach_the_llamacpp_options_only() -> None:
         "kv_type": None,
         "prefill_batch": None,
         "cache_reuse": 0,
+        "short_lane": None,
     }
     assert "speculative" not in backend_options("ct2", s)  # CTranslate2 has no speculation
     defaults = load_settings([], environ={})

@@ -37,7 +37,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,7 @@ from fastpilot.backends.llamacpp_native import (
     real_vocab_size,
     shift_min_chunk,
 )
-from fastpilot.backends.llamacpp_tuning import DEFAULT_CACHE, decide
+from fastpilot.backends.llamacpp_tuning import DEFAULT_CACHE, ShortLane, decide, short_lane_for
 from fastpilot.backends.prefill import ALONE_FLASH, alone_tokens
 from fastpilot.backends.sampling import SequenceSampler
 from fastpilot.backends.scheduler import BatchEntry, KvOp, Scheduler, Seq, batch_capacity
@@ -78,11 +79,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False, slots=True)
+class _Lane:
+    """One generation context, the scheduler that plans its steps and its native buffers."""
+
+    sched: Scheduler[_Request]
+    ctx: Any
+    mem: Any
+    batch: NativeBatch
+    rows: LogitsRows
+
+
+@dataclass(eq=False, slots=True)
 class _Request:
     """The backend's side of one scheduled sequence (:attr:`Seq.owner`)."""
 
     stream: TokenStream
     sampler: SequenceSampler
+    lane: _Lane
 
 
 class LlamaCppBackend(LlamaCppExtras):
@@ -116,6 +129,11 @@ class LlamaCppBackend(LlamaCppExtras):
             output is unchanged (greedy byte for byte, sampled in distribution). ``"off"``.
         cache_reuse: move cached runs of >= this many tokens into place when the prompt
             slid (:mod:`fastpilot.backends.kv_reuse`); 0 is off, as for non-RoPE models.
+        short_lane: beside a flash-off context, a second context with flash attention on
+            for requests that stay short (:class:`~fastpilot.backends.llamacpp_tuning.ShortLane`):
+            None: where the calibration measured flash attention faster at a short KV,
+            with its crossover; 0: never; N: requests whose mean depth is under N cells.
+            ``self.short_lane`` says the lane (None: none).
 
     Loading blocks (mmap + context allocation). The worker thread starts at once
     and is the only thread that touches the generation context.
@@ -143,9 +161,11 @@ class LlamaCppBackend(LlamaCppExtras):
         speculative: str = "ngram",
         draft_max: int = 32,
         cache_reuse: int = 0,
+        short_lane: int | None = None,
     ) -> None:
         alone = ALONE_FLASH if prefill_batch is None else prefill_batch  # n_batch; step: below
-        if min(slots, prompt_chunk, draft_max, alone, max_queue + 1, cache_reuse + 1) < 1:
+        lane_min = 1 if short_lane is None else short_lane + 1
+        if min(slots, prompt_chunk, draft_max, alone, max_queue + 1, cache_reuse + 1, lane_min) < 1:
             raise ValueError("slots, prompt_chunk, prefill_batch, draft_max >= 1; others >= 0")
         if speculative not in ("off", "ngram"):
             raise ValueError(f"speculative must be 'off' or 'ngram', not {speculative!r}")
@@ -155,7 +175,7 @@ class LlamaCppBackend(LlamaCppExtras):
             manifest = Manifest.find(gguf)
         gpu_layers = offload_layers(lib, device)
 
-        self._ctx = None
+        self._ctx = self._short_ctx = None
         self._embedder = None
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = gpu_layers
@@ -181,10 +201,18 @@ class LlamaCppBackend(LlamaCppExtras):
             if not self._ctx:
                 raise BackendError(f"llama.cpp could not create a context for {gguf}")
             self.kernels = kernels.read_back(lib, self._ctx)
+            self.short_lane: ShortLane | None = short_lane_for(self.kernels, per_slot, short_lane)
+            if self.short_lane is not None:
+                flash = replace(self.kernels, flash_attn=True)
+                n_short = self.short_lane.context
+                self._short_ctx = new_context(lib, self._model, n_short, slots, flash)
+                if not self._short_ctx:
+                    raise BackendError(f"llama.cpp could not create a second context for {gguf}")
             if prefill_batch is None:
                 alone = alone_tokens(self.kernels.flash_attn)
             self._threads = self.kernels.threads
-            log.info("%s: %s", gguf.name, self.kernels.summary())
+            lane = f"; {self.short_lane.summary()}" if self.short_lane else ""
+            log.info("%s: %s%s", gguf.name, self.kernels.summary(), lane)
             self.context_length = min(per_slot, int(lib.llama_n_ctx_seq(self._ctx)))
             self._mem = lib.llama_get_memory(self._ctx)
             self._rows = LogitsRows(lib, self._ctx, self._n_rows)
@@ -212,7 +240,11 @@ class LlamaCppBackend(LlamaCppExtras):
                 "draft_max": draft_max,
                 "prompt_chunk": prompt_chunk,
                 "prefill_batch": alone,
-                "kernels": dict(self.kernels.to_json(), prefill_batch=alone),
+                "kernels": dict(
+                    self.kernels.to_json(),
+                    prefill_batch=alone,
+                    short_lane=self.short_lane.to_json() if self.short_lane else None,
+                ),
                 "cache_reuse": cache_reuse,
                 "manifest": manifest.to_json() if manifest else {},
             },
@@ -232,6 +264,24 @@ class LlamaCppBackend(LlamaCppExtras):
             prefill_alone=alone,
             cache_reuse=cache_reuse,
         )
+        main = _Lane(self._sched, self._ctx, self._mem, self._batch, self._rows)
+        self._lanes = [main]
+        self._short: _Lane | None = None
+        if self.short_lane is not None:
+            sched: Scheduler[_Request] = Scheduler(
+                slots,
+                prompt_chunk,
+                self.short_lane.context,
+                self.eos_token_ids,
+                speculative=spec,
+                draft_max=draft_max,
+                prefill_alone=ALONE_FLASH,
+            )
+            short_mem = lib.llama_get_memory(self._short_ctx)
+            batch = NativeBatch(lib, capacity)
+            rows = LogitsRows(lib, self._short_ctx, self._n_rows)
+            self._short = _Lane(sched, self._short_ctx, short_mem, batch, rows)
+            self._lanes.append(self._short)
         self._free = slots  # free slots, read by submit() under the lock
         self._closed = False
         self._embed_lock = threading.Lock()
@@ -266,17 +316,20 @@ class LlamaCppBackend(LlamaCppExtras):
             self._cond.notify()
 
     # -- worker ----------------------------------------------------------------------
+    def _running(self) -> bool:
+        return any(lane.sched.running for lane in self._lanes)
+
     def _run(self) -> None:
-        sched = self._sched
+        main = self._lanes[0]
         taken: list[TokenStream] = []
         job = None
         while True:
             # Mid-generation with nothing queued, the step needs no lock: these reads are
             # atomic under the GIL, and a request queued right after them is taken at the
             # next step, as it would be had it come a moment later.
-            if not (sched.running and not self._pending and not self._jobs and not self._closed):
+            if not (self._running() and not self._pending and not self._jobs and not self._closed):
                 with self._cond:
-                    while not (self._closed or self._pending or sched.running or self._jobs):
+                    while not (self._closed or self._pending or self._running() or self._jobs):
                         self._cond.wait()
                     if self._closed:
                         break
@@ -285,17 +338,20 @@ class LlamaCppBackend(LlamaCppExtras):
             for stream in taken:
                 self._add(stream)
             try:
-                self._admit()
-                if job is not None:
-                    self._apply(sched.take_kv_ops())  # scoring touches a slot outside a plan
+                for lane in self._lanes:
+                    self._admit(lane)
+                if job is not None:  # scoring touches a slot of the main lane outside a plan
+                    self._apply(main, main.sched.take_kv_ops())
                     self._score(job)
-                self._drop_cancelled()
-                if sched.running:
-                    self._step()
+                for lane in self._lanes:
+                    self._drop_cancelled(lane)
+                    if lane.sched.running:
+                        self._step(lane)
             except Exception as ex:  # a bug here must not kill the worker
                 log.exception("llama.cpp worker iteration failed")
-                for seq in list(sched.running):
-                    self._fail(seq, ex)
+                for lane in self._lanes:
+                    for seq in list(lane.sched.running):
+                        self._fail(seq, ex)
             taken, job = [], None
         self._drain()
 
@@ -327,68 +383,73 @@ class LlamaCppBackend(LlamaCppExtras):
             with self._cond:
                 self._free += 1
             return
-        self._sched.add(_Request(stream, sampler), prompt, req.params.max_tokens)
+        lane, short = self._lanes[0], self.short_lane
+        if self._short is not None and short is not None:
+            busy = lane.sched.busy, self._short.sched.busy
+            if short.takes(len(prompt), req.params.max_tokens, *busy):
+                lane = self._short
+        lane.sched.add(_Request(stream, sampler, lane), prompt, req.params.max_tokens)
 
-    def _admit(self) -> None:
+    def _admit(self, lane: _Lane) -> None:
         """Give waiting sequences their slots, apply the KV trims/copies that takes."""
-        admitted = self._sched.admit()
+        admitted = lane.sched.admit()
         if not admitted:
             return
-        self._apply(self._sched.take_kv_ops())
+        self._apply(lane, lane.sched.take_kv_ops())
         for seq in admitted:  # cached_tokens is final once the KV ops were applied
             seq.owner.stream.cached_tokens = seq.cached_tokens
             if seq.finish_reason is not None:  # max_tokens <= 0
                 self._finished(seq)
 
-    def _apply(self, ops: Sequence[KvOp]) -> bool:
+    def _apply(self, lane: _Lane, ops: Sequence[KvOp]) -> bool:
         """Apply KV ops in order; False when a partial removal had to clear a whole slot."""
-        restarted = apply_kv_ops(self._lib, self._mem, ops)
+        restarted = apply_kv_ops(self._lib, lane.mem, ops)
         for seq_id in restarted:
-            self._sched.kv_restarted(seq_id)
+            lane.sched.kv_restarted(seq_id)
         return not restarted
 
-    def _drop_cancelled(self) -> None:
-        for seq in list(self._sched.running):
+    def _drop_cancelled(self, lane: _Lane) -> None:
+        for seq in list(lane.sched.running):
             if seq.owner.stream.cancelled:
-                self._sched.finish(seq, FinishReason.CANCELLED)
+                lane.sched.finish(seq, FinishReason.CANCELLED)
                 self._finished(seq)
 
-    def _step(self) -> None:
+    def _step(self, lane: _Lane) -> None:
         """One ``llama_decode`` over every generating sequence plus one prompt chunk."""
-        plan = self._sched.plan_step()
-        while not self._apply(plan.kv_ops):  # a slot restarted: its prompt is all to do
-            plan = self._sched.plan_step()
+        plan = lane.sched.plan_step()
+        while not self._apply(lane, plan.kv_ops):  # a slot restarted: its prompt is all to do
+            plan = lane.sched.plan_step()
         entries = list(plan.entries)
         if not entries:
             return
-        rc = self._decode(entries)
+        rc = self._decode(lane, entries)
         if rc == 0:
-            self._after_decode(entries)
+            self._after_decode(lane, entries)
             return
         self._counters["decode_errors"] += 1
         log.warning("llama_decode failed with status %d over %d sequences", rc, len(entries))
         # Isolate the culprit: retry each sequence on its own, failing only those that fail again.
         for entry in entries:
-            rc1 = self._decode([entry]) if len(entries) > 1 else rc
+            rc1 = self._decode(lane, [entry]) if len(entries) > 1 else rc
             if rc1 == 0:
-                self._after_decode([entry])
+                self._after_decode(lane, [entry])
             else:
                 self._fail(entry.seq, BackendError(f"llama_decode failed with status {rc1}"))
 
-    def _decode(self, entries: list[BatchEntry[_Request]]) -> int:
+    def _decode(self, lane: _Lane, entries: list[BatchEntry[_Request]]) -> int:
         t0 = time.perf_counter()
-        rc = decode_entries(self._lib, self._ctx, self._mem, self._batch, entries)
+        rc = decode_entries(self._lib, lane.ctx, lane.mem, lane.batch, entries)
         self._counters["decode_seconds"] += (dt := time.perf_counter() - t0)
         self._counters["decode_steps"] += 1
         if rc == 0:
-            self._counters["tokens_evaluated"] += self._batch.n
-            if self._sched.speculative:  # drafts are sized by the measured step cost
-                self._sched.draft_cost.observe_batch(entries, dt)
+            self._counters["tokens_evaluated"] += lane.batch.n
+            if lane.sched.speculative:  # drafts are sized by the measured step cost
+                lane.sched.draft_cost.observe_batch(entries, dt)
         return rc
 
-    def _after_decode(self, entries: list[BatchEntry[_Request]]) -> None:
-        rows = self._rows
-        for sample in self._sched.update_from_output(entries):
+    def _after_decode(self, lane: _Lane, entries: list[BatchEntry[_Request]]) -> None:
+        rows = lane.rows
+        for sample in lane.sched.update_from_output(entries):
             row = sample.row
             # A speculating sequence: rows after the first hold the logits after each
             # draft; sample them in order while the token matches the draft.
@@ -399,7 +460,7 @@ class LlamaCppBackend(LlamaCppExtras):
                 if not more:
                     break
                 if sample.seq.owner.stream.cancelled:  # nothing more once cancelled
-                    self._sched.finish(sample.seq, FinishReason.CANCELLED)
+                    lane.sched.finish(sample.seq, FinishReason.CANCELLED)
                     self._finished(sample.seq)
                     break
                 row += 1
@@ -410,7 +471,7 @@ class LlamaCppBackend(LlamaCppExtras):
         if seq.generated == 0:  # the first token: the prompt cache's share is settled
             stream.cached_tokens = seq.cached_tokens
         step = seq.owner.sampler.sample(logits)
-        verdict = self._sched.on_token(seq, step.token_id)
+        verdict = seq.owner.lane.sched.on_token(seq, step.token_id)
         if seq.drafter is not None:  # before put/finish: the consumer reads them after
             stream.accepted_prediction_tokens = seq.accepted
             stream.rejected_prediction_tokens = seq.rejected
@@ -430,7 +491,7 @@ class LlamaCppBackend(LlamaCppExtras):
     def _fail(self, seq: Seq[_Request], error: BaseException) -> None:
         seq.owner.stream.fail(error)
         # The KV state of a failed sequence is unknown: the scheduler drops it.
-        self._sched.finish(seq, FinishReason.CANCELLED, kv_lost=True)
+        seq.owner.lane.sched.finish(seq, FinishReason.CANCELLED, kv_lost=True)
         self._free_slot()
 
     def _free_slot(self) -> None:
@@ -439,9 +500,10 @@ class LlamaCppBackend(LlamaCppExtras):
 
     def _drain(self) -> None:
         error = BackendError("the model was closed")
-        for seq in self._sched.running:
-            seq.owner.stream.fail(error)
-        self._sched.running.clear()
+        for lane in self._lanes:
+            for seq in lane.sched.running:
+                seq.owner.stream.fail(error)
+            lane.sched.running.clear()
         with self._cond:
             for stream in self._pending:
                 stream.fail(error)
@@ -460,7 +522,9 @@ class LlamaCppBackend(LlamaCppExtras):
             }
         out["slots"] = self._slots_n
         out.update(self._counters)
-        out.update(self._sched.counters)  # prompt cache: evaluated, cached, shared, copied
+        for lane in self._lanes:  # prompt cache: evaluated, cached, shared, copied
+            for key, value in lane.sched.counters.items():
+                out[key] = out.get(key, 0) + value
         return out
 
     def close(self) -> None:

@@ -50,6 +50,7 @@ class LlamaCppExtras(Backend):
     _model: Any  # llama_model*
     _vocab: Any  # llama_vocab*
     _ctx: Any  # the generation context
+    _short_ctx: Any  # the short lane's (flash attention on), or None
     _mem: Any  # its memory (KV)
     _batch: NativeBatch
     _n_rows: int  # logits per row (padded vocabularies have more than vocab_size)
@@ -176,9 +177,10 @@ class LlamaCppExtras(Backend):
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
-        if self._ctx is not None:
-            lib.llama_free(self._ctx)
-            self._ctx = None
+        for name in ("_short_ctx", "_ctx"):
+            if getattr(self, name, None) is not None:
+                lib.llama_free(getattr(self, name))
+                setattr(self, name, None)
         if self._model is not None:
             lib.llama_model_free(self._model)
             self._model = None

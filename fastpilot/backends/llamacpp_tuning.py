@@ -44,11 +44,14 @@ __all__ = [
     "KV_TYPES",
     "FlashAttn",
     "KernelChoice",
+    "ShortLane",
     "Source",
     "calibrate",
     "decide",
     "default_cache_dir",
+    "flash_faster_below",
     "parse_flash_attn",
+    "short_lane_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,7 @@ ROUNDS = 2  # interleaved on/off rounds of probes
 # Seconds a calibration may take (a model whose 256-token prefill takes longer keeps
 # the default); no second round once the first took half of it.
 BUDGET_S = 8.0
-CALIBRATION_VERSION = 3  # bump when the method changes: older cache files are ignored
+CALIBRATION_VERSION = 4  # bump when the method changes: older cache files are ignored
 
 
 class FlashAttn(str, Enum):
@@ -173,6 +176,21 @@ def _predict(p: Probe, depth: int) -> float:
     return p.short_ms + slope * (depth - p.short)
 
 
+def flash_faster_below(on: Probe, off: Probe) -> int:
+    """KV cells below which a decode step is faster with flash attention on, from the
+    two probes' lines (0: never; the probe's deep point, at least, when on's line never
+    crosses off's). llama.cpp's CPU flash-attention kernel skips masked cells, while
+    without it a step computes every cell of its 256-padded window: on wins at a short
+    KV and loses as the cells it reads one by one add up."""
+    if on.short_ms >= off.short_ms:
+        return 0
+    s_on = max(0.0, (on.deep_ms - on.short_ms) / max(1, on.deep - on.short))
+    s_off = max(0.0, (off.deep_ms - off.short_ms) / max(1, off.deep - off.short))
+    if s_on <= s_off:
+        return max(on.deep, off.deep)
+    return int(on.short + (off.short_ms - on.short_ms) / (s_on - s_off))
+
+
 def _score(p: Probe, per_slot: int) -> float:
     depths = sorted({min(d, per_slot) for d in EDITOR_DEPTHS})
     return sum(_predict(p, d) for d in depths) / len(depths)
@@ -277,6 +295,7 @@ def calibrate(
         "rule": f"on unless off is >{MARGIN:.0%} faster per decode step, mean over "
         f"{sorted({min(d, per_slot) for d in EDITOR_DEPTHS})} positions",
         "predicted_ms": {("on" if k else "off"): round(v, 3) for k, v in scores.items()},
+        "flash_faster_below": flash_faster_below(probes[True], probes[False]) if probes else 0,
         "probes": [p.to_json() for r in rounds for p in r.values()],
     }
     if not conclusive:
@@ -402,3 +421,66 @@ def decide(
         sources=sources,
         calibration=evidence,
     )
+
+
+# A crossover below this many cells is not worth a second context.
+SHORT_LANE_MIN = 32
+
+
+@dataclass(frozen=True, slots=True)
+class ShortLane:
+    """A second context with flash attention on, for requests that stay short.
+
+    On CPU the best attention kernel depends on how many KV cells a step reads: flash
+    attention skips the masked cells of llama.cpp's 256-padded window but reads the
+    others one by one, so it wins at a short KV and loses at editor depths (GPT-2-117M
+    Q4_K_M, 2 EPYC threads, one stream: 0.81x the step time at 16 cells, 1.24x at 700;
+    four streams: 0.86x at 16, parity near 400). A context's kernel is fixed (the KV
+    layout differs), so the model gets two: the main one (flash off) and this one, and a
+    request goes here when all of it fits ``context`` cells and its mean decode depth,
+    prompt plus half of ``max_tokens``, is under ``cells`` (or only this lane is busy:
+    see :meth:`takes`).
+    """
+
+    cells: int  # flash attention is faster below this depth (the calibration's crossover)
+    context: int  # KV cells per slot of the lane's context
+
+    def takes(self, n_prompt: int, max_tokens: int, main_busy: bool, lane_busy: bool) -> bool:
+        """Whether a request of ``n_prompt`` tokens and ``max_tokens`` goes to this lane.
+
+        Two busy contexts cost two ``llama_decode`` calls a step, each a pass over the
+        weights, so a request that fits either joins the one already decoding; with
+        both idle or both busy, the mean depth decides.
+        """
+        if n_prompt + max_tokens > self.context:
+            return False
+        if main_busy != lane_busy:
+            return lane_busy
+        return 2 * n_prompt + max_tokens <= 2 * self.cells
+
+    def to_json(self) -> dict[str, Any]:
+        return {"flash_attn": "on", "cells": self.cells, "context": self.context}
+
+    def summary(self) -> str:
+        return f"short lane: flash_attn on below {self.cells} cells ({self.context} per slot)"
+
+
+def short_lane_for(kernels: KernelChoice, per_slot: int, requested: int | None) -> ShortLane | None:
+    """The short lane beside a context with ``kernels`` (None: no lane).
+
+    Only beside a flash-off context. ``requested`` None: the calibration's measured
+    crossover (``flash_faster_below``) when flash attention was calibrated off, none when
+    it is under :data:`SHORT_LANE_MIN`; 0: no lane; N: N cells, whatever was measured.
+    The lane's context holds twice ``cells`` (a request's mean depth is under ``cells``),
+    rounded up to llama.cpp's 256-cell padding, at most ``per_slot``.
+    """
+    if kernels.flash_attn is not False or requested == 0:
+        return None
+    if requested is None:
+        if kernels.sources.get("flash_attn") is not Source.CALIBRATED:
+            return None
+        requested = int(kernels.calibration.get("flash_faster_below", 0))
+        if requested < SHORT_LANE_MIN:
+            return None
+    cells = min(requested, per_slot)
+    return ShortLane(cells, min(per_slot, -(-2 * cells // 256) * 256))

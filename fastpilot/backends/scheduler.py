@@ -176,6 +176,11 @@ class Scheduler(Generic[OwnerT]):
         self.draft_cost = DecodeCost()  # step times, fed by the backend (draft_policy.py)
 
     @property
+    def busy(self) -> bool:
+        """Some sequence holds a slot or waits for one."""
+        return bool(self.running or self.waiting)
+
+    @property
     def capacity(self) -> int:
         """Most tokens one plan's batch holds (see :func:`batch_capacity`)."""
         drafts = self.draft_max * self.speculative
