@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from pathlib import Path
 
 import falcon.testing
@@ -270,5 +271,40 @@ def test_a_calibration_past_its_budget_keeps_the_default(
         assert (k["flash_attn"], k["source"]["flash_attn"]) == ("on", "default")
         assert k["calibration"]["over_budget"] is True and k["calibration"]["probes"] == []
         assert not list(tmp_path.glob("kernels/*.json"))  # measured again next time
+    finally:
+        b.close()
+
+
+def test_native_work_off_the_worker_runs_on_threads_that_end(
+    tiny_gpt2_models, tmp_path, monkeypatch
+):
+    """libgomp keeps an OpenMP team per thread that ran llama.cpp and throttles every
+    team's spin-wait once they outnumber the CPUs (tiny-py decoded at a third of its
+    speed in a server that had calibrated on its loading thread): the calibration's
+    probes and embeddings run on a thread of their own, which ends with them."""
+    from fastpilot.backends import llamacpp_native, llamacpp_tuning
+
+    ran: list[threading.Thread] = []
+    real_probe, real_embed = llamacpp_tuning.probe, llamacpp_native.Embedder.embed
+
+    def probe(*a, **kw):
+        ran.append(threading.current_thread())
+        return real_probe(*a, **kw)
+
+    def embed(self, ids):
+        ran.append(threading.current_thread())
+        return real_embed(self, ids)
+
+    monkeypatch.setattr(llamacpp_tuning, "probe", probe)
+    monkeypatch.setattr(llamacpp_native.Embedder, "embed", embed)
+    b = _backend(tiny_gpt2_models["gguf-f32"], tmp_path)
+    try:
+        assert ran and {t.name for t in ran} == {"fastpilot-calibration"}
+        assert len(set(ran)) == 1 and not ran[0].is_alive()
+        ran.clear()
+        vectors = b.embed(["def f(x):", "return x"])
+        assert len(vectors) == 2 and all(len(v) == len(vectors[0]) > 0 for v in vectors)
+        assert [t.name for t in ran] == ["fastpilot-embed"] * 2 and not ran[0].is_alive()
+        assert threading.current_thread() not in ran
     finally:
         b.close()

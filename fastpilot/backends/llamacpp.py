@@ -1,8 +1,12 @@
 """llama.cpp backend: GGUF models through llama-cpp-python's low-level API.
 
 One :class:`LlamaCppBackend` owns a ``llama_model``, one generation context with
-``slots`` sequences (separate KV streams, ``kv_unified=False``) and a worker
-thread that runs **continuous batching**: each iteration one ``llama_decode``
+``slots`` sequences (separate KV streams, ``kv_unified=False``) -- two when the CPU's
+short-KV kernel differs from its editor-depth one (the *short lane*,
+:class:`~fastpilot.backends.llamacpp_tuning.ShortLane`: flash attention on for short
+requests beside a flash-off main context; each context is a :class:`_Lane` with its own
+scheduler) -- and a worker
+thread that runs **continuous batching**: each iteration one ``llama_decode`` per busy lane
 over one token of every generating sequence plus up to ``prompt_chunk`` prompt
 tokens (``prefill_batch`` when none is generating), each output row sampled with the shared
 :class:`fastpilot.backends.sampling.SequenceSampler` (not llama.cpp's sampler

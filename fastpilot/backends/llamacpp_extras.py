@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastpilot.backends.base import Backend, Step
-from fastpilot.backends.llamacpp_native import Embedder, NativeBatch, PromptScorer, read_pieces
+from fastpilot.backends.llamacpp_native import (
+    Embedder,
+    NativeBatch,
+    PromptScorer,
+    on_own_thread,
+    read_pieces,
+)
 from fastpilot.backends.scheduler import Scheduler
 from fastpilot.errors import BackendError, ContextLengthExceeded, InvalidRequest
 from fastpilot.manifest import Manifest
@@ -158,8 +164,9 @@ class LlamaCppExtras(Backend):
         """Mean-pooled final hidden states (after the last norm); raw, not normalized.
 
         Uses a second context (``embeddings=True``, mean pooling) created on the
-        first call; calls are serialized and run in the caller's thread,
-        concurrently with generation (they compete for the same CPU threads).
+        first call; calls are serialized and each runs on a thread of its own
+        (:func:`~fastpilot.backends.llamacpp_native.on_own_thread`), concurrently with
+        generation (they compete for the same CPU threads).
         An empty text embeds the BOS token.
         """
         with self._embed_lock:
@@ -169,7 +176,9 @@ class LlamaCppExtras(Backend):
                 self._embedder = Embedder(
                     self._lib, self._model, self.context_length, self._threads
                 )
-            return [self._embedder.embed(self.tokenize(t) or [self._bos]) for t in texts]
+            ids = [self.tokenize(t) or [self._bos] for t in texts]
+            embedder = self._embedder
+            return on_own_thread(lambda: [embedder.embed(i) for i in ids], "fastpilot-embed")
 
     def _free_native(self) -> None:
         """Free the embedder, the context and the model (each once)."""

@@ -35,7 +35,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from fastpilot.backends.llamacpp_native import GGML_TYPES
+from fastpilot.backends.llamacpp_native import GGML_TYPES, on_own_thread
 from fastpilot.backends.llamacpp_probe import Probe, probe
 
 __all__ = [
@@ -258,7 +258,8 @@ def calibrate(
     over_budget = False
     # Interleaved rounds (on, off, on, off): a burst of load hits both; the fastest
     # step of each variant is the least disturbed. A second round only within budget.
-    try:
+
+    def measure() -> None:
         while len(rounds) < ROUNDS and (not rounds or time.perf_counter() - t0 < BUDGET_S / 2):
             rounds.append(
                 {
@@ -277,6 +278,9 @@ def calibrate(
                     for on in (True, False)
                 }
             )
+
+    try:  # not on the loading thread: see on_own_thread
+        on_own_thread(measure, "fastpilot-calibration")
     except TimeoutError:  # a big model or a busy CPU: not worth a longer load
         over_budget = True
     if rounds:
