@@ -72,7 +72,8 @@ def handle_domain_error(
     req: falcon.Request, resp: falcon.Response, ex: FastpilotError, params: Any
 ) -> None:
     request_id = getattr(req.context, "request_id", "-")
-    if ex.status >= 500:
+    # A 503 while the models load is a state, not a failure: the access log has it.
+    if ex.status >= 500 and not isinstance(ex, ModelLoading):
         log.error("request %s failed: %s: %s", request_id, type(ex).__name__, ex, exc_info=ex)
     if isinstance(ex, QueueFull):
         resp.set_header("Retry-After", str(max(1, int(ex.retry_after))))
