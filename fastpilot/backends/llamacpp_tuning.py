@@ -439,7 +439,7 @@ class ShortLane:
     attention skips the masked cells of llama.cpp's 256-padded window but reads the
     others one by one, so it wins at a short KV and loses at editor depths (GPT-2-117M
     Q4_K_M, 2 EPYC threads, one stream: 0.81x the step time at 16 cells, 1.24x at 700;
-    four streams: 0.86x at 16, parity near 400). A context's kernel is fixed (the KV
+    four streams: 0.90x at 16, 0.81x at 128, parity near 400). A context's kernel is fixed (the KV
     layout differs), so the model gets two: the main one (flash off) and this one, and a
     request goes here when all of it fits ``context`` cells and its mean decode depth,
     prompt plus half of ``max_tokens``, is under ``cells`` (or only this lane is busy:
