@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from fastpilot.backends.base import Step
+from fastpilot.backends.prefill import kv_padded
 from fastpilot.backends.sampling import log_softmax, top_entries
 from fastpilot.backends.scheduler import BatchEntry, KvCopy, KvOp, KvShift
 from fastpilot.errors import BackendError, ContextLengthExceeded
@@ -177,7 +178,7 @@ def new_context(lib: Any, model: Any, per_slot: int, slots: int, kernels: Any) -
     # llama.cpp pads each KV stream to a multiple of 256 cells; ask for that directly.
     params = context_params(
         lib,
-        n_ctx=-(-per_slot // 256) * 256 * slots,
+        n_ctx=kv_padded(per_slot) * slots,
         n_seq=slots,
         n_batch=kernels.n_batch,
         n_ubatch=kernels.n_ubatch,

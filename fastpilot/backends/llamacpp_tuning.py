@@ -37,6 +37,7 @@ from typing import Any
 
 from fastpilot.backends.llamacpp_native import GGML_TYPES, on_own_thread
 from fastpilot.backends.llamacpp_probe import Probe, probe
+from fastpilot.backends.prefill import kv_padded
 
 __all__ = [
     "DEFAULT_CACHE",
@@ -487,4 +488,4 @@ def short_lane_for(kernels: KernelChoice, per_slot: int, requested: int | None) 
         if requested < SHORT_LANE_MIN:
             return None
     cells = min(requested, per_slot)
-    return ShortLane(cells, min(per_slot, -(-2 * cells // 256) * 256))
+    return ShortLane(cells, min(per_slot, kv_padded(2 * cells)))

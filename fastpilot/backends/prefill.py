@@ -22,10 +22,15 @@ own pass, which is what ``busy`` bounds.
 
 from __future__ import annotations
 
-__all__ = ["ALONE_FLASH", "KV_PAD", "alone_tokens", "batch_tokens", "prefill_budget"]
+__all__ = ["ALONE_FLASH", "KV_PAD", "alone_tokens", "batch_tokens", "kv_padded", "prefill_budget"]
 
 KV_PAD = 256  # llama.cpp attends a multiple of 256 KV cells (llama_kv_cache::get_n_kv)
 ALONE_FLASH = 1024
+
+
+def kv_padded(cells: int) -> int:
+    """``cells`` rounded up to llama.cpp's KV padding (what a KV stream really holds)."""
+    return -(-cells // KV_PAD) * KV_PAD
 
 
 def alone_tokens(flash_attn: bool | None) -> int:
