@@ -8,6 +8,7 @@
 #   deps    falcon, waitress, diskcache, gguf into $WORK/site; import check of the binding
 #   tests   the llama.cpp backend tests with `pytest --device cuda` (full offload)
 #   bench   fastpilot --device cuda vs llama-server -ngl 99, 1 and 8 clients
+#   overhead  per-token µs of each fastpilot layer over llama_decode (not in the default)
 # Environment: OUT (results; default /tmp/gpu-out), STAGES ("build deps tests bench"),
 # BUDGET_S (wall seconds for the whole script, 520), WORK (build/fpgpu, git-ignored: the
 # device tool keeps ignored outputs between calls on a warm machine, so a second call
@@ -179,6 +180,19 @@ if want bench; then
             grep -m5 -E 'offloaded|CUDA0|ggml_cuda_init|^loaded |Error|error:' "$f" | cut -c1-200
             :
         done
+fi
+if want overhead; then
+    # Per-token cost of each fastpilot layer over the in-process llama_decode loop, on the
+    # device (benchmarks/overhead.py); the bench stage converted the models.
+    t0=$(date +%s)
+    OV=()
+    for m in ${BENCH_MODELS//,/ }; do
+        d=$BENCH_CACHE/models/$m-gguf-q4_k_m
+        [ -f "$d/model.gguf" ] && OV+=(--model "$m=$d")
+    done
+    [ ${#OV[@]} -gt 0 ] && timeout "$(cap 150)" $PY -m benchmarks.overhead "${OV[@]}" \
+        --device "$DEVICE" --threads 4 --repeats 3 --json "$OUT/overhead.json"
+    say "overhead: rc=$? in $(($(date +%s) - t0))s"
 fi
 say "done in $(($(date +%s) - T_START))s"
 sleep 1  # let tee write the last lines into $OUT/log.txt before the command returns

@@ -98,7 +98,14 @@ def main() -> None:
     mode, directory = sys.argv[1], Path(sys.argv[2])
     # Knobs for telling causes apart: DIAG_STDCXX=1 loads libstdc++ RTLD_GLOBAL first,
     # DIAG_NUMPY_FIRST=1 imports numpy before llama_cpp, DIAG_QUIET=1 leaves Python logging
-    # off (the log callback then returns at once), DIAG_NGL=N sets n_gpu_layers.
+    # off (the log callback then returns at once), DIAG_NGL=N sets n_gpu_layers,
+    # DIAG_NO_PRELOAD=1 turns off load_library's RTLD_GLOBAL libstdc++ (the fix under test).
+    if os.environ.get("DIAG_NO_PRELOAD"):
+        # fastpilot's fix switched off: libstdc++ not loaded RTLD_GLOBAL by load_library.
+        import fastpilot.backends.llamacpp_native as native
+
+        native.cxx_runtime_global = lambda: False
+        say("load_library's libstdc++ preload off")
     if os.environ.get("DIAG_STDCXX"):
         ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
         say("libstdc++ loaded RTLD_GLOBAL")

@@ -44,6 +44,8 @@ from benchmarks.speculative import prompts
 
 HERE = Path(__file__).resolve().parent
 LAYERS = ("floor", "backend", "engine", "http", "llama-server")
+# ``--device``: where fastpilot's layers run (``cuda`` on a GPU build: every layer offloaded).
+DEVICE = "cpu"
 
 
 def default_models() -> list[tuple[str, Path]]:
@@ -81,29 +83,37 @@ def tree_cpu_ns(pid: int) -> int:
     return total
 
 
+def _floor_loop(backend: Any, prompt: str, tokens: int) -> tuple[float, float]:
+    lib, ctx = backend._lib, backend._ctx  # the worker is idle: no request was submitted
+    n_rows = backend._n_rows
+    ids = backend.tokenize(prompt)
+    step = 32  # prompt chunks well under any n_batch
+    for i in range(0, len(ids), step):
+        part = (ctypes.c_int32 * len(ids[i : i + step]))(*ids[i : i + step])
+        assert lib.llama_decode(ctx, lib.llama_batch_get_one(part, len(part))) == 0
+    one = (ctypes.c_int32 * 1)()
+    stamps, cpu = [], []
+    for _ in range(tokens):
+        row = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_rows,))
+        one[0] = int(np.argmax(row))
+        stamps.append(time.perf_counter())
+        cpu.append(time.process_time())
+        assert lib.llama_decode(ctx, lib.llama_batch_get_one(one, 1)) == 0
+    lib.llama_memory_clear(backend._mem, True)
+    return _rate(stamps, tokens), _cpu_us(cpu, tokens)
+
+
 def floor(directory: Path, threads: int, prompt: str, tokens: int) -> tuple[float, float]:
     """The in-process floor on a one-slot backend's own context (see the module docstring)."""
     from fastpilot.backends.llamacpp import LlamaCppBackend
+    from fastpilot.backends.llamacpp_native import on_own_thread
 
-    backend = LlamaCppBackend(directory, threads=threads, slots=1, speculative="off")
+    backend = LlamaCppBackend(directory, threads=threads, slots=1, speculative="off", device=DEVICE)
     try:
-        lib, ctx = backend._lib, backend._ctx  # the worker is idle: no request was submitted
-        n_rows = backend._n_rows
-        ids = backend.tokenize(prompt)
-        step = 32  # prompt chunks well under any n_batch
-        for i in range(0, len(ids), step):
-            part = (ctypes.c_int32 * len(ids[i : i + step]))(*ids[i : i + step])
-            assert lib.llama_decode(ctx, lib.llama_batch_get_one(part, len(part))) == 0
-        one = (ctypes.c_int32 * 1)()
-        stamps, cpu = [], []
-        for _ in range(tokens):
-            row = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_rows,))
-            one[0] = int(np.argmax(row))
-            stamps.append(time.perf_counter())
-            cpu.append(time.process_time())
-            assert lib.llama_decode(ctx, lib.llama_batch_get_one(one, 1)) == 0
-        lib.llama_memory_clear(backend._mem, True)
-        return _rate(stamps, tokens), _cpu_us(cpu, tokens)
+        # On a thread that ends: llama.cpp's OpenMP team of this loop must not outlive it
+        # (a team left on the main thread throttles every later layer's decode steps;
+        # see llamacpp_native.on_own_thread).
+        return on_own_thread(lambda: _floor_loop(backend, prompt, tokens), "overhead-floor")
     finally:
         backend.close()
 
@@ -113,7 +123,7 @@ def backend_layer(directory: Path, threads: int, prompt: str, tokens: int) -> tu
     from fastpilot.backends.base import GenerationRequest, SamplingParams
     from fastpilot.backends.llamacpp import LlamaCppBackend
 
-    backend = LlamaCppBackend(directory, threads=threads, slots=1, speculative="off")
+    backend = LlamaCppBackend(directory, threads=threads, slots=1, speculative="off", device=DEVICE)
     try:
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
         if hasattr(params, "token_logprob"):  # the engine's choice (older trees lack it)
@@ -133,7 +143,7 @@ def engine_layer(directory: Path, threads: int, prompt: str, tokens: int) -> tup
     """``fastpilot.load(...).stream(...)``: chunk dicts, as the server gets them."""
     import fastpilot
 
-    model = fastpilot.load(directory, threads=threads, slots=1, speculative="off")
+    model = fastpilot.load(directory, threads=threads, slots=1, speculative="off", device=DEVICE)
     try:
         stream = model.stream(
             prompt=prompt, max_tokens=tokens, temperature=0, ignore_eos=True, stream=True
@@ -154,7 +164,10 @@ def _server_argv(layer: str, directory: Path, port: int, threads: int) -> list[s
     from benchmarks.speculative import _argv
 
     contender = "fastpilot-off" if layer == "http" else "llama-server"
-    return _argv(contender, directory, port, argparse.Namespace(threads=threads), 1)
+    argv = _argv(contender, directory, port, argparse.Namespace(threads=threads), 1)
+    if DEVICE != "cpu":
+        argv += ["--device", DEVICE] if layer == "http" else ["-ngl", "99"]
+    return argv
 
 
 def server_layer(layer: str, directory: Path, threads: int, text: str, tokens: int, rounds: int):
@@ -259,7 +272,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", type=Path, default=None, help="write the raw rates here")
+    ap.add_argument("--device", default="cpu", help="fastpilot's device (cpu or cuda)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     models = (
         [(m.partition("=")[0], Path(m.partition("=")[2])) for m in args.model]
         if args.model

@@ -87,6 +87,15 @@ def llamacpp_device(request: pytest.FixtureRequest) -> Iterator[str]:
     patch.undo()
 
 
+@pytest.fixture
+def logprob_atol(llamacpp_device: str) -> float:
+    """How far a logprob may move when only the batch around its row changes (one row vs
+    several, drafts verified alongside): llama.cpp's CPU kernels keep it under 1e-3; on
+    CUDA the matmul kernels are picked by batch shape, and the H200 run measured up to
+    3.0e-3 on the tiny models (greedy tokens still equal)."""
+    return 1e-3 if llamacpp_device == "cpu" else 5e-3
+
+
 def _fingerprint() -> str:
     """Cache key of the shared tiny models (:func:`tests.fingerprint.fingerprint`)."""
     return fingerprint("tinymodels.py")

@@ -29,8 +29,11 @@ def serve_command(args: list[str]) -> list[str]:
 
 
 def serve_env(env: dict[str, str] | None = None, unset: tuple[str, ...] = ()) -> dict[str, str]:
-    """This process's environment with this checkout importable, plus ``env``, minus ``unset``."""
-    out = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    """This process's environment with this checkout importable first, plus ``env``, minus
+    ``unset``. A ``PYTHONPATH`` already set stays behind the checkout (the GPU run's
+    packages live there)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    out = {**os.environ, "PYTHONPATH": path, **(env or {})}
     for name in unset:
         out.pop(name, None)
     return out

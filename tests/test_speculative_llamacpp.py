@@ -54,7 +54,7 @@ def run(backend, ids: list[int], **kw) -> tuple[list[Step], FinishReason | None]
     return list(stream), stream.finish_reason
 
 
-def test_greedy_output_and_logprobs_are_unchanged(pair) -> None:
+def test_greedy_output_and_logprobs_are_unchanged(pair, logprob_atol) -> None:
     plain, spec = pair
     ids = plain.tokenize(REPEATING)
     for kw in ({"max_tokens": 40}, {"max_tokens": 33, "ignore_eos": True, "logprobs": 3}):
@@ -65,7 +65,7 @@ def test_greedy_output_and_logprobs_are_unchanged(pair) -> None:
         assert [s.token_id for s in got] == [s.token_id for s in want]
         assert got_end == want_end
         for g, w in zip(got, want, strict=True):  # each logprob is the model's at its position
-            assert g.logprob == pytest.approx(w.logprob, abs=1e-3)
+            assert g.logprob == pytest.approx(w.logprob, abs=logprob_atol)
             assert [t for t, _ in g.top_logprobs] == [t for t, _ in w.top_logprobs]
         assert after["draft_tokens_accepted"] > before["draft_tokens_accepted"]
         # Fewer decodes than tokens: accepted drafts cost no step of their own.
@@ -73,7 +73,7 @@ def test_greedy_output_and_logprobs_are_unchanged(pair) -> None:
     assert plain.stats()["draft_tokens_accepted"] == 0
 
 
-def test_penalties_and_bias_see_exactly_the_emitted_tokens(pair) -> None:
+def test_penalties_and_bias_see_exactly_the_emitted_tokens(pair, logprob_atol) -> None:
     """Row i+1 of a draft is processed with the counts after token i, as plain decoding does."""
     plain, spec = pair
     ids = plain.tokenize(REPEATING)
@@ -87,7 +87,8 @@ def test_penalties_and_bias_see_exactly_the_emitted_tokens(pair) -> None:
         want, _ = run(plain, ids, **params)
         got, _ = run(spec, ids, **params)
         assert [s.token_id for s in got] == [s.token_id for s in want], kw
-        assert [s.logprob for s in got] == pytest.approx([s.logprob for s in want], abs=1e-3)
+        want_lp = [s.logprob for s in want]
+        assert [s.logprob for s in got] == pytest.approx(want_lp, abs=logprob_atol)
     assert spec.stats()["draft_tokens_accepted"] > before
 
 
@@ -101,14 +102,19 @@ def test_max_tokens_is_never_exceeded(pair) -> None:
         assert len(got) == n and end is FinishReason.LENGTH
 
 
-def test_rollback_keeps_positions_contiguous_and_the_prompt_cache_correct(pair) -> None:
+def test_rollback_keeps_positions_contiguous_and_the_prompt_cache_correct(
+    pair, llamacpp_device
+) -> None:
     plain, spec = pair
     ids = plain.tokenize(REPEATING)
     # Sampling (seeded, so both backends draw alike) makes the drafts miss now and then.
     params = {"max_tokens": 30, "temperature": 0.6, "top_k": 8, "ignore_eos": True}
     before = spec.stats()["draft_tokens_rejected"]
     got, _ = run(spec, ids, seed=3, **params)
-    assert spec.stats()["draft_tokens_rejected"] > before  # some drafts were rolled back
+    rolled_back = spec.stats()["draft_tokens_rejected"] > before
+    if llamacpp_device != "cpu" and not rolled_back:  # the sample is the device's numerics'
+        pytest.skip(f"no draft rejected in this sample on {llamacpp_device}")
+    assert rolled_back  # some drafts were rolled back
     want, _ = run(plain, ids, seed=3, **params)
     # After each rollback the next step's positions continue where the kept tokens end:
     # otherwise llama.cpp refuses the batch or attends to stale cells and the text drifts.
@@ -258,7 +264,7 @@ def test_stop_strings_logprobs_and_usage_through_the_engine(engines) -> None:
     assert len(want["choices"][0]["text"]) < len(full)
 
 
-def test_n_indent_cuts_where_plain_decoding_cuts(engines) -> None:
+def test_n_indent_cuts_where_plain_decoding_cuts(engines, llamacpp_device) -> None:
     """The line stop sees the same text, token for token, with drafts accepted on the way."""
     from fastpilot.engine.editor_stops import LineLimits, LineStops
 
@@ -278,6 +284,8 @@ def test_n_indent_cuts_where_plain_decoding_cuts(engines) -> None:
     assert spec_full["choices"][0]["text"] == full
     assert spec_full["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] > 0
     expected, cut = LineStops(LineLimits(n_indent=1)).feed(full)
+    if llamacpp_device != "cpu" and not (cut and expected != full):
+        pytest.skip(f"no shallow line in this sample on {llamacpp_device}: {full!r}")
     assert cut and expected != full, repr(full)  # the sample really has a shallow line
     want = plain.complete(**req, n_indent=1)["choices"][0]
     got = spec.complete(**req, n_indent=1)["choices"][0]

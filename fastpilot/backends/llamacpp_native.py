@@ -8,7 +8,9 @@ module does not import ``llama_cpp``; :func:`load_library` does.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import logging
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -87,11 +89,36 @@ _LOG_LEVELS = {
 }
 
 
+def cxx_runtime_global() -> bool:
+    """Load the C++ runtime into the process's global symbol scope; whether it is there.
+
+    Measured on the H200's CUDA 13 build: ``libggml-cuda.so`` carries its own static copy
+    of libstdc++ (3,465 exported ``std::`` symbols, no ``libstdc++.so.6`` among its or
+    ``libllama``'s NEEDED), and llama_cpp opens ``libllama`` ``RTLD_LOCAL``, so libllama's
+    stream code bound to that copy. With NumPy imported first (fastpilot always does) the
+    shared ``libstdc++.so.6`` is in the process too, and ``LD_DEBUG=bindings`` showed
+    libllama's ``std::`` bindings split between the two (2 to libstdc++, 56 to the copy;
+    the split is presumably the process-wide unique symbols such as the facets'
+    ``locale::id``): every model load died in ``llama_model::print_info`` writing an int
+    to a ``std::stringstream``. Definitions in the global scope come before every local
+    one, so with libstdc++ loaded ``RTLD_GLOBAL`` first libllama's ``std::`` bindings all
+    went to the one shared runtime (164) and the loads, tests and benchmarks ran.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6", ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    return True
+
+
 def load_library() -> Any:
     """Import llama_cpp once, init the ggml backends and route native logs to ``logging``."""
     global _lib, _log_callback
     with _INIT_LOCK:
         if _lib is None:
+            cxx_runtime_global()
             import llama_cpp
 
             last = [logging.DEBUG]
