@@ -229,6 +229,43 @@ def run_server(c: C.Contender, plan: Plan, sessions: dict, log_dir: Path, full: 
     return rec
 
 
+def clients_side_by_side(
+    contenders: list[C.Contender], plan: Plan, log_dir: Path, k: int = 8, rounds: int = 5
+) -> dict:
+    """``k`` clients against every contender's server, all up at once, the rounds
+    interleaved (one round of each in turn, the order rotated per round).
+
+    The editor table runs each server's rounds in its own block, minutes apart from the
+    other's; on a shared VM a slow stretch then lands on one contender alone and moves
+    the ratio by more than the difference being measured. Here a slow stretch hits both.
+    The servers idle while the other one runs: neither llama.cpp nor fastpilot spins
+    between requests.
+    """
+    out: dict = {"clients": k, "rounds": {}, "median": {}}
+    live: list[tuple[C.Contender, object]] = []
+    try:
+        for c in contenders:
+            c = c.with_fresh_port()
+            srv = c.launch(log_dir)
+            live.append((c, srv))
+            srv.wait_http(c.port, c.health, c.startup_timeout)
+            W.clients(c.call, c.port, 2, 16, 1, 0)  # untimed: pages the weights in
+        for r in range(rounds):
+            for c, _ in live[r % len(live) :] + live[: r % len(live)]:
+                agg = summarize(W.clients(c.call, c.port, k, plan.client_tokens, 1, 0))["agg_tps"]
+                out["rounds"].setdefault(c.key, []).append(agg and round(agg, 1))
+    except Exception as ex:  # noqa: BLE001 - recorded; the run goes on
+        out["error"] = f"{type(ex).__name__}: {ex}"[-2000:]
+        log(f"side-by-side clients: FAILED {out['error'][:300]}")
+    finally:
+        for _, srv in live:
+            srv.stop()  # type: ignore[attr-defined]
+    for key, vals in out["rounds"].items():
+        got = sorted(v for v in vals if v)
+        out["median"][key] = got[len(got) // 2] if got else None
+    return out
+
+
 def _overhead_models() -> list[tuple[str, Path]]:
     from benchmarks.overhead import default_models
 
@@ -454,6 +491,25 @@ def main(argv: list[str] | None = None) -> int:
             report["runs"].append(run_server(c, plan, sessions, work, full))
         if "speculative" in want and "speculative" not in report:
             run_speculative()
+        if {"fastpilot", "llama-server"} <= want and server_bin is not None:
+            # The eight-client target's ratio, from interleaved rounds (see the function).
+            for model in plan.models:
+                pair = [
+                    c
+                    for c, full, _ in queue
+                    if isinstance(c, C.Contender)
+                    and full
+                    and c.model == model
+                    and c.label == "gguf-q4_k_m"
+                    and c.name in ("fastpilot", "llama-server")
+                ]
+                if len(pair) != 2 or time.monotonic() - t_start > args.budget:
+                    continue
+                log(f"--- {model}: 8 clients, fastpilot and llama-server side by side")
+                sbs = clients_side_by_side(pair, plan, work, rounds=3 if args.quick else 5)
+                sbs["model"] = model
+                report.setdefault("clients_side_by_side", []).append(sbs)
+                log(f"{model}: side by side {sbs['rounds']}")
         if "overhead" in want and time.monotonic() - t_start <= args.budget:
             # Per-token cost of each layer over llama_decode (benchmarks/overhead.py).
             from benchmarks.overhead import section as overhead

@@ -5,7 +5,8 @@
 ratios the issue's targets are stated in. ``--models`` names tiny-py (``make
 convert``'s ``models/tiny-py/gguf-q4_k_m``) and the random-weight GPT-2-117M- and
 CodeGen-350M-shaped Q4_K_M files of :mod:`benchmarks.models` (built when missing);
-``--model`` adds any GGUF directory. Each contender is one server at a time,
+``--model`` adds any GGUF directory. Every contender's server is up at once and the
+rounds are interleaved (one round of each in turn, the order rotated per round),
 single-stream (``--clients 1``) or N concurrent streams:
 
 * ``fastpilot-off``: ``fastpilot serve --speculative off``;
@@ -33,6 +34,7 @@ lines).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -184,46 +186,77 @@ def _llama_log_counts(log: Path) -> list[tuple[int, int]]:
 def measure(
     contender: str, name: str, directory: Path, args: argparse.Namespace, n: int
 ) -> list[dict]:
-    """Start one server, warm it up, run ``args.repeats`` rounds of ``n`` clients."""
-    port = free_port()
-    log = Path(f"/tmp/speculative-{contender}-{name}-{n}.log")
+    """One contender alone: :func:`measure_interleaved` with a list of one."""
+    return measure_interleaved([contender], name, directory, args, n)
+
+
+def measure_interleaved(
+    contenders: list[str], name: str, directory: Path, args: argparse.Namespace, n: int
+) -> list[dict]:
+    """Start every contender's server, warm each up, then run ``args.repeats`` rounds of
+    ``n`` clients, each round visiting every server in turn (the order rotated per
+    round): a slow minute of a shared machine then hits every contender alike, where one
+    contender's block of rounds after another's would take it alone. A server that does
+    not start, or a round that fails, drops that contender (the error goes to stderr).
+    Rows come back grouped by contender."""
     texts = prompts(1 + args.repeats * n, args.prompt_chars)
-    rows = []
-    with Managed(_argv(contender, directory, port, args, n), log) as server:
-        server.wait_http(port, "/health", 180)
-        _round(port, texts[:1], args.tokens, False)  # untimed: pages the weights in
-        fp = contender.startswith("fastpilot")
+    rows: dict[str, list[dict]] = {c: [] for c in contenders}
+    with contextlib.ExitStack() as stack:
+        live: dict[str, tuple[int, Path]] = {}
+        for c in contenders:
+            port = free_port()
+            log = Path(f"/tmp/speculative-{c}-{name}-{n}.log")
+            try:
+                server = stack.enter_context(Managed(_argv(c, directory, port, args, n), log))
+                server.wait_http(port, "/health", 180)
+                _round(port, texts[:1], args.tokens, False)  # untimed: pages the weights in
+            except (RuntimeError, OSError) as ex:
+                print(f"[speculative] {c} on {name} failed: {ex}", file=sys.stderr, flush=True)
+                continue
+            live[c] = (port, log)
         for rep in range(args.repeats):
             chunk = texts[1 + rep * n : 1 + (rep + 1) * n]
-            seen = len(_llama_log_counts(log))
-            run = _round(port, chunk, args.tokens, fp)
-            if contender == "llama-server-ngram-mod":
-                # A request that drafted nothing prints no line: count this round's lines.
-                time.sleep(0.2)  # the line is written as the slot is released
-                mine = _llama_log_counts(log)[seen:]
-                acc, gen = sum(a for a, _ in mine), sum(g for _, g in mine)
-                run = Run(run.results, run.wall, acc, gen - acc)
-            decode = [(r.tokens - 1) / (r.e2e - r.ttft) for r in run.results if r.ttft is not None]
-            row = {
-                "contender": contender,
-                "model": name,
-                "clients": n,
-                "repeat": rep,
-                "tokens": args.tokens,
-                # None when no event carried text (a random model's ids past its tokenizer).
-                "decode_tok_s": round(statistics.median(decode), 1) if decode else None,
-                "aggregate_tok_s": round(n * args.tokens / run.wall, 1),
-                "ttft_ms": round(1000 * statistics.median(r.ttft or 0 for r in run.results), 1),
-                "accepted": run.accepted,
-                "rejected": run.rejected,
-                # Greedy output must not depend on speculation: compare across contenders.
-                "text_sha": hashlib.sha256(
-                    "".join(r.text for r in run.results).encode()
-                ).hexdigest()[:12],
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return rows
+            order = list(live)
+            for c in order[rep % max(1, len(order)) :] + order[: rep % max(1, len(order))]:
+                port, log = live[c]
+                try:
+                    row = _one_round(c, name, port, log, chunk, args.tokens, n, rep)
+                except (RuntimeError, OSError) as ex:
+                    print(f"[speculative] {c} on {name} failed: {ex}", file=sys.stderr, flush=True)
+                    del live[c]
+                    continue
+                rows[c].append(row)
+                print(json.dumps(row), flush=True)
+    return [r for c in contenders for r in rows[c]]
+
+
+def _one_round(
+    contender: str, name: str, port: int, log: Path, chunk: list[str], tokens: int, n: int, rep: int
+) -> dict:
+    seen = len(_llama_log_counts(log))
+    run = _round(port, chunk, tokens, contender.startswith("fastpilot"))
+    if contender == "llama-server-ngram-mod":
+        # A request that drafted nothing prints no line: count this round's lines.
+        time.sleep(0.2)  # the line is written as the slot is released
+        mine = _llama_log_counts(log)[seen:]
+        acc, gen = sum(a for a, _ in mine), sum(g for _, g in mine)
+        run = Run(run.results, run.wall, acc, gen - acc)
+    decode = [(r.tokens - 1) / (r.e2e - r.ttft) for r in run.results if r.ttft is not None]
+    return {
+        "contender": contender,
+        "model": name,
+        "clients": n,
+        "repeat": rep,
+        "tokens": tokens,
+        # None when no event carried text (a random model's ids past its tokenizer).
+        "decode_tok_s": round(statistics.median(decode), 1) if decode else None,
+        "aggregate_tok_s": round(n * tokens / run.wall, 1),
+        "ttft_ms": round(1000 * statistics.median(r.ttft or 0 for r in run.results), 1),
+        "accepted": run.accepted,
+        "rejected": run.rejected,
+        # Greedy output must not depend on speculation: compare across contenders.
+        "text_sha": hashlib.sha256("".join(r.text for r in run.results).encode()).hexdigest()[:12],
+    }
 
 
 def table(rows: list[dict]) -> str:
@@ -278,11 +311,7 @@ def section(
     rows: list[dict] = []
     for name, directory in models:
         for n in clients:
-            for c in names:
-                try:
-                    rows.extend(measure(c, name, directory, args, n))
-                except (RuntimeError, OSError) as ex:
-                    print(f"[speculative] {c} on {name} failed: {ex}", file=sys.stderr, flush=True)
+            rows.extend(measure_interleaved(names, name, directory, args, n))
     return rows
 
 
@@ -366,8 +395,7 @@ def main() -> None:
     rows: list[dict] = []
     for name, directory in models:
         for n in (int(x) for x in args.clients.split(",")):
-            for c in contenders:
-                rows.extend(measure(c, name, Path(directory), args, n))
+            rows.extend(measure_interleaved(contenders, name, Path(directory), args, n))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
     print(table(rows))
