@@ -10,8 +10,9 @@ prints one JSON line per measurement and two tables. Two parts, back to back:
   (default 700), and prefill ms per prompt token. Variants interleave round by round
   (``--repeats``), so a busy machine slows them alike; the best round is reported.
 * **cold prefill** (HTTP, streamed, greedy): a ``--prompt-tokens`` prompt (default
-  916, distinct text every request, so nothing is cached) with 32 tokens forced, and
-  a short prompt with 64: time to first token, then decode tok/s, for
+  916, a distinct text every round, the same for every server; each server has its own
+  cache, so it is cold in each) with 32 tokens forced, and a short prompt with 64: time
+  to first token, then decode tok/s, for
 
   - ``fastpilot-before``: the settings before this change (``--flash-attn off
     --ubatch 260 --prefill-batch 256``: flash off on CPU, n_ubatch = the batch
@@ -22,14 +23,18 @@ prints one JSON line per measurement and two tables. Two parts, back to back:
   - ``llama-server``: its defaults (n_batch 2048, n_ubatch 512, flash auto), the
     same threads and slots (skipped when it is not built).
 
-Every server runs alone, with the same ``--threads`` and 4 slots; ratios are against
-llama-server's medians in the same run. Run standalone, or as the ``kernels`` section
-of ``python -m benchmarks.run``.
+The servers are up at once, with the same ``--threads`` and 4 slots, and the rounds are
+interleaved (one request of each in turn, the order rotated per round). Run one after
+another, with a prompt set each, the cold prompt read 1.26x llama-server's TTFT in run
+20261127-153631; interleaved on shared prompts right after, 1.05 and 1.07. Ratios are
+against llama-server's medians in the same run. Run standalone, or as the ``kernels``
+section of ``python -m benchmarks.run``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import statistics
@@ -172,40 +177,67 @@ def _count(port: int, text: str) -> int:
     return int(_json(port, "POST", "/v1/tokenize", {"model": "m", "prompt": text})["count"])
 
 
-def server_part(
-    server: str, directory: Path, threads: int, repeats: int, texts: list[str]
+def servers_part(
+    servers: list[str], directory: Path, threads: int, repeats: int, texts: list[str]
 ) -> list[dict]:
-    """One server: an untimed warm-up, then ``repeats`` cold long prompts and short ones."""
-    port = free_port()
-    log = Path(f"/tmp/kernels-bench-{server}.log")
+    """Every server up at once, each warmed up untimed on ``texts[0]``; then ``repeats``
+    rounds, each sending every server (in turn, the order rotated per round) the round's
+    cold long prompt ``texts[1 + round]`` and a short one. Each server has its own prompt
+    cache, so a prompt is cold in each; the same prompts for all, and a slow stretch of a
+    shared machine lands on every server alike. A server that does not start, or fails a
+    request, is dropped (stderr says why)."""
     rows: list[dict] = []
-    with Managed(_argv(server, directory, port, threads), log) as proc:
-        proc.wait_http(port, "/health", 300)
-        kernels = _kernels(port) if server.startswith("fastpilot") else None
-        send(port, Call("POST", "/v1/completions", _body(texts[0], 4), True))  # warm-up
+    with contextlib.ExitStack() as stack:
+        live: dict[str, int] = {}
+        for server in servers:
+            port = free_port()
+            log = Path(f"/tmp/kernels-bench-{server}.log")
+            try:
+                proc = stack.enter_context(Managed(_argv(server, directory, port, threads), log))
+                proc.wait_http(port, "/health", 300)
+                send(port, Call("POST", "/v1/completions", _body(texts[0], 4), True))  # warm-up
+            except (RuntimeError, OSError) as ex:
+                print(f"[kernels] {server} failed: {ex}", file=sys.stderr, flush=True)
+                continue
+            live[server] = port
         for rep in range(repeats):
-            for kind, text, tokens in (
-                ("cold-long", texts[1 + rep], 32),
-                ("short", f"# {rep}\nimport os\n", 64),
-            ):
-                r = send(port, Call("POST", "/v1/completions", _body(text, tokens), True))
-                if not r.ok or r.ttft is None or r.tokens != tokens:
-                    raise RuntimeError(f"{server}: bad result {r.status} {r.error}")
-                row = {
-                    "part": "server",
-                    "server": server,
-                    "kind": kind,
-                    "round": rep,
-                    "prompt_chars": len(text),
-                    "prompt_tokens": _count(port, text) if kernels is not None else None,
-                    "ttft_ms": round(1000 * r.ttft, 1),
-                    "decode_tok_s": round((tokens - 1) / (r.e2e - r.ttft), 1),
-                }
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-        if kernels is not None:
-            rows.append({"part": "kernels", "server": server, "kernels": kernels})
-            print(json.dumps(rows[-1]), flush=True)
+            order = list(live)
+            k = rep % max(1, len(order))
+            for server in order[k:] + order[:k]:
+                try:
+                    rows += _cold_and_short(server, live[server], rep, texts[1 + rep])
+                except (RuntimeError, OSError) as ex:
+                    print(f"[kernels] {server} failed: {ex}", file=sys.stderr, flush=True)
+                    del live[server]
+        for server, port in live.items():
+            if server.startswith("fastpilot"):
+                rows.append({"part": "kernels", "server": server, "kernels": _kernels(port)})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _cold_and_short(server: str, port: int, rep: int, text_long: str) -> list[dict]:
+    rows = []
+    fastpilot = server.startswith("fastpilot")
+    for kind, text, tokens in (
+        ("cold-long", text_long, 32),
+        ("short", f"# {rep}\nimport os\n", 64),
+    ):
+        r = send(port, Call("POST", "/v1/completions", _body(text, tokens), True))
+        if not r.ok or r.ttft is None or r.tokens != tokens:
+            raise RuntimeError(f"{server}: bad result {r.status} {r.error}")
+        row = {
+            "part": "server",
+            "server": server,
+            "kind": kind,
+            "round": rep,
+            "prompt_chars": len(text),
+            "prompt_tokens": _count(port, text) if fastpilot else None,
+            "ttft_ms": round(1000 * r.ttft, 1),
+            "decode_tok_s": round((tokens - 1) / (r.e2e - r.ttft), 1),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -270,20 +302,12 @@ def section(directory: Path, threads: int, repeats: int = 3, llama_server: bool 
 def run(args: argparse.Namespace) -> dict:
     directory = Path(args.model)
     settings = settings_part(directory / "model.gguf", args.threads, args.deep, args.repeats)
-    texts = prompt_texts(
-        directory / "model.gguf", 1 + args.repeats * len(SERVERS), args.prompt_tokens
-    )
-    servers: list[dict] = []
-    for i, s in enumerate(args.servers.split(",")):
-        if s == "llama-server" and not server_path().is_file():
-            print("[kernels] llama-server is not built: skipped", file=sys.stderr)
-            continue
-        # Each server its own prompts (fastpilot-before, fastpilot, llama-server), none cached.
-        mine = [texts[0], *texts[1 + i * args.repeats : 1 + (i + 1) * args.repeats]]
-        try:
-            servers += server_part(s, directory, args.threads, args.repeats, mine)
-        except (RuntimeError, OSError) as ex:
-            print(f"[kernels] {s} failed: {ex}", file=sys.stderr, flush=True)
+    texts = prompt_texts(directory / "model.gguf", 1 + args.repeats, args.prompt_tokens)
+    names = args.servers.split(",")
+    if "llama-server" in names and not server_path().is_file():
+        print("[kernels] llama-server is not built: skipped", file=sys.stderr)
+        names.remove("llama-server")
+    servers = servers_part(names, directory, args.threads, args.repeats, texts)
     report = {"settings": settings, "servers": servers, "threads": args.threads}
     report["table"] = tables(settings, servers)
     return report

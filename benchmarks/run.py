@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks.kernels import section as kernels_section
 
             log("--- kernels (context settings, cold prefill)")
-            reps = 1 if args.quick else 3
+            reps = 1 if args.quick else 5
             report["kernels"] = kernels_section(
                 gpt2[0].directory, args.threads, reps, server_bin is not None
             )
