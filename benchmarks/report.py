@@ -389,8 +389,9 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
         f"`{report['stamp']}`{QUICK_NOTE if report['quick'] else ''}, "
         f"{report['elapsed_s'] / 60:.1f} min. All numbers below come from this one run: same "
         "model files, same "
-        f"machine, {report['threads']} threads for every contender, one contender at a time, "
-        "loopback HTTP.",
+        f"machine, {report['threads']} threads for every contender, loopback HTTP; the "
+        "editor workloads one server at a time, the speculative, eight-client side-by-side and "
+        "cold-prefill measurements with their servers up together and the rounds interleaved.",
         "",
         f"- Command: `{report['command']}` (from the repository root, venv active; `make bench` "
         "runs it)",

@@ -1,10 +1,13 @@
 """``python -m benchmarks.run`` (``make bench``): fastpilot against its peers, in one run.
 
 One invocation measures everything that the report compares, on the same model files,
-the same machine and the same thread count, one contender at a time (never two servers
-at once): memory bandwidth, in-process library floors, then for each model every HTTP
-contender through the same workloads. It writes ``benchmarks/results/<stamp>.json``
-(raw), ``benchmarks/results/*.png`` and ``benchmarks/RESULTS.md``.
+the same machine and the same thread count: memory bandwidth, in-process library floors,
+then for each model every HTTP contender through the same workloads, one server at a
+time; then the sections whose ratios are a few per cent (speculation, eight clients side
+by side, cold prefill) with their servers up together and the rounds interleaved, so a
+slow stretch of a shared machine lands on every contender alike. It writes
+``benchmarks/results/<stamp>.json`` (raw), ``benchmarks/results/*.png`` and
+``benchmarks/RESULTS.md``.
 
 Every server runs in its own process group and is killed when its turn ends, on error,
 and on Ctrl-C. ``--quick`` is a few-minute smoke run (GPT-2 shape only, small counts).
