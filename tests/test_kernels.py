@@ -299,3 +299,43 @@ def test_native_work_off_the_worker_runs_on_threads_that_end(
         assert threading.current_thread() not in ran
     finally:
         b.close()
+
+
+def test_an_idle_worker_holds_no_openmp_team(tiny_gpt2_models, tmp_path) -> None:
+    """Each backend's worker frees its OpenMP team when it goes idle: a team kept for the
+    worker's life made a second llama.cpp backend in the process (two teams, more threads
+    than CPUs) throttle both (tiny-py: 327-351 tok/s alone, 97-109 beside a backend that
+    had decoded once). With 2 threads a team is the worker plus one libgomp thread, which
+    is there after a request and gone once the worker idles; the next request works."""
+    import time
+    from pathlib import Path as P
+
+    from fastpilot.backends.llamacpp_native import release_openmp_team
+
+    def threads() -> int:
+        return len(list(P("/proc/self/task").iterdir()))
+
+    release_openmp_team()  # this thread's own team, if an earlier test made one here
+    b = _backend(tiny_gpt2_models["gguf-f32"], tmp_path, threads=2, slots=1)
+    try:
+        before = threads()
+        got = [
+            s.token_id
+            for s in b.submit(
+                GenerationRequest([1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0))
+            )
+        ]
+        assert len(got) == 4
+        deadline = time.monotonic() + 30
+        while threads() > before and time.monotonic() < deadline:
+            time.sleep(0.05)  # the worker idles right after the last token
+        assert threads() == before
+        again = [
+            s.token_id
+            for s in b.submit(
+                GenerationRequest([1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0))
+            )
+        ]
+        assert again == got
+    finally:
+        b.close()

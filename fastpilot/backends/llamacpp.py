@@ -64,6 +64,7 @@ from fastpilot.backends.llamacpp_native import (
     new_context,
     offload_layers,
     real_vocab_size,
+    release_openmp_team,
     shift_min_chunk,
 )
 from fastpilot.backends.llamacpp_tuning import DEFAULT_CACHE, ShortLane, decide, short_lane_for
@@ -333,6 +334,8 @@ class LlamaCppBackend(LlamaCppExtras):
             # next step, as it would be had it come a moment later.
             if not (self._running() and not self._pending and not self._jobs and not self._closed):
                 with self._cond:
+                    if not (self._closed or self._pending or self._running() or self._jobs):
+                        release_openmp_team()  # idle: no team held (see the function)
                     while not (self._closed or self._pending or self._running() or self._jobs):
                         self._cond.wait()
                     if self._closed:

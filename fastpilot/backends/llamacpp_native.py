@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "new_context",
     "offload_layers",
     "on_own_thread",
+    "release_openmp_team",
     "read_pieces",
     "real_vocab_size",
     "shift_min_chunk",
@@ -73,6 +75,34 @@ def on_own_thread(fn: Callable[[], T], name: str) -> T:
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
+
+
+_gomp_pause: Any = None  # libgomp's omp_pause_resource_all, False when absent
+
+
+def release_openmp_team() -> None:
+    """Free the calling thread's OpenMP team, if llama.cpp's libgomp is loaded.
+
+    The other half of :func:`on_own_thread`, for threads that live on: each backend's
+    worker keeps a team for its life, and a second llama.cpp backend in the process that
+    has decoded once keeps a second, so the teams outnumber the CPUs and libgomp throttles
+    every spin-wait (tiny-py, 2 threads: backend A 327-351 tok/s alone, 97-109 once a
+    backend B had decoded, 398-524 after B closed). A worker calls this when it goes idle
+    (``omp_pause_resource_all(omp_pause_soft)`` frees the calling thread's pool; the next
+    ``llama_decode`` starts a new team). Opened ``RTLD_NOLOAD``: a build without OpenMP
+    loads no libgomp, and then this does nothing.
+    """
+    global _gomp_pause
+    if _gomp_pause is None:
+        try:
+            gomp = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+            fn = gomp.omp_pause_resource_all
+            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+            _gomp_pause = fn
+        except (OSError, AttributeError):
+            _gomp_pause = False
+    if _gomp_pause:
+        _gomp_pause(1)  # omp_pause_soft
 
 
 _INIT_LOCK = threading.Lock()
