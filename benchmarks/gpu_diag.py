@@ -104,7 +104,7 @@ def main() -> None:
         # fastpilot's fix switched off: libstdc++ not loaded RTLD_GLOBAL by load_library.
         import fastpilot.backends.llamacpp_native as native
 
-        native.cxx_runtime_global = lambda: False
+        native.cxx_runtime_global = lambda: None
         say("load_library's libstdc++ preload off")
     if os.environ.get("DIAG_STDCXX"):
         ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)

@@ -45,7 +45,7 @@ from benchmarks.client import Call, send
 from benchmarks.contenders import fastpilot_serve_argv, llama_server_argv
 from benchmarks.llama_server_build import server_path
 from benchmarks.models import CACHE
-from benchmarks.procs import Managed, free_port
+from benchmarks.procs import Managed, free_port, rotated
 from benchmarks.speculative import SOURCE, _body
 
 DEFAULT_MODEL = CACHE / "models" / "gpt2-117m-gguf-q4_k_m"
@@ -201,9 +201,7 @@ def servers_part(
                 continue
             live[server] = port
         for rep in range(repeats):
-            order = list(live)
-            k = rep % max(1, len(order))
-            for server in order[k:] + order[:k]:
+            for server in rotated(list(live), rep):
                 try:
                     rows += _cold_and_short(server, live[server], rep, texts[1 + rep])
                 except (RuntimeError, OSError) as ex:

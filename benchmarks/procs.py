@@ -24,11 +24,20 @@ __all__ = [
     "RssSampler",
     "free_port",
     "kill_all",
+    "rotated",
     "tree_rss_bytes",
 ]
 
 _LIVE: dict[int, subprocess.Popen] = {}
 _LOCK = threading.Lock()
+
+
+def rotated(items: list, k: int) -> list:
+    """``items`` starting at index ``k`` (mod its length) and wrapping round: the order in
+    which the sections that run their servers together visit them in round ``k``, so no
+    server always goes first."""
+    k = k % len(items) if items else 0
+    return items[k:] + items[:k]
 
 
 def free_port() -> int:

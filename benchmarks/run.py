@@ -32,7 +32,7 @@ from benchmarks import workloads as W
 from benchmarks.llama_server_build import ensure_llama_server
 from benchmarks.machine import bandwidth, machine_info
 from benchmarks.models import FORMATS, SPECS, ModelFile, prepare
-from benchmarks.procs import CpuWatch, RssSampler, kill_all
+from benchmarks.procs import CpuWatch, RssSampler, kill_all, rotated
 from benchmarks.stats import summarize
 
 HERE = Path(__file__).resolve().parent
@@ -254,7 +254,7 @@ def clients_side_by_side(
             srv.wait_http(c.port, c.health, c.startup_timeout)
             W.clients(c.call, c.port, 2, 16, 1, 0)  # untimed: pages the weights in
         for r in range(rounds):
-            for c, _ in live[r % len(live) :] + live[: r % len(live)]:
+            for c, _ in rotated(live, r):
                 agg = summarize(W.clients(c.call, c.port, k, plan.client_tokens, 1, 0))["agg_tps"]
                 out["rounds"].setdefault(c.key, []).append(agg and round(agg, 1))
     except Exception as ex:  # noqa: BLE001 - recorded; the run goes on

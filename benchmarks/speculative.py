@@ -50,7 +50,7 @@ from pathlib import Path
 from benchmarks.client import Call, Result, send
 from benchmarks.contenders import fastpilot_serve_argv, llama_server_argv
 from benchmarks.llama_server_build import server_path
-from benchmarks.procs import Managed, free_port
+from benchmarks.procs import Managed, free_port, rotated
 
 CONTENDERS = ("fastpilot-off", "fastpilot-ngram", "llama-server", "llama-server-ngram-mod")
 # The issue-12 models: tiny-py (trained on code: real acceptance) and the random-weight files.
@@ -216,8 +216,7 @@ def measure_interleaved(
             live[c] = (port, log)
         for rep in range(args.repeats):
             chunk = texts[1 + rep * n : 1 + (rep + 1) * n]
-            order = list(live)
-            for c in order[rep % max(1, len(order)) :] + order[: rep % max(1, len(order))]:
+            for c in rotated(list(live), rep):
                 port, log = live[c]
                 try:
                     row = _one_round(c, name, port, log, chunk, args.tokens, n, rep)

@@ -119,8 +119,9 @@ _LOG_LEVELS = {
 }
 
 
-def cxx_runtime_global() -> bool:
-    """Load the C++ runtime into the process's global symbol scope; whether it is there.
+def cxx_runtime_global() -> None:
+    """Load the C++ runtime into the process's global symbol scope (Linux; a no-op where
+    it cannot be loaded).
 
     Measured on the H200's CUDA 13 build: ``libggml-cuda.so`` carries its own static copy
     of libstdc++ (3,465 exported ``std::`` symbols, no ``libstdc++.so.6`` among its or
@@ -135,12 +136,11 @@ def cxx_runtime_global() -> bool:
     went to the one shared runtime (164) and the loads, tests and benchmarks ran.
     """
     if not sys.platform.startswith("linux"):
-        return False
+        return
     try:
         ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6", ctypes.RTLD_GLOBAL)
     except OSError:
-        return False
-    return True
+        pass  # no shared libstdc++: nothing for llama.cpp to bind to twice
 
 
 def load_library() -> Any:
