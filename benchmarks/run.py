@@ -241,6 +241,9 @@ def clients_side_by_side(
     The editor table runs each server's rounds in its own block, minutes apart from the
     other's; on a shared VM a slow stretch then lands on one contender alone and moves
     the ratio by more than the difference being measured. Here a slow stretch hits both.
+    With two servers and an even ``rounds`` each goes first equally often, and the
+    report takes the median of the per-round ratios (:func:`paired_ratio`), which
+    cancels what a round's slow stretch does to both.
     The servers idle while the other one runs: neither llama.cpp nor fastpilot spins
     between requests.
     """
@@ -509,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                 if len(pair) != 2 or time.monotonic() - t_start > args.budget:
                     continue
                 log(f"--- {model}: 8 clients, fastpilot and llama-server side by side")
-                sbs = clients_side_by_side(pair, plan, work, rounds=3 if args.quick else 5)
+                sbs = clients_side_by_side(pair, plan, work, rounds=2 if args.quick else 6)
                 sbs["model"] = model
                 report.setdefault("clients_side_by_side", []).append(sbs)
                 log(f"{model}: side by side {sbs['rounds']}")

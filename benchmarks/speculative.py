@@ -51,6 +51,7 @@ from benchmarks.client import Call, Result, send
 from benchmarks.contenders import fastpilot_serve_argv, llama_server_argv
 from benchmarks.llama_server_build import server_path
 from benchmarks.procs import Managed, free_port, rotated
+from benchmarks.stats import paired_ratio
 
 CONTENDERS = ("fastpilot-off", "fastpilot-ngram", "llama-server", "llama-server-ngram-mod")
 # The issue-12 models: tiny-py (trained on code: real acceptance) and the random-weight files.
@@ -315,15 +316,14 @@ def section(
 
 
 def ratios(rows: list[dict]) -> list[str]:
-    """The issue-12 ratios from the medians of one run, one line each."""
-    med: dict[tuple, float] = {}
-    keys: dict[tuple, list[dict]] = {}
+    """The issue-12 ratios of one run, one line each: the median of the per-round
+    ratios (:func:`benchmarks.stats.paired_ratio`; the two contenders of a round ran
+    back to back), which cancels a slow stretch of the machine that hits both."""
+    by_round: dict[tuple, dict[int, float | None]] = {}
     for r in rows:
-        keys.setdefault((r["model"], r["clients"], r["contender"]), []).append(r)
-    for k, rs in keys.items():
-        d = [r["decode_tok_s"] for r in rs if r["decode_tok_s"] is not None]
-        med[k + ("decode",)] = statistics.median(d) if d else float("nan")
-        med[k + ("aggregate",)] = statistics.median(r["aggregate_tok_s"] for r in rs)
+        k = (r["model"], r["clients"], r["contender"])
+        by_round.setdefault(k + ("decode",), {})[r["repeat"]] = r["decode_tok_s"]
+        by_round.setdefault(k + ("aggregate",), {})[r["repeat"]] = r["aggregate_tok_s"]
     out = []
     pairs = (
         (1, "decode", "fastpilot-ngram", "llama-server-ngram-mod"),
@@ -339,9 +339,13 @@ def ratios(rows: list[dict]) -> list[str]:
         for n, what, a, b in pairs:
             # fastpilot-ngram@D variants are compared like fastpilot-ngram.
             for a2 in [a] + (variants if a == "fastpilot-ngram" else []):
-                x, y = med.get((model, n, a2, what)), med.get((model, n, b, what))
-                if x and y:
-                    out.append(f"{model} {n} client(s) {what}: {a2} / {b} = {x / y:.2f}")
+                x, y = by_round.get((model, n, a2, what)), by_round.get((model, n, b, what))
+                if not x or not y:
+                    continue
+                reps = sorted(set(x) & set(y))
+                ratio = paired_ratio([x[i] for i in reps], [y[i] for i in reps])
+                if ratio is not None:
+                    out.append(f"{model} {n} client(s) {what}: {a2} / {b} = {ratio:.2f}")
     return out
 
 

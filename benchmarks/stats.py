@@ -7,12 +7,27 @@ import numpy as np
 from benchmarks.client import Result
 from benchmarks.workloads import Outcome
 
-__all__ = ["pct", "summarize", "decode_rate"]
+__all__ = ["decode_rate", "paired_ratio", "pct", "summarize"]
 
 
 def pct(xs: list[float], q: float) -> float | None:
     """The q-th percentile (linear interpolation), None for no data."""
     return float(np.percentile(xs, q)) if xs else None
+
+
+def paired_ratio(a: list[float | None], b: list[float | None]) -> float | None:
+    """Median of ``a[i] / b[i]`` over the rounds both measured (round ``i`` of two
+    contenders run back to back), None when none did.
+
+    Machine-wide slow stretches on a shared VM last longer than one round and move
+    both contenders of a round alike; the per-round ratio cancels them where a ratio
+    of the two medians (possibly from different rounds) does not.
+    """
+    ratios = sorted(x / y for x, y in zip(a, b, strict=False) if x and y)
+    if not ratios:
+        return None
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
 
 def decode_rate(r: Result) -> float | None:
