@@ -414,17 +414,24 @@ def test_interpreter_exit_with_an_open_backend_is_clean(built, arch) -> None:
 
 def test_logits_rows_are_the_native_rows_without_copies(built, arch) -> None:
     """LogitsRows hands out views of llama.cpp's output rows (the sampler reads them in
-    place): the same memory and values as ``llama_get_logits_ith``, one view per row."""
+    place): for every batch index with logits, the same memory and values as
+    ``llama_get_logits_ith``, one view per row, also when llama.cpp computed the outputs
+    out of batch order (two sequences of different lengths: split into ubatches, then
+    reordered). The native call keeps the GIL (a ``PyDLL`` function pointer)."""
+    import ctypes
+
     from fastpilot.backends.llamacpp_native import LogitsRows, NativeBatch
 
-    b = _new(built, arch, slots=1)
+    b = _new(built, arch, slots=2)
     try:
         lib, ctx, n = b._lib, b._ctx, b._n_rows  # the worker is idle: nothing was submitted
-        batch = NativeBatch(lib, 8)
-        batch.add([1, 2, 3, 4], 0, 0, 4)
+        batch = NativeBatch(lib, 16)
+        batch.add([1, 2, 3], 0, 0, 1)  # logits for index 2 only
+        batch.add([4, 5, 6, 7, 8], 0, 1, 5)  # indices 3..7
         assert lib.llama_decode(ctx, batch.ready()) == 0
         rows = LogitsRows(lib, ctx, n)
-        for i in range(4):
+        assert rows._fn._flags_ & ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]
+        for i in (2, 3, 4, 5, 6, 7):
             want = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, i), shape=(n,))
             got = rows(i)
             assert got.shape == (n,) and got.dtype == np.float32

@@ -378,13 +378,18 @@ class LogitsRows:
     address lies in the context's output buffer, which is true of every address
     ``llama_get_logits_ith`` just returned (a regrown buffer gives new addresses);
     read a row before the next decode. Not thread-safe: the worker owns it.
+
+    The pointer is called the ``PyDLL`` way, keeping the GIL: the call only indexes a
+    buffer, and a plain ctypes call lets go of the GIL, which a woken HTTP thread then
+    holds while the worker waits for it between two rows of one step.
     """
 
     _CACHE = 4096  # distinct rows kept; a batch of more outputs just rebuilds views
 
     def __init__(self, lib: Any, ctx: Any, n_rows: int) -> None:
         cdll = lib.llama_cpp._lib
-        fn = cdll._FuncPtr(("llama_get_logits_ith", cdll))
+        pydll = ctypes.PyDLL(cdll._name, handle=cdll._handle)  # same library, GIL kept
+        fn = pydll._FuncPtr(("llama_get_logits_ith", pydll))
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int32]
         fn.restype = ctypes.c_void_p
         self._fn = fn
