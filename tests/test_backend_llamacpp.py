@@ -415,9 +415,9 @@ def test_interpreter_exit_with_an_open_backend_is_clean(built, arch) -> None:
 def test_logits_rows_are_the_native_rows_without_copies(built, arch) -> None:
     """LogitsRows hands out views of llama.cpp's output rows (the sampler reads them in
     place): for every batch index with logits, the same memory and values as
-    ``llama_get_logits_ith``, one view per row, also when llama.cpp computed the outputs
-    out of batch order (two sequences of different lengths: split into ubatches, then
-    reordered). The native call keeps the GIL (a ``PyDLL`` function pointer)."""
+    ``llama_get_logits_ith``, one view per row, for a batch of two sequences of
+    different lengths with logits for part of one of them. The native call keeps the GIL
+    (a ``PyDLL`` function pointer)."""
     import ctypes
 
     from fastpilot.backends.llamacpp_native import LogitsRows, NativeBatch
