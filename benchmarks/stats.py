@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 
 from benchmarks.client import Result
@@ -23,11 +25,8 @@ def paired_ratio(a: list[float | None], b: list[float | None]) -> float | None:
     both contenders of a round alike; the per-round ratio cancels them where a ratio
     of the two medians (possibly from different rounds) does not.
     """
-    ratios = sorted(x / y for x, y in zip(a, b, strict=False) if x and y)
-    if not ratios:
-        return None
-    mid = len(ratios) // 2
-    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    ratios = [x / y for x, y in zip(a, b, strict=False) if x and y]
+    return statistics.median(ratios) if ratios else None
 
 
 def decode_rate(r: Result) -> float | None:

@@ -324,6 +324,10 @@ class LlamaCppBackend(LlamaCppExtras):
     def _running(self) -> bool:
         return any(lane.sched.running for lane in self._lanes)
 
+    def _has_work(self) -> bool:
+        """Something for the worker: a sequence running, a request or job queued, or close."""
+        return bool(self._closed or self._pending or self._running() or self._jobs)
+
     def _run(self) -> None:
         main = self._lanes[0]
         taken: list[TokenStream] = []
@@ -334,9 +338,9 @@ class LlamaCppBackend(LlamaCppExtras):
             # next step, as it would be had it come a moment later.
             if not (self._running() and not self._pending and not self._jobs and not self._closed):
                 with self._cond:
-                    if not (self._closed or self._pending or self._running() or self._jobs):
+                    if not self._has_work():
                         release_openmp_team()  # idle: no team held (see the function)
-                    while not (self._closed or self._pending or self._running() or self._jobs):
+                    while not self._has_work():
                         self._cond.wait()
                     if self._closed:
                         break
