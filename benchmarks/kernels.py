@@ -27,7 +27,9 @@ The servers are up at once, with the same ``--threads`` and 4 slots, and the rou
 interleaved (one request of each in turn, the order rotated per round). Run one after
 another, with a prompt set each, the cold prompt read 1.26x llama-server's TTFT in run
 20261127-153631; interleaved on shared prompts right after, 1.05 and 1.07. Ratios are
-against llama-server's medians in the same run. Run standalone, or as the ``kernels``
+against llama-server's medians in the same run; the cold prompt's also paired (in
+parentheses: the median of the per-round ratios, both servers on the same prompt in the same
+round), which is what a machine-wide slow stretch moves least. Run standalone, or as the ``kernels``
 section of ``python -m benchmarks.run``.
 """
 
@@ -47,6 +49,7 @@ from benchmarks.llama_server_build import server_path
 from benchmarks.models import CACHE
 from benchmarks.procs import Managed, free_port, rotated
 from benchmarks.speculative import SOURCE, _body
+from benchmarks.stats import paired_ratio
 
 DEFAULT_MODEL = CACHE / "models" / "gpt2-117m-gguf-q4_k_m"
 SLOTS = 4
@@ -239,6 +242,21 @@ def _cold_and_short(server: str, port: int, rep: int, text_long: str) -> list[di
     return rows
 
 
+def cold_ratio(servers: list[dict], server: str) -> float | None:
+    """``server``'s cold long-prompt TTFT over llama-server's, the median of the per-round
+    ratios (both got the same prompt in the same round; see ``stats.paired_ratio``)."""
+
+    def ttfts(name: str) -> list[float | None]:
+        by_round = {
+            r["round"]: r["ttft_ms"]
+            for r in servers
+            if r.get("server") == name and r.get("kind") == "cold-long"
+        }
+        return [by_round.get(i) for i in range(max(by_round, default=-1) + 1)]
+
+    return paired_ratio(ttfts(server), ttfts("llama-server"))
+
+
 def tables(settings: list[dict], servers: list[dict]) -> str:
     out = [
         "| flash | n_ubatch | KV | decode tok/s, 16 cells | decode tok/s, deep "
@@ -261,7 +279,7 @@ def tables(settings: list[dict], servers: list[dict]) -> str:
                 )
     out += [
         "",
-        "| server | cold long prompt TTFT ms | x llama-server | decode tok/s after it "
+        "| server | cold long prompt TTFT ms | x llama-server (paired) | decode tok/s after it "
         "| short-prompt decode tok/s | x llama-server |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -270,7 +288,8 @@ def tables(settings: list[dict], servers: list[dict]) -> str:
         if (s, "cold-long") not in med:
             continue
         (ttft, dec), (_, short) = med[s, "cold-long"], med[s, "short"]
-        x1 = f"{ttft / ref_long[0]:.2f}" if ref_long else "-"
+        paired = cold_ratio(servers, s)
+        x1 = f"{ttft / ref_long[0]:.2f} ({paired:.2f})" if ref_long and paired else "-"
         x2 = f"{short / ref_short[1]:.2f}" if ref_short else "-"
         out.append(f"| {s} | {ttft:.0f} | {x1} | {dec:.1f} | {short:.1f} | {x2} |")
     for r in servers:

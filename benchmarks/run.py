@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                 if len(pair) != 2 or time.monotonic() - t_start > args.budget:
                     continue
                 log(f"--- {model}: 8 clients, fastpilot and llama-server side by side")
-                sbs = clients_side_by_side(pair, plan, work, rounds=2 if args.quick else 6)
+                sbs = clients_side_by_side(pair, plan, work, rounds=2 if args.quick else 10)
                 sbs["model"] = model
                 report.setdefault("clients_side_by_side", []).append(sbs)
                 log(f"{model}: side by side {sbs['rounds']}")
@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks.kernels import section as kernels_section
 
             log("--- kernels (context settings, cold prefill)")
-            reps = 1 if args.quick else 5
+            reps = 1 if args.quick else 9
             report["kernels"] = kernels_section(
                 gpt2[0].directory, args.threads, reps, server_bin is not None
             )
