@@ -485,12 +485,13 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
         from benchmarks.speculative import table
 
         L += [
-            "## Speculative decoding (n-gram), single stream",
+            "## Speculative decoding (n-gram), 1 and 8 clients",
             "",
-            "`benchmarks/speculative.py`: 160 tokens greedy, streamed, one client, prompts are "
-            "chunks of the stdlib's `ast.py`; decode tok/s = (tokens−1)/(e2e−TTFT), median "
-            "(range) of the repeats; drafted tokens from fastpilot's /metrics and "
-            "llama-server's log.",
+            "`benchmarks/speculative.py`: 160 tokens greedy, streamed, one client and 8 "
+            "(8 slots), prompts are chunks of the stdlib's `ast.py`; decode tok/s = "
+            "(tokens−1)/(e2e−TTFT), median (range) of the repeats; drafted tokens from "
+            "fastpilot's /metrics and llama-server's log; decode steps / tokens evaluated: "
+            "fastpilot's /metrics, summed over the repeats.",
             "",
             table(report["speculative"]),
             "",

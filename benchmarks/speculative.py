@@ -28,7 +28,9 @@ Reported per run: decode tokens/s after the first token ((tokens - 1) / (end - f
 token)), aggregate tokens/s over the wall time for N clients, and the drafted tokens
 the target model accepted/rejected (fastpilot: ``/metrics`` deltas of the backend's
 ``draft_tokens_accepted``/``_rejected``; llama-server: its log's per-request ``draft acceptance``
-lines).
+lines), and fastpilot's decode work, the ``decode_steps`` / ``tokens_evaluated`` deltas
+(at 8 clients the busy gate keeps drafts off, so speculation on and off do the same
+work, which this shows where the rounds' timings are too noisy to).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import sys
 import sysconfig
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.client import Call, Result, send
@@ -63,12 +65,15 @@ SOURCE = Path(sysconfig.get_paths()["stdlib"]) / "ast.py"
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """One measured round: every client's result and the server's draft counters."""
+    """One measured round: every client's result and the server's draft counters (and,
+    for fastpilot, its ``llama_decode`` calls and the tokens they evaluated)."""
 
     results: tuple[Result, ...]
     wall: float
     accepted: int | None
     rejected: int | None
+    decode_steps: int | None = None
+    tokens_evaluated: int | None = None
 
 
 def prompts(count: int, chars: int, source: Path = SOURCE) -> list[str]:
@@ -101,11 +106,13 @@ def _metrics(port: int) -> dict[str, float]:
     return out
 
 
-def _draft_counts(port: int) -> tuple[float, float]:
+# fastpilot's cumulative counters a round reads the change of (``/metrics``).
+COUNTERS = ("draft_tokens_accepted", "draft_tokens_rejected", "decode_steps", "tokens_evaluated")
+
+
+def _counters(port: int) -> list[float]:
     m = _metrics(port)
-    acc = sum(v for k, v in m.items() if k.endswith("draft_tokens_accepted"))
-    rej = sum(v for k, v in m.items() if k.endswith("draft_tokens_rejected"))
-    return acc, rej
+    return [sum(v for k, v in m.items() if k.endswith(c)) for c in COUNTERS]
 
 
 def llama_server_supports_ngram_mod() -> bool:
@@ -157,7 +164,7 @@ def _round(port: int, texts: list[str], tokens: int, fastpilot: bool) -> Run:
     def one(i: int) -> None:
         results[i] = send(port, Call("POST", "/v1/completions", _body(texts[i], tokens), True))
 
-    before = _draft_counts(port) if fastpilot else None
+    before = _counters(port) if fastpilot else None
     t0 = time.perf_counter()
     ths = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
     for th in ths:
@@ -165,14 +172,13 @@ def _round(port: int, texts: list[str], tokens: int, fastpilot: bool) -> Run:
     for th in ths:
         th.join()
     wall = time.perf_counter() - t0
-    acc = rej = None
+    deltas: list[int | None] = [None] * len(COUNTERS)
     if before is not None:
-        a, r = _draft_counts(port)
-        acc, rej = int(a - before[0]), int(r - before[1])
+        deltas = [int(a - b) for a, b in zip(_counters(port), before, strict=True)]
     for r in results:
         if r is None or not r.ok or r.tokens != tokens:
             raise RuntimeError(f"bad result: {r}")
-    return Run(tuple(r for r in results if r is not None), wall, acc, rej)
+    return Run(tuple(r for r in results if r is not None), wall, *deltas)
 
 
 _LLAMA_ACC = re.compile(r"draft acceptance = [0-9.]+ \(\s*(\d+) accepted /\s*(\d+) generated")
@@ -240,7 +246,7 @@ def _one_round(
         time.sleep(0.2)  # the line is written as the slot is released
         mine = _llama_log_counts(log)[seen:]
         acc, gen = sum(a for a, _ in mine), sum(g for _, g in mine)
-        run = Run(run.results, run.wall, acc, gen - acc)
+        run = replace(run, accepted=acc, rejected=gen - acc)
     decode = [(r.tokens - 1) / (r.e2e - r.ttft) for r in run.results if r.ttft is not None]
     return {
         "contender": contender,
@@ -254,6 +260,9 @@ def _one_round(
         "ttft_ms": round(1000 * statistics.median(r.ttft or 0 for r in run.results), 1),
         "accepted": run.accepted,
         "rejected": run.rejected,
+        # The decode work (fastpilot only): equal on and off when the gate keeps drafts off.
+        "decode_steps": run.decode_steps,
+        "tokens_evaluated": run.tokens_evaluated,
         # Greedy output must not depend on speculation: compare across contenders.
         "text_sha": hashlib.sha256("".join(r.text for r in run.results).encode()).hexdigest()[:12],
     }
@@ -266,8 +275,8 @@ def table(rows: list[dict]) -> str:
         keys.setdefault((r["model"], r["clients"], r["contender"]), []).append(r)
     out = [
         "| model | clients | contender | decode tok/s median (range) | aggregate tok/s "
-        "median | accepted / drafted | acceptance |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "median | accepted / drafted | acceptance | decode steps / tokens evaluated |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (model, n, c), rs in keys.items():
         d = [r["decode_tok_s"] for r in rs if r["decode_tok_s"] is not None] or [float("nan")]
@@ -279,9 +288,14 @@ def table(rows: list[dict]) -> str:
             ad, rate = f"{sum(acc)} / {drafted}", f"{sum(acc) / drafted:.0%}"
         else:
             ad = rate = "-"
+        steps = [r.get("decode_steps") for r in rs]
+        evaluated = [r.get("tokens_evaluated") for r in rs]
+        work = "-"
+        if None not in steps and None not in evaluated:  # summed over the rounds
+            work = f"{sum(steps)} / {sum(evaluated)}"
         out.append(
             f"| {model} | {n} | {c} | {statistics.median(d):.1f} ({min(d):.1f}-{max(d):.1f}) "
-            f"| {agg:.1f} | {ad} | {rate} |"
+            f"| {agg:.1f} | {ad} | {rate} | {work} |"
         )
     return "\n".join(out)
 
