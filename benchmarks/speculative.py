@@ -111,8 +111,8 @@ COUNTERS = ("draft_tokens_accepted", "draft_tokens_rejected", "decode_steps", "t
 
 
 def _counters(port: int) -> list[float]:
-    m = _metrics(port)
-    return [sum(v for k, v in m.items() if k.endswith(c)) for c in COUNTERS]
+    m = _metrics(port)  # exact names: prompt_tokens_evaluated also ends in tokens_evaluated
+    return [m.get("fastpilot_model_backend_" + c, 0.0) for c in COUNTERS]
 
 
 def llama_server_supports_ngram_mod() -> bool:
