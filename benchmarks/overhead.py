@@ -72,15 +72,18 @@ def _cpu_us(cpu: list[float], tokens: int) -> float:
     return (cpu[-1] - cpu[0]) * 1e6 / (tokens - 1)
 
 
-def tree_cpu_ns(pid: int) -> int:
-    """CPU ns of every live thread of ``pid`` (``/proc/<pid>/task/*/schedstat``: ns, not ticks)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that ended between the listing and the read
-    return total
+def process_cpu_ns(pid: int) -> int:
+    """CPU ns of process ``pid``, its ended threads included (``/proc/<pid>/stat`` utime +
+    stime, in clock ticks: 10 ms).
+
+    Not the live threads' ``schedstat``: fastpilot's worker frees its OpenMP team when
+    it idles, so the helper thread that ran half of a request's decode is gone (its time
+    with it) by the next read, and a differential of live threads read 2.8 busy cores on
+    2 vCPUs (run 20261127-214147, GPT-2's HTTP row).
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def _floor_loop(backend: Any, prompt: str, tokens: int) -> tuple[float, float]:
@@ -192,11 +195,11 @@ def server_layer(layer: str, directory: Path, threads: int, text: str, tokens: i
     }
 
     def request(n: int) -> tuple[Any, int]:
-        c0 = tree_cpu_ns(server.pid)
+        c0 = process_cpu_ns(server.pid)
         r = send(port, Call("POST", "/v1/completions", {**body, "max_tokens": n}, True))
         if not r.ok or r.tokens != n:
             raise RuntimeError(f"{layer}: bad result {r}")
-        return r, tree_cpu_ns(server.pid) - c0
+        return r, process_cpu_ns(server.pid) - c0
 
     with Managed(_server_argv(layer, directory, port, threads), log) as server:
         server.wait_http(port, "/health", 180)
