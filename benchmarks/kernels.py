@@ -289,7 +289,9 @@ def tables(settings: list[dict], servers: list[dict]) -> str:
             continue
         (ttft, dec), (_, short) = med[s, "cold-long"], med[s, "short"]
         paired = cold_ratio(servers, s)
-        x1 = f"{ttft / ref_long[0]:.2f} ({paired:.2f})" if ref_long and paired else "-"
+        x1 = "-"
+        if ref_long:
+            x1 = f"{ttft / ref_long[0]:.2f}" + (f" ({paired:.2f})" if paired else "")
         x2 = f"{short / ref_short[1]:.2f}" if ref_short else "-"
         out.append(f"| {s} | {ttft:.0f} | {x1} | {dec:.1f} | {short:.1f} | {x2} |")
     for r in servers:

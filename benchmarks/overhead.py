@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.client import Call, send
-from benchmarks.procs import Managed, free_port
+from benchmarks.procs import Managed, free_port, tree_cpu_seconds
 from benchmarks.speculative import prompts
 
 HERE = Path(__file__).resolve().parent
@@ -70,20 +70,6 @@ def _rate(stamps: list[float], tokens: int) -> float:
 def _cpu_us(cpu: list[float], tokens: int) -> float:
     """Process CPU µs per token after the first (all threads: llama.cpp's and Python's)."""
     return (cpu[-1] - cpu[0]) * 1e6 / (tokens - 1)
-
-
-def process_cpu_ns(pid: int) -> int:
-    """CPU ns of process ``pid``, its ended threads included (``/proc/<pid>/stat`` utime +
-    stime, in clock ticks: 10 ms).
-
-    Not the live threads' ``schedstat``: fastpilot's worker frees its OpenMP team when
-    it idles, so the helper thread that ran half of a request's decode is gone (its time
-    with it) by the next read, and a differential of live threads read 2.8 busy cores on
-    2 vCPUs (run 20261127-214147, GPT-2's HTTP row).
-    """
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
-    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def _floor_loop(backend: Any, prompt: str, tokens: int) -> tuple[float, float]:
@@ -194,12 +180,14 @@ def server_layer(layer: str, directory: Path, threads: int, text: str, tokens: i
         "stream_options": {"include_usage": True},
     }
 
-    def request(n: int) -> tuple[Any, int]:
-        c0 = process_cpu_ns(server.pid)
+    def request(n: int) -> tuple[Any, float]:
+        # The process's own CPU count, not its live threads': run 20261127-214147 summed
+        # the live threads' schedstat and read 2.8 busy cores on 2 vCPUs (GPT-2's HTTP row).
+        c0 = tree_cpu_seconds(server.pid)
         r = send(port, Call("POST", "/v1/completions", {**body, "max_tokens": n}, True))
         if not r.ok or r.tokens != n:
             raise RuntimeError(f"{layer}: bad result {r}")
-        return r, process_cpu_ns(server.pid) - c0
+        return r, tree_cpu_seconds(server.pid) - c0
 
     with Managed(_server_argv(layer, directory, port, threads), log) as server:
         server.wait_http(port, "/health", 180)
@@ -207,7 +195,7 @@ def server_layer(layer: str, directory: Path, threads: int, text: str, tokens: i
         for _ in range(rounds):
             r1, cpu1 = request(1)
             r, cpu = request(tokens)
-            yield (tokens - 1) / (r.e2e - r1.e2e), (cpu - cpu1) / 1e3 / (tokens - 1)
+            yield (tokens - 1) / (r.e2e - r1.e2e), (cpu - cpu1) * 1e6 / (tokens - 1)
 
 
 def measure(

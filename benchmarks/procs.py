@@ -113,6 +113,13 @@ def _tree_pids(pid: int) -> list[int]:
     return out
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its descendants, in seconds (10 ms ticks). A process's
+    own count keeps the time of its threads that ended, which a sum over the live threads'
+    ``schedstat`` loses (fastpilot's idle worker ends its OpenMP helper thread)."""
+    return sum(_proc_cpu(p) for p in _tree_pids(pid))
+
+
 def _system_busy() -> float:
     """CPU seconds all cores spent not idle since boot (/proc/stat, idle+iowait excluded)."""
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -134,7 +141,7 @@ class CpuWatch:
     def _ours(self) -> float:
         t = os.times()
         own = t.user + t.system + t.children_user + t.children_system
-        return own + (sum(_proc_cpu(p) for p in _tree_pids(self.pid)) if self.pid else 0.0)
+        return own + (tree_cpu_seconds(self.pid) if self.pid else 0.0)
 
     def __enter__(self) -> CpuWatch:
         self._t0, self._busy0, self._ours0 = time.monotonic(), _system_busy(), self._ours()
