@@ -4,7 +4,7 @@ The scheduler is driven with token lists only (as in tests/test_scheduler.py):
 each test plans a step, pretends it was decoded, feeds "sampled" tokens back
 row by row the way the llama.cpp backend does, and checks one rule -- drafts in
 one batch entry with logits for each, the KV rollback after a rejection, the
-adaptive draft length, no drafting in a busy batch, limits from max_tokens and
+adaptive draft length, drafts of one length across streams (or none), limits from max_tokens and
 the context. The real-model exactness tests are tests/test_speculative_llamacpp.py.
 """
 
@@ -23,11 +23,12 @@ from fastpilot.backends.draft_policy import (
 )
 from fastpilot.backends.ngram import NgramDrafter
 from fastpilot.backends.scheduler import (
-    SPEC_BUSY,
+    DRAFT_SEQS,
     KvRemove,
     Plan,
     Scheduler,
     Seq,
+    SeqState,
     batch_capacity,
 )
 
@@ -267,18 +268,67 @@ def test_acceptance_and_cost_estimates() -> None:
     assert c.ratio == pytest.approx(1 / 22, rel=2e-2)
 
 
-def test_no_drafting_when_the_batch_is_busy() -> None:
+def next_in_loop(seq: Seq[str], i: int) -> int:
+    """Like :func:`loop_model`, and LOOP's first token after anything else."""
+    assert seq.slot is not None
+    last = seq.slot.tokens[-1]
+    return LOOP[(LOOP.index(last) + 1) % len(LOOP)] if last in LOOP else LOOP[0]
+
+
+def streams(s: Scheduler[str], prompts: list[list[int]], max_tokens: int = 100) -> list[Seq[str]]:
+    """Admit the prompts together and prefill them, each first token continuing LOOP."""
+    seqs = [s.add("", p, max_tokens) for p in prompts]
+    s.admit()
+    while any(q.todo for q in seqs):
+        verify(s, next_in_loop)
+    assert all(q.state is SeqState.DECODING for q in seqs)
+    return seqs
+
+
+def looping(i: int) -> list[int]:
+    """A prompt of its own (distinct first tokens) that loops."""
+    return [100 + i] * 4 + LOOP * 4
+
+
+def test_streams_draft_together_in_one_shape() -> None:
+    # llama.cpp splits a batch over per-slot KV streams into micro-batches with an equal
+    # token count per sequence: every decoding sequence drafts the same number or none.
     s = spec(slots=8)
-    seqs = [decoding(s, [i * 10 + 1] + LOOP * 4) for i in range(SPEC_BUSY + 2)]
+    streams(s, [looping(i) for i in range(4)])
     plan = s.plan_step()
-    assert all(len(e.tokens) == 1 for e in plan.entries)  # SPEC_BUSY + 1 others each
-    s.update_from_output(plan.entries)
-    for q in seqs:
-        s.on_token(q, 6)
-    s.finish(seqs[-1], FinishReason.CANCELLED)
-    plan = s.plan_step()  # now each has SPEC_BUSY others: all speculate
-    assert all(len(e.tokens) > 1 for e in plan.entries)
+    lens = {len(e.tokens) for e in plan.entries}
+    assert len(plan.entries) == 4 and len(lens) == 1 and lens.pop() > 1
+    assert all(e.n_logits == len(e.tokens) for e in plan.entries)
     assert sum(len(e.tokens) for e in plan.entries) <= s.capacity
+    verify(s, loop_model)  # every draft held: one step, the same length again
+    assert s.counters["draft_tokens_rejected"] == 0
+    assert len({len(e.tokens) for e in s.plan_step().entries}) == 1
+
+
+def test_the_shortest_proposal_sets_every_streams_draft_length() -> None:
+    s = spec(slots=8)
+    streams(s, [looping(i) for i in range(3)])
+    streams(s, [looping(3)], max_tokens=3)  # one generated, two left: room for one draft
+    assert [len(e.tokens) for e in s.plan_step().entries] == [2, 2, 2, 2]
+
+
+def test_one_stream_without_a_match_means_no_drafts() -> None:
+    s = spec(slots=8)
+    streams(s, [looping(i) for i in range(3)] + [[300, 301, 302, 303, 304]])  # no repeat
+    assert [len(e.tokens) for e in s.plan_step().entries] == [1, 1, 1, 1]
+
+
+def test_many_streams_share_the_batchs_draft_room() -> None:
+    s = spec(slots=8, draft_max=8)
+    s.draft_cost.pin(0.0)  # verifying free: each stream would draft draft_max alone
+    streams(s, [looping(i) for i in range(8)])
+    plan = s.plan_step()
+    assert [len(e.tokens) for e in plan.entries] == [1 + DRAFT_SEQS * 8 // 8] * 8
+    assert sum(len(e.tokens) for e in plan.entries) <= s.capacity
+    s2 = spec(slots=8, draft_max=8)
+    s2.draft_cost.pin(0.0)
+    streams(s2, [looping(0)])
+    assert [len(e.tokens) for e in s2.plan_step().entries] == [1 + 8]  # alone: draft_max
 
 
 def test_no_drafting_beside_a_prompt_chunk() -> None:
@@ -321,7 +371,7 @@ def test_finishing_mid_verification_drops_the_unverified_cells() -> None:
 
 def test_capacity_holds_the_drafts() -> None:
     assert batch_capacity(4, 64) == 68
-    assert spec(slots=4, chunk=64, draft_max=8).capacity == 68 + (SPEC_BUSY + 1) * 8
+    assert spec(slots=4, chunk=64, draft_max=8).capacity == 68 + DRAFT_SEQS * 8
     with pytest.raises(ValueError):
         Scheduler(1, 1, 16, speculative=True, draft_max=0)
 

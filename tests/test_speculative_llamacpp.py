@@ -73,6 +73,22 @@ def test_greedy_output_and_logprobs_are_unchanged(pair, logprob_atol) -> None:
     assert plain.stats()["draft_tokens_accepted"] == 0
 
 
+def test_streams_decoding_together_draft_together_and_keep_their_output(pair) -> None:
+    # Two streams at once: each step's batch holds both, and both draft (one length,
+    # tests/test_speculative.py) -- fewer steps than tokens -- with the plain output.
+    plain, spec = pair
+    prompts = [plain.tokenize(REPEATING), plain.tokenize(REPEATING.replace("x", "z"))]
+    kw = {"max_tokens": 40, "ignore_eos": True, "temperature": 0.0}
+    want = [[s.token_id for s in run(plain, ids, **kw)[0]] for ids in prompts]
+    before = spec.stats()
+    live = [spec.submit(GenerationRequest(list(ids), SamplingParams(**kw))) for ids in prompts]
+    got = [[s.token_id for s in stream] for stream in live]
+    after = spec.stats()
+    assert got == want
+    assert after["draft_tokens_accepted"] > before["draft_tokens_accepted"]
+    assert after["decode_steps"] - before["decode_steps"] < 40
+
+
 def test_penalties_and_bias_see_exactly_the_emitted_tokens(pair, logprob_atol) -> None:
     """Row i+1 of a draft is processed with the counts after token i, as plain decoding does."""
     plain, spec = pair

@@ -30,10 +30,13 @@ How :class:`fastpilot.backends.scheduler.Scheduler` speculates with it:
 
 * **Drafting**: a DECODING sequence's batch entry becomes ``[next_token] + drafts``
   with logits for every token, verified in the same ``llama_decode`` as the other
-  sequences' tokens. No sequence drafts when the rest of the batch (other
-  decoding tokens, prompt chunks) holds more than ``SPEC_BUSY`` tokens: with many
-  streams the batch already uses the weights well and drafts would only add work
-  (multi-client throughput comes first).
+  sequences' tokens. Streams decoding together draft together, all the same
+  number of tokens or none (llama.cpp evaluates a batch over per-slot KV streams
+  in micro-batches of equal tokens per sequence, so one stream's longer draft
+  would cost a pass of its own): each proposes its length, the shortest sets
+  every one's, a stream without a match stops the step's drafting, and the
+  batch's drafts share ``DRAFT_SEQS * draft_max`` tokens. No sequence drafts
+  beside more than ``SPEC_BUSY`` prompt tokens (a prompt chunk fills the batch).
 * **Verifying**: the backend samples row after row (``Sample.drafts``); each
   sampled token goes through ``Scheduler.on_token``, which keeps the draft's KV
   cell when the token equals the next draft (``Verdict.more``: sample the next row

@@ -83,6 +83,7 @@ from fastpilot.backends.scheduler_state import (
 )
 
 __all__ = [
+    "DRAFT_SEQS",
     "MIN_COPY",
     "SPEC_BUSY",
     "BatchEntry",
@@ -101,20 +102,40 @@ __all__ = [
     "choose_slot",
     "common_prefix",
     "runs",
+    "shared_ratio",
 ]
 
-# Most tokens of *other* sequences a batch may hold for a sequence to still draft:
-# up to SPEC_BUSY + 1 streams speculate together; beyond that the batch is busy enough.
+# Most prompt tokens a step may hold for its decoding sequences to still draft: a
+# prompt chunk already fills the batch (and would split it unevenly, see below).
 SPEC_BUSY = 2
+# A step's drafted tokens, all sequences together, are at most DRAFT_SEQS * draft_max
+# (what the batch is sized for): with m sequences decoding each drafts at most
+# DRAFT_SEQS * draft_max // m.
+DRAFT_SEQS = 3
 
 
 def batch_capacity(
     slots: int, prompt_chunk: int, draft_max: int = 0, prefill_alone: int = 0
 ) -> int:
-    """Most tokens in one plan's batch: a token per slot, a prompt chunk and the drafts
-    of at most ``SPEC_BUSY + 1`` speculating sequences (``draft_max`` 0: speculation off),
+    """Most tokens in one plan's batch: a token per slot, a prompt chunk and
+    ``DRAFT_SEQS * draft_max`` drafted tokens (``draft_max`` 0: speculation off),
     or the ``prefill_alone`` chunk of a step where no sequence decodes."""
-    return batch_tokens(slots, prompt_chunk, (SPEC_BUSY + 1) * draft_max, prefill_alone)
+    return batch_tokens(slots, prompt_chunk, DRAFT_SEQS * draft_max, prefill_alone)
+
+
+def shared_ratio(ratio: float, streams: int) -> float:
+    """One more drafted token's cost relative to one sequence's share of a step.
+
+    ``ratio`` is :attr:`~fastpilot.backends.draft_policy.DecodeCost.ratio`, ``b / (a +
+    b + g)`` for a step of ``a + g`` fixed cost plus ``b`` per token. With ``streams``
+    sequences decoding, each carries ``(a + g) / streams + b`` of the step, so a drafted
+    token weighs ``b`` against that: ``1 / ((1 / ratio - 1) / streams + 1)``, the
+    ratio itself for one stream and towards 1 (no draft pays) as more share the
+    fixed cost.
+    """
+    if ratio <= 0.0:
+        return 0.0
+    return 1.0 / ((1.0 / ratio - 1.0) / streams + 1.0)
 
 
 class Scheduler(Generic[OwnerT]):
@@ -301,26 +322,50 @@ class Scheduler(Generic[OwnerT]):
                 chunk = seq.todo[:budget]
                 budget -= len(chunk)
                 entries.append(self._entry(seq, chunk, 1 if len(chunk) == len(seq.todo) else 0))
-        # Other sequences' tokens each decoding sequence would share the batch with.
-        others = len(decoding) - 1 + allowed - budget
-        draft = self.speculative and others <= SPEC_BUSY
-        for seq in decoding:
-            drafts = self._drafts(seq) if draft else []
-            entries.append(self._entry(seq, [seq.next_token, *drafts], 1 + len(drafts)))
+        draft = self.speculative and allowed - budget <= SPEC_BUSY
+        drafts = self._batch_drafts(decoding) if draft and decoding else None
+        for i, seq in enumerate(decoding):
+            mine = drafts[i] if drafts else []
+            entries.append(self._entry(seq, [seq.next_token, *mine], 1 + len(mine)))
         entries.sort(key=lambda e: e.seq_id)
         return Plan(self.take_kv_ops(), tuple(entries))
 
-    def _drafts(self, seq: Seq[OwnerT]) -> list[int]:
-        """The n-gram drafts worth verifying (draft_policy.py), at most draft_max, max_tokens
-        and the context can still take (the token after the drafts is the model's own)."""
+    def _batch_drafts(self, decoding: list[Seq[OwnerT]]) -> list[list[int]] | None:
+        """Each decoding sequence's drafts for one step, all of one length, or None.
+
+        With one KV stream per slot llama.cpp splits a batch into micro-batches of an
+        equal number of tokens per sequence (``split_equal``): entries of 1 + 4, 1, 1
+        and 1 tokens cost two passes over the weights, one token of each and then the
+        four drafts alone, where 1 + 1 of each is one pass. So several streams draft
+        together or not at all: each proposes what pays against its share of the
+        step (:func:`shared_ratio`), all are cut to the shortest proposal, and one
+        sequence without a match means no drafts this step.
+        """
+        m = len(decoding)
+        ratio = shared_ratio(self.draft_cost.ratio, m)
+        room = DRAFT_SEQS * self.draft_max // m
+        out: list[list[int]] = []
+        for seq in decoding:
+            mine = self._drafts(seq, ratio, room)
+            if not mine:
+                return None
+            out.append(mine)
+        k = min(len(d) for d in out)
+        return [d[:k] for d in out]
+
+    def _drafts(self, seq: Seq[OwnerT], ratio: float, room: int) -> list[int]:
+        """The n-gram drafts worth verifying at cost ``ratio`` (draft_policy.py), at most
+        ``room``, draft_max, and what max_tokens and the context can still take (the token
+        after the drafts is the model's own)."""
         assert seq.slot is not None and seq.drafter is not None
         room = min(
+            room,
             self.draft_max,
             seq.max_tokens - seq.generated - 1,
             # next_token sits at len(tokens); drafts after it, all before the context's end
             self.context_length - len(seq.slot.tokens) - 2,
         )
-        return seq.drafter.propose(room, self.draft_cost.ratio)
+        return seq.drafter.propose(room, ratio)
 
     @staticmethod
     def _entry(seq: Seq[OwnerT], tokens: list[int], n_logits: int) -> BatchEntry[OwnerT]:
