@@ -29,8 +29,9 @@ token)), aggregate tokens/s over the wall time for N clients, and the drafted to
 the target model accepted/rejected (fastpilot: ``/metrics`` deltas of the backend's
 ``draft_tokens_accepted``/``_rejected``; llama-server: its log's per-request ``draft acceptance``
 lines), and fastpilot's decode work, the ``decode_steps`` / ``tokens_evaluated`` deltas
-(at 8 clients the busy gate keeps drafts off, so speculation on and off do the same
-work, which this shows where the rounds' timings are too noisy to).
+(at 8 clients the streams draft together or not at all, so this shows how much of the
+work speculation took off -- or that it drafted nothing and on and off did the same
+work, where the rounds' timings are too noisy to show it).
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def _one_round(
         "ttft_ms": round(1000 * statistics.median(r.ttft or 0 for r in run.results), 1),
         "accepted": run.accepted,
         "rejected": run.rejected,
-        # The decode work (fastpilot only): equal on and off when the gate keeps drafts off.
+        # The decode work (fastpilot only): equal on and off when nothing was drafted.
         "decode_steps": run.decode_steps,
         "tokens_evaluated": run.tokens_evaluated,
         # Greedy output must not depend on speculation: compare across contenders.
