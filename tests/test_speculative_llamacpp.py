@@ -23,6 +23,7 @@ from fastpilot.backends.base import (
     Step,
     TokenStream,
 )
+from fastpilot.backends.scheduler import Plan, SeqState
 from tests import tinymodels
 
 pytestmark = pytest.mark.timeout(300)
@@ -80,13 +81,31 @@ def test_streams_decoding_together_draft_together_and_keep_their_output(pair) ->
     prompts = [plain.tokenize(REPEATING), plain.tokenize(REPEATING.replace("x", "z"))]
     kw = {"max_tokens": 40, "ignore_eos": True, "temperature": 0.0}
     want = [[s.token_id for s in run(plain, ids, **kw)[0]] for ids in prompts]
+    shapes: list[tuple[int, ...]] = []  # tokens per decoding sequence of each planned step
+    for lane in spec._lanes:
+        plan_step = lane.sched.plan_step
+
+        def watched(plan_step=plan_step) -> Plan:
+            plan = plan_step()
+            decoding = [e for e in plan.entries if e.seq.state is SeqState.DECODING]
+            shapes.append(tuple(len(e.tokens) for e in decoding))
+            return plan
+
+        lane.sched.plan_step = watched  # type: ignore[method-assign]
     before = spec.stats()
-    live = [spec.submit(GenerationRequest(list(ids), SamplingParams(**kw))) for ids in prompts]
-    got = [[s.token_id for s in stream] for stream in live]
+    try:
+        live = [spec.submit(GenerationRequest(list(ids), SamplingParams(**kw))) for ids in prompts]
+        got = [[s.token_id for s in stream] for stream in live]
+    finally:
+        for lane in spec._lanes:
+            del lane.sched.plan_step
     after = spec.stats()
     assert got == want
     assert after["draft_tokens_accepted"] > before["draft_tokens_accepted"]
     assert after["decode_steps"] - before["decode_steps"] < 40
+    together = [t for t in shapes if len(t) == 2]
+    assert any(t[0] > 1 for t in together)  # both streams drafted in one step
+    assert all(t[0] == t[1] for t in together)  # and always the same number
 
 
 def test_penalties_and_bias_see_exactly_the_emitted_tokens(pair, logprob_atol) -> None:
