@@ -271,8 +271,7 @@ def test_acceptance_and_cost_estimates() -> None:
 def next_in_loop(seq: Seq[str], i: int) -> int:
     """Like :func:`loop_model`, and LOOP's first token after anything else."""
     assert seq.slot is not None
-    last = seq.slot.tokens[-1]
-    return LOOP[(LOOP.index(last) + 1) % len(LOOP)] if last in LOOP else LOOP[0]
+    return loop_model(seq, i) if seq.slot.tokens[-1] in LOOP else LOOP[0]
 
 
 def streams(s: Scheduler[str], prompts: list[list[int]], max_tokens: int = 100) -> list[Seq[str]]:
