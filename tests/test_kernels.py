@@ -71,8 +71,11 @@ def test_the_report_is_what_llama_cpp_created(tiny_gpt2_models, tmp_path, caplog
     try:
         k = b.info.extra["kernels"]
         created = _native_params(caplog)
-        assert len(created) == 1  # no calibration contexts: the flag decided
-        native = created[0]
+        # No flash-attention probes: the flag decided. The one context before the
+        # generation context timed the batch widths (speculation is on by default).
+        assert len(created) == 2 and k["batch_cost"]["cached"] is False
+        native = created[-1]
+        assert created[0]["flash_attn"] == native["flash_attn"]  # the shape of this kernel
         assert native["flash_attn"] == {"on": "enabled", "off": "disabled"}[asked]
         assert k["flash_attn"] == asked and k["source"]["flash_attn"] == "user"
         assert int(native["n_batch"]) == k["n_batch"] == b.kernels.n_batch
@@ -99,9 +102,10 @@ def test_calibration_is_measured_once_cached_and_reused(tiny_gpt2_models, tmp_pa
         b.close()
         cal = first["calibration"]
         assert cal["cached"] is False
-        # Probe contexts in on/off pairs were created before the generation context.
+        # Probe contexts in on/off pairs were created before the generation context, then
+        # the batch widths' (once: cached by the first load).
         created = [c["flash_attn"] for c in _native_params(caplog)]
-        assert created[:2] == ["enabled", "disabled"] and len(created) in (3, 4, 5, 6)
+        assert created[:2] == ["enabled", "disabled"] and len(created) in (3, 4, 5, 6, 7)
         assert created[-len(contexts(b)) :] == contexts(b)
         if cal["conclusive"]:
             break
@@ -136,7 +140,10 @@ def test_calibration_is_measured_once_cached_and_reused(tiny_gpt2_models, tmp_pa
         again = b.info.extra["kernels"]
         assert again["flash_attn"] == flipped and again["source"]["flash_attn"] == "calibrated"
         assert again["calibration"]["cached"] is True
-        assert [c["flash_attn"] for c in _native_params(caplog)] == contexts(b)
+        created = [c["flash_attn"] for c in _native_params(caplog)]
+        assert created[-len(contexts(b)) :] == contexts(b)
+        # No probes; at most the batch widths of the flipped kernel, not timed before.
+        assert created[: -len(contexts(b))] in ([], [first_native(again)])
     finally:
         b.close()
 
@@ -149,6 +156,47 @@ def contexts(b) -> list[str]:
     """The generation contexts ``b`` created, as llama.cpp logs their flash attention:
     the main one, then the short lane's (always on) when it has one."""
     return [first_native(b.info.extra["kernels"])] + ["enabled"] * (b.short_lane is not None)
+
+
+def test_the_batch_cost_is_measured_once_cached_and_steers_the_drafts(
+    tiny_gpt2_models, tmp_path, caplog
+) -> None:
+    """The widths a speculative step can have are timed at load (logits for every
+    token), cached per model, kernel and machine, reported, and handed to the draft
+    policy; with speculation off nothing is timed."""
+    from fastpilot.backends.llamacpp_tuning import BATCH_WIDTHS
+
+    caplog.set_level(logging.DEBUG, logger=NATIVE)
+    path = tiny_gpt2_models["gguf-f32"]
+    b = _backend(path, tmp_path, flash_attn="off")
+    try:
+        bc = b.info.extra["kernels"]["batch_cost"]
+        assert bc["cached"] is False and bc["widths"] == list(BATCH_WIDTHS)
+        assert len(bc["ms"]) == len(BATCH_WIDTHS) and all(v > 0 for v in bc["ms"])
+        ms = json.loads(Path(bc["file"]).read_text())["ms"]  # the report rounds them
+        assert ms == pytest.approx(bc["ms"], abs=1e-3)
+        shape = b.kernels.batch_shape
+        assert shape is not None and len(shape) == BATCH_WIDTHS[-1] and shape[0] == 1.0
+        assert shape[63] == pytest.approx(ms[-1] / ms[0])
+        assert shape[17] == pytest.approx((ms[15] + ms[16]) / 2 / ms[0])  # between 16 and 20
+        # The scheduler's cost is that shape until a step is timed.
+        assert b._sched.draft_cost.relative(64) == pytest.approx(shape[63])
+    finally:
+        b.close()
+    caplog.clear()
+    b = _backend(path, tmp_path, flash_attn="off")
+    try:
+        again = b.info.extra["kernels"]["batch_cost"]
+        assert again["cached"] is True and again["ms"] == bc["ms"]
+        assert len(_native_params(caplog)) == 1  # only the generation context
+        assert b.kernels.batch_shape == shape
+    finally:
+        b.close()
+    b = _backend(path, tmp_path, flash_attn="off", speculative="off")
+    try:
+        assert "batch_cost" not in b.info.extra["kernels"] and b.kernels.batch_shape is None
+    finally:
+        b.close()
 
 
 def test_the_user_s_flag_wins_over_a_cached_calibration(tiny_gpt2_models, tmp_path) -> None:

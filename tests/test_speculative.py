@@ -19,7 +19,7 @@ from fastpilot.backends.draft_policy import (
     PRIOR_RATIO,
     Acceptance,
     DecodeCost,
-    best_draft_len,
+    best_shared_len,
 )
 from fastpilot.backends.ngram import NgramDrafter
 from fastpilot.backends.scheduler import (
@@ -34,6 +34,15 @@ from fastpilot.backends.scheduler import (
 
 EOS = 0
 LOOP = [5, 6, 7, 8]  # a prompt that repeats this is drafted from itself
+# Decode-only batch times by width (ms, widths 1..16), measured by batch_cost for
+# GPT-2-117M Q4_K_M on 2 EPYC threads: 8 tokens cost 7.3 of one, 16 tokens 7.9.
+GPT2_MS = (7.8, 13.5, 17.9, 20.5, 26.4, 26.9, 33.1, 56.9)
+GPT2_MS += (56.9, 60.2, 62.4, 64.5, 64.0, 65.9, 70.0, 61.6)
+
+
+def best_draft_len(p: float, ratio: float, k_max: int) -> int:
+    """One stream's draft length on the line ``1 + ratio * (n - 1)``."""
+    return best_shared_len([p], k_max, lambda n: 1.0 + ratio * (n - 1))
 
 
 def spec(slots: int = 4, chunk: int = 64, ctx: int = 256, draft_max: int = 8) -> Scheduler[str]:
@@ -183,10 +192,17 @@ def test_a_run_of_accepted_drafts_counts_as_acceptance() -> None:
     d = NgramDrafter(LOOP * 8)
     d.acceptance = Acceptance(8.0, 8.0)  # a history of refusals: p = 0.5
     d.verified(10, 10)
-    assert d.acceptance.rate < 0.75
-    assert len(d.propose(40, PRIOR_RATIO)) == best_draft_len(10 / 11, PRIOR_RATIO, 40) > 12
+    assert d.acceptance.rate < 0.75 and d.p == pytest.approx(10 / 11)
+    assert best_draft_len(d.p, PRIOR_RATIO, 40) > 12
     d.verified(20, 3)  # refused at the fourth: the run is over
-    assert len(d.propose(40, PRIOR_RATIO)) == best_draft_len(d.acceptance.rate, PRIOR_RATIO, 40)
+    assert d.p == d.acceptance.rate < 0.75
+    s = spec(slots=1, draft_max=40)
+    seq = decoding(s, LOOP * 8)
+    assert seq.drafter is not None
+    seq.drafter.acceptance = Acceptance(8.0, 8.0)
+    seq.drafter.verified(10, 10)
+    width = len(s.plan_step().entries[0].tokens)
+    assert width - 1 == best_draft_len(10 / 11, PRIOR_RATIO, 40) > 12
 
 
 def test_costly_verification_shortens_the_drafts() -> None:
@@ -264,8 +280,24 @@ def test_acceptance_and_cost_estimates() -> None:
     assert c.ratio == pytest.approx(1 / 22, rel=2e-2)
     c.pin(0.0)  # pinned: the fit is ignored until unpinned
     assert c.ratio == 0.0 and best_draft_len(0.5, c.ratio, 8) == 8
+    assert c.relative(9) == 1.0
     c.pin(None)
     assert c.ratio == pytest.approx(1 / 22, rel=2e-2)
+    assert c.relative(9) == pytest.approx(1 + 8 * c.ratio)  # no shape: the line
+
+
+def test_a_measured_shape_is_scaled_by_the_steps_and_their_gap() -> None:
+    c = DecodeCost([2.0, 3.0, 4.5])  # normalized to its first width: 1, 1.5, 2.25
+    assert c.relative(1) == 1.0 and c.relative(3) == 2.25
+    assert c.relative(6) == pytest.approx(4.5)  # past the end: the last width's per token
+    clock = 0.0
+    for n in (1, 2, 3) * 200:  # a machine twice as slow as the shape's: 10 ms per unit
+        clock += 0.010 + 0.010 * c._shape_at(n)
+        c.observe(n, 0.010 * c._shape_at(n), now=clock)  # and 10 ms outside each decode
+    # (shape + gap) / (1 + gap), the gap in units of the shape: (2.25 + 1) / 2
+    assert c.relative(3) == pytest.approx(3.25 / 2, rel=1e-3)
+    c.set_shape(None)
+    assert c.relative(3) == pytest.approx(1 + 2 * c.ratio)
 
 
 def next_in_loop(seq: Seq[str], i: int) -> int:
@@ -311,10 +343,40 @@ def test_the_shortest_proposal_sets_every_streams_draft_length() -> None:
     assert [len(e.tokens) for e in s.plan_step().entries] == [2, 2, 2, 2]
 
 
-def test_one_stream_without_a_match_means_no_drafts() -> None:
+def test_a_stream_without_a_match_drafts_fillers_that_keep_the_shape() -> None:
     s = spec(slots=8)
-    streams(s, [looping(i) for i in range(3)] + [[300, 301, 302, 303, 304]])  # no repeat
-    assert [len(e.tokens) for e in s.plan_step().entries] == [1, 1, 1, 1]
+    seqs = streams(s, [looping(i) for i in range(3)] + [[300, 301, 302, 303, 304]])  # no repeat
+    plan = s.plan_step()
+    assert [len(e.tokens) for e in plan.entries] == [plan.entries[0].n_logits] * 4
+    assert len(plan.entries[0].tokens) > 1
+    assert [e.fillers for e in plan.entries] == [0, 0, 0, len(plan.entries[0].tokens) - 1]
+    lone = seqs[3].drafter
+    assert lone is not None
+    before = (lone.acceptance.accepted, lone.acceptance.missed)
+    verify(s, next_in_loop)  # the fillers are refused: not evidence against its n-grams
+    assert (lone.acceptance.accepted, lone.acceptance.missed) == before
+    assert s.counters["draft_tokens_rejected"] >= len(plan.entries[0].tokens) - 1
+    # No stream with a match: nothing worth drafting.
+    s2 = spec(slots=8)
+    streams(s2, [[300 + 10 * i, 301 + 10 * i, 302 + 10 * i, 303 + 10 * i] for i in range(4)])
+    assert [len(e.tokens) for e in s2.plan_step().entries] == [1, 1, 1, 1]
+
+
+def test_the_draft_length_follows_the_measured_batch_shape() -> None:
+    """Where a step's cost jumps with its width (llama.cpp's CPU kernels), the drafts
+    stop short of the jump or go past it to where the width is cheap again."""
+    shape = [t / GPT2_MS[0] for t in GPT2_MS]
+    cost = DecodeCost(shape)
+    for p in (0.6, 0.8, 0.9, 0.97):
+        k = best_shared_len([p], 15, cost.relative)
+        assert 1 + k not in range(8, 15)  # 8 tokens cost 7.3 of one: never just past it
+    # Eight streams: a ninth to sixteenth token cost little more than the eighth, so one
+    # draft each pays even with only three streams matching (the rest draft fillers).
+    assert best_shared_len([0.6] * 3 + [0.0] * 5, 8, cost.relative) == 1
+    # One stream on the same shape: the first drafted token costs 73 % of a step.
+    assert best_shared_len([0.6], 8, cost.relative) == 0
+    # On the line the same eight streams would not draft: the shape decides.
+    assert best_shared_len([0.6] * 3 + [0.0] * 5, 8, lambda n: 1 + 0.7 * (n - 1)) == 0
 
 
 def test_many_streams_share_the_batchs_draft_room() -> None:

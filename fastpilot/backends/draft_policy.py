@@ -23,11 +23,24 @@ the longer batch costs. Both sides are measured, not fixed:
   on a CPU whose batch is bound by arithmetic. Until two batch sizes were seen the
   ratio is :data:`PRIOR_RATIO`.
 
-:func:`best_draft_len` picks the ``k`` (up to ``--draft-max``) that maximizes
-expected tokens per unit of step cost, ``(1 + p + ... + p^k) / (1 + r * k)``; the
-drafter (:mod:`fastpilot.backends.ngram`) passes ``n / (n + 1)`` as ``p`` instead
-after a run of ``n`` accepted drafted tokens when that is higher, since acceptance
-comes in runs (a loop) that an average over the last 16 tokens is slow to show.
+  On a CPU the line is a poor fit: llama.cpp's matrix products change kernels with
+  the batch's width (GPT-2-117M Q4_K_M, 2 EPYC threads, one sequence: 7 tokens
+  cost 3.0x one, 8 tokens 4.3x, 16 tokens 5.9x; eight sequences of two tokens
+  1.09x eight of one). So where the kernel calibration measured the decode time
+  of every batch width (:func:`fastpilot.backends.llamacpp_tuning.batch_cost`),
+  the cost of ``n`` tokens is that measured shape, scaled online to the steps
+  the backend times (a loaded machine), plus ``g``; the line is the fallback.
+
+:func:`best_shared_len` picks the draft length ``k`` (up to ``--draft-max``) that
+maximizes expected tokens per unit of step cost for the ``m`` streams that decode
+together and draft together (one shape, see :mod:`fastpilot.backends.scheduler`):
+``sum_s (1 + p_s + ... + p_s^k) / cost(m * (k + 1))``; for one stream on the line
+that is ``(1 + p + ... + p^k) / (1 + r * k)``. A stream
+without an n-gram match adds nothing to the sum (its drafts are fillers that
+only keep the shape). The drafter (:mod:`fastpilot.backends.ngram`) passes
+``n / (n + 1)`` as ``p`` instead after a run of ``n`` accepted drafted tokens when
+that is higher, since acceptance comes in runs (a loop) that an average over the
+last 16 tokens is slow to show.
 Speculating never changes the text (the sampler decides every token, see
 :mod:`fastpilot.backends.ngram`); this only decides how much verification work
 is worth spending. The cost is wall time, so on a loaded machine drafts shorten.
@@ -38,7 +51,7 @@ Pure Python; used only by the backend's worker thread (not thread-safe).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = [
@@ -47,7 +60,7 @@ __all__ = [
     "SEQ_WEIGHT",
     "Acceptance",
     "DecodeCost",
-    "best_draft_len",
+    "best_shared_len",
 ]
 
 # Relative cost of one drafted token before any measurement: a 16-token
@@ -68,25 +81,35 @@ PRIOR_WEIGHT = 4.0
 _NEGLIGIBLE = 1e-3
 
 
-def best_draft_len(p: float, ratio: float, k_max: int) -> int:
-    """The draft length in ``0..k_max`` with the most expected tokens per step cost.
+def best_shared_len(
+    ps: Sequence[float], k_max: int, cost: Callable[[int], float], extra: int = 0
+) -> int:
+    """The draft length in ``0..k_max`` that every one of ``len(ps)`` streams drafting
+    together should use: the most expected tokens per unit of step cost.
 
     Args:
-        p: chance that a drafted token is accepted given the previous one was.
-        ratio: cost of one more batch token relative to a one-token step.
-        k_max: the longest draft allowed (``--draft-max``, max_tokens, context).
+        ps: each stream's chance that a drafted token is accepted given the previous
+            one was (0 for a stream whose drafts are fillers: no match).
+        k_max: the longest draft every stream can take.
+        cost: a step's cost by its token count (:meth:`DecodeCost.relative`).
+        extra: tokens in the step besides the streams' own (a few prompt tokens).
 
-    Returns 0 when no draft is expected to pay (then the step decodes one token).
+    Returns 0 when no length beats plain decoding. A step of ``m`` streams drafting
+    ``k`` holds ``m * (k + 1) + extra`` tokens.
     """
-    best_value, best_k = 1.0, 0
-    expected, reach = 1.0, 1.0
+    m = len(ps)
+    if m == 0 or k_max < 1:
+        return 0
+    best_value, best_k = m / cost(m + extra), 0
+    expected, reach = float(m), [1.0] * m
     for k in range(1, k_max + 1):
-        reach *= p
-        expected += reach
-        value = expected / (1.0 + ratio * k)
+        for i, p in enumerate(ps):
+            reach[i] *= p
+            expected += reach[i]
+        value = expected / cost(m * (k + 1) + extra)
         if value > best_value:
             best_value, best_k = value, k
-        elif reach < _NEGLIGIBLE:
+        elif max(reach) < _NEGLIGIBLE:
             break
     return best_k
 
@@ -139,13 +162,34 @@ class DecodeCost:
     most for a small model whose decode is as short as the Python around it.
     """
 
-    __slots__ = ("_w", "_n", "_t", "_nn", "_nt", "_gap", "_end", "_pinned")
+    __slots__ = ("_w", "_n", "_t", "_nn", "_nt", "_gap", "_end", "_pinned", "_shape", "_scale")
 
-    def __init__(self) -> None:
+    def __init__(self, shape: Sequence[float] | None = None) -> None:
         self._w = self._n = self._t = self._nn = self._nt = 0.0
         self._gap: float | None = None  # decayed mean time outside llama_decode per step
         self._end: float | None = None  # when the last decode ended
         self._pinned: float | None = None
+        self._shape: tuple[float, ...] | None = None
+        self._scale: float | None = None  # seconds per unit of shape (decayed mean)
+        self.set_shape(shape)
+
+    def set_shape(self, shape: Sequence[float] | None) -> None:
+        """Use a measured batch-cost shape: ``shape[n - 1]`` is a decode-only batch of
+        ``n`` tokens' time relative to one token's
+        (:func:`~fastpilot.backends.llamacpp_tuning.batch_cost`);
+        past its end, the last entry's cost per token. None or fewer than two
+        entries: the fitted line."""
+        if shape is None or len(shape) < 2 or min(shape) <= 0:
+            self._shape = None
+        else:
+            self._shape = tuple(v / shape[0] for v in shape)
+
+    def _shape_at(self, n: int) -> float:
+        shape = self._shape
+        assert shape is not None
+        if n <= len(shape):
+            return shape[max(n, 1) - 1]
+        return shape[-1] * n / len(shape)
 
     def pin(self, ratio: float | None) -> None:
         """Use ``ratio`` instead of the fit (``None``: the fit again). Tests pin 0 so that
@@ -168,6 +212,9 @@ class DecodeCost:
         if not fit:
             return
         d = COST_DECAY
+        if self._shape is not None:
+            per = seconds / self._shape_at(n_tokens)
+            self._scale = per if self._scale is None else self._scale * d + per * (1 - d)
         self._w = self._w * d + 1.0
         self._n = self._n * d + n_tokens
         self._t = self._t * d + seconds
@@ -204,3 +251,15 @@ class DecodeCost:
         if step <= 0:
             return 1.0
         return min(1.0, max(0.005, b / step))
+
+    def relative(self, n_tokens: int) -> float:
+        """A step of ``n_tokens`` decode-only tokens (its ``llama_decode`` and the time
+        outside it) relative to a one-token step: from the measured shape when there is
+        one, else the line ``1 + ratio * (n - 1)`` (pinned: the pinned ratio's line)."""
+        if self._shape is None or self._pinned is not None:
+            return 1.0 + self.ratio * (n_tokens - 1)
+        gap = self._gap or 0.0
+        if self._scale is None or gap <= 0.0:
+            return self._shape_at(n_tokens)
+        g = gap / self._scale  # the time outside llama_decode in units of the shape
+        return (self._shape_at(n_tokens) + g) / (1.0 + g)

@@ -201,6 +201,7 @@ class LlamaCppBackend(LlamaCppExtras):
             kernels = decide(
                 lib, self._model, gguf, capacity, per_slot, gpu_layers, threads, threads_batch,
                 flash_attn=flash_attn, n_ubatch=n_ubatch, kv_type=kv_type, cache_dir=kernel_cache,
+                batch_shape=spec,
             )  # fmt: skip
             self._ctx = new_context(lib, self._model, per_slot, slots, kernels)
             if not self._ctx:
@@ -269,6 +270,7 @@ class LlamaCppBackend(LlamaCppExtras):
             prefill_alone=alone,
             cache_reuse=cache_reuse,
         )
+        self._sched.draft_cost.set_shape(self.kernels.batch_shape)
         main = _Lane(self._sched, self._ctx, self._mem, self._batch, self._rows)
         self._lanes = [main]
         self._short: _Lane | None = None
@@ -282,6 +284,8 @@ class LlamaCppBackend(LlamaCppExtras):
                 draft_max=draft_max,
                 prefill_alone=ALONE_FLASH,
             )
+            # The main context's shape: at a short KV the matrix products dominate both.
+            sched.draft_cost.set_shape(self.kernels.batch_shape)
             short_mem = lib.llama_get_memory(self._short_ctx)
             batch = NativeBatch(lib, capacity)
             rows = LogitsRows(lib, self._short_ctx, self._n_rows)

@@ -4,6 +4,8 @@
 times single-token decode steps with a short KV, prefills to a depth, and times
 decode steps there. :mod:`fastpilot.backends.llamacpp_tuning` calls it at load to
 pick flash attention; ``benchmarks/kernels.py`` calls it to compare variants.
+:func:`batch_widths` times decode-only batches of several widths (logits for every
+token, as a speculative verification asks), which the draft policy weighs drafts by.
 
 The KV holds random token ids: attention and matmul cost do not depend on which
 tokens they are, only on how many cells each step attends to.
@@ -11,6 +13,7 @@ tokens they are, only on how many cells each step attends to.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +22,7 @@ import numpy as np
 
 from fastpilot.backends.llamacpp_native import NativeBatch, context_params
 
-__all__ = ["Probe", "probe"]
+__all__ = ["Probe", "batch_widths", "probe"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,3 +130,76 @@ def probe(
     finally:
         lib.llama_free(ctx)
     return Probe(flash_attn, n_ubatch, kv_type, short, deep, short_ms, deep_ms, prefill_ms)
+
+
+def batch_widths(
+    lib: Any,
+    model: Any,
+    *,
+    widths: list[int],
+    flash_attn: bool,
+    n_ubatch: int,
+    threads: int,
+    kv_type: str = "f16",
+    depth: int = 128,
+    rounds: int = 2,
+    deadline: float | None = None,
+) -> list[float]:
+    """Wall milliseconds of one ``llama_decode`` of each of ``widths`` tokens (one
+    sequence, ``depth`` cells in the KV, logits for every token); each batch's cells
+    are removed again after it.
+
+    A shared CPU changes speed over seconds (GPT-2-117M's one-token step measured 8 and
+    12 ms in the same hour), so every width is timed right after a one-token step and
+    taken relative to it; a width's result is the median of its ratios over up to
+    ``rounds`` rounds times the median one-token step. ``deadline`` (a
+    ``time.perf_counter()`` value): no further round once a round ends past it (the
+    first always completes). Raises RuntimeError when a context or decode fails.
+    """
+    widest = max(widths)  # depth + widest: at most the trained context (learned positions)
+    n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
+    ids = np.random.default_rng(0).integers(0, n_vocab, depth + widest).tolist()
+    params = context_params(
+        lib,
+        n_ctx=-(-(depth + widest) // 256) * 256,
+        n_seq=1,
+        n_batch=max(widest, n_ubatch),
+        n_ubatch=n_ubatch,
+        threads=threads,
+        threads_batch=threads,
+        flash_attn=flash_attn,
+        kv_type=kv_type,
+    )
+    ctx = lib.llama_init_from_model(model, params)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create a probe context")
+    mem = lib.llama_get_memory(ctx)
+    batch = NativeBatch(lib, max(widest, depth))
+
+    def run(tokens: list[int], pos: int, n_logits: int) -> float:
+        batch.clear()
+        batch.add(tokens, pos, 0, n_logits)
+        t0 = time.perf_counter()
+        rc = int(lib.llama_decode(ctx, batch.ready()))
+        dt = time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc} in a probe")
+        return dt
+
+    ones: list[float] = []
+    ratios: list[list[float]] = [[] for _ in widths]
+    try:
+        run(ids[:depth], 0, 1)
+        for _ in range(rounds):
+            for i, n in enumerate(widths):
+                one = run(ids[depth : depth + 1], depth, 1)
+                lib.llama_memory_seq_rm(mem, 0, depth, -1)
+                ratios[i].append(run(ids[depth : depth + n], depth, n) / one)
+                lib.llama_memory_seq_rm(mem, 0, depth, -1)
+                ones.append(one)
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+    finally:
+        lib.llama_free(ctx)
+    one_ms = 1000 * statistics.median(ones)
+    return [one_ms * statistics.median(r) for r in ratios]

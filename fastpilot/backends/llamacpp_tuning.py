@@ -14,6 +14,11 @@ a measurement that noise spoiled (rounds that disagree, or past the time budget)
 keeps "on", is reported as the default, and is not cached.
 With layers offloaded to a GPU, ``auto`` is llama.cpp's own choice.
 
+With speculation on (CPU only), :func:`batch_cost` also times decode-only batches of
+1 to 64 tokens with the chosen kernel, once per model file and machine (cached beside
+the calibration): the draft policy sizes drafts by that shape rather than by a line
+(:mod:`fastpilot.backends.draft_policy`); ``/v1/models`` reports it as ``batch_cost``.
+
 The other settings are not measured at load: ``n_ubatch`` (llama.cpp's physical
 micro-batch) defaults to llama.cpp's 512, ``threads_batch`` (prompt evaluation) to
 ``threads``, the KV cache type to f16 (q8_0 changes the numbers, and needs flash
@@ -36,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpilot.backends.llamacpp_native import GGML_TYPES, on_own_thread
-from fastpilot.backends.llamacpp_probe import Probe, probe
+from fastpilot.backends.llamacpp_probe import Probe, batch_widths, probe
 from fastpilot.backends.prefill import kv_padded
 
 __all__ = [
@@ -47,6 +52,7 @@ __all__ = [
     "KernelChoice",
     "ShortLane",
     "Source",
+    "batch_cost",
     "calibrate",
     "decide",
     "default_cache_dir",
@@ -125,6 +131,9 @@ class KernelChoice:
     kv_type: str
     sources: dict[str, Source] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    # A decode-only batch of n tokens' time relative to one token's, n = 1.. (batch_cost)
+    batch_shape: tuple[float, ...] | None = None
+    batch_evidence: dict[str, Any] = field(default_factory=dict)
 
     @property
     def flash_attn_name(self) -> str:
@@ -143,6 +152,8 @@ class KernelChoice:
         }
         if self.calibration:
             out["calibration"] = self.calibration
+        if self.batch_evidence:
+            out["batch_cost"] = self.batch_evidence
         return out
 
     def read_back(self, lib: Any, ctx: Any) -> KernelChoice:
@@ -346,6 +357,102 @@ def _fastest(probes: list[Probe]) -> Probe:
     )
 
 
+# Batch widths timed by batch_cost (a speculative step holds one token per stream plus
+# its drafts): every width to 16, where llama.cpp's CPU kernels change, then sparser.
+BATCH_WIDTHS = (*range(1, 17), 20, 24, 32, 48, 64)
+
+
+def batch_cost(
+    lib: Any,
+    model: Any,
+    model_path: str | os.PathLike[str],
+    *,
+    flash_attn: bool,
+    n_ubatch: int,
+    threads: int,
+    kv_type: str,
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[tuple[float, ...] | None, dict[str, Any]]:
+    """The time of a decode-only batch of ``n`` tokens relative to one token's, for
+    ``n`` = 1 to 64 (widths between those timed are interpolated; at most half the
+    trained context), and the evidence; (None, {}) for a model too short to time.
+
+    Reads ``cache_dir/batch_cost/<key>.json`` when present; otherwise times
+    :data:`BATCH_WIDTHS` (:func:`~fastpilot.backends.llamacpp_probe.batch_widths`, up
+    to three rounds while under a quarter of :data:`BUDGET_S`: ~1.5 s a round for
+    GPT-2-117M on 2 quiet cores) and caches the result. A measurement that noise
+    visibly spoiled (a wider batch >20 % faster than one token) gives None: the
+    policy's fitted line is used, nothing is cached.
+    """
+    # A model with learned positions (GPT-2) has none past its trained context.
+    trained = int(lib.llama_model_n_ctx_train(model)) or 2048
+    widths = [w for w in BATCH_WIDTHS if w <= trained // 2]
+    if len(widths) < 2:
+        return None, {}
+    key = {
+        **cache_key(model_path, lib, threads, threads),
+        "flash_attn": flash_attn,
+        "n_ubatch": n_ubatch,
+        "kv_type": kv_type,
+        "widths": widths,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir, "batch_cost", f"{digest}.json") if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("key") == key:
+                ms = [float(v) for v in saved["ms"]]
+                evidence = {"cached": True, "file": str(path), **_evidence(widths, ms)}
+                return _dense(widths, ms), evidence
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable batch-cost file %s", path)
+    t0 = time.perf_counter()
+    ms = on_own_thread(
+        lambda: batch_widths(
+            lib,
+            model,
+            widths=widths,
+            flash_attn=flash_attn,
+            n_ubatch=n_ubatch,
+            threads=threads,
+            kv_type=kv_type,
+            depth=min(128, trained - widths[-1]),
+            rounds=3,
+            deadline=t0 + BUDGET_S / 4,
+        ),  # fmt: skip
+        "fastpilot-calibration",
+    )
+    seconds = round(time.perf_counter() - t0, 3)
+    evidence = {"cached": False, "seconds": seconds, **_evidence(widths, ms)}
+    if min(ms[1:]) < 0.8 * ms[0]:
+        log.warning("batch-cost calibration inconclusive (a busy CPU?): drafts sized by a line")
+        return None, {**evidence, "conclusive": False}
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "ms": ms}, indent=1), encoding="utf-8")
+            os.replace(tmp, path)
+            evidence["file"] = str(path)
+        except OSError as ex:
+            log.warning("could not cache the batch cost in %s: %s", path, ex)
+    return _dense(widths, ms), evidence
+
+
+def _evidence(widths: list[int], ms: list[float]) -> dict[str, Any]:
+    return {"widths": widths, "ms": [round(v, 3) for v in ms]}
+
+
+def _dense(widths: list[int], ms: list[float]) -> tuple[float, ...]:
+    """Relative cost for every width 1..widths[-1], linear between timed widths."""
+    out: list[float] = []
+    timed = list(zip(widths, ms, strict=True))
+    for (w0, t0), (w1, t1) in zip(timed, timed[1:], strict=False):
+        out += [(t0 + (t1 - t0) * (n - w0) / (w1 - w0)) / ms[0] for n in range(w0, w1)]
+    return (*out, ms[-1] / ms[0])
+
+
 def decide(
     lib: Any,
     model: Any,
@@ -360,6 +467,7 @@ def decide(
     n_ubatch: int | None = None,
     kv_type: str | None = None,
     cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE,
+    batch_shape: bool = False,
 ) -> KernelChoice:
     """Every context setting with its source; calibrates flash attention when it is auto.
 
@@ -375,6 +483,7 @@ def decide(
         kv_type: ``"f16"`` (None: the default) or ``"q8_0"`` (halves the KV bytes a
             step reads, changes the numbers slightly, needs flash attention).
         cache_dir: where :func:`calibrate` keeps its result (None: nowhere).
+        batch_shape: also measure :func:`batch_cost` (speculation on; CPU only).
 
     Raises ValueError for an unknown flash-attention value or KV type, a size below
     1, or a q8_0 KV cache with flash attention off (llama.cpp cannot store a
@@ -416,15 +525,31 @@ def decide(
             cache_dir=default_cache_dir() if cache_dir == DEFAULT_CACHE else cache_dir,
         )
         sources["flash_attn"] = Source.CALIBRATED if evidence["conclusive"] else Source.DEFAULT
+    ubatch = min(n_ubatch or DEFAULT_UBATCH, n_batch)
+    shape: tuple[float, ...] | None = None
+    shape_evidence: dict[str, Any] = {}
+    if batch_shape and not gpu_layers:
+        shape, shape_evidence = batch_cost(
+            lib,
+            model,
+            model_path,
+            flash_attn=bool(flash),
+            n_ubatch=ubatch,
+            threads=threads,
+            kv_type=kv,
+            cache_dir=default_cache_dir() if cache_dir == DEFAULT_CACHE else cache_dir,
+        )
     return KernelChoice(
         flash_attn=flash,
         n_batch=n_batch,
-        n_ubatch=min(n_ubatch or DEFAULT_UBATCH, n_batch),
+        n_ubatch=ubatch,
         threads=threads,
         threads_batch=tb,
         kv_type=kv,
         sources=sources,
         calibration=evidence,
+        batch_shape=shape,
+        batch_evidence=shape_evidence,
     )
 
 

@@ -33,10 +33,12 @@ How :class:`fastpilot.backends.scheduler.Scheduler` speculates with it:
   sequences' tokens. Streams decoding together draft together, all the same
   number of tokens or none (llama.cpp evaluates a batch over per-slot KV streams
   in micro-batches of equal tokens per sequence, so one stream's longer draft
-  would cost a pass of its own): each proposes its length, the shortest sets
-  every one's, a stream without a match stops the step's drafting, and the
-  batch's drafts share ``DRAFT_SEQS * draft_max`` tokens. No sequence drafts
-  beside more than ``SPEC_BUSY`` prompt tokens (a prompt chunk fills the batch).
+  would cost a pass of its own): one length is chosen for all of them from
+  their acceptance together, a stream without a match drafting *fillers*
+  (:meth:`NgramDrafter.filler`: counted as worthless, verified like any draft)
+  when the others' drafts pay for the wider batch, and the batch's drafts share
+  ``DRAFT_SEQS * draft_max`` tokens. No sequence drafts beside more than
+  ``SPEC_BUSY`` prompt tokens (a prompt chunk fills the batch).
 * **Verifying**: the backend samples row after row (``Sample.drafts``); each
   sampled token goes through ``Scheduler.on_token``, which keeps the draft's KV
   cell when the token equals the next draft (``Verdict.more``: sample the next row
@@ -53,9 +55,9 @@ How :class:`fastpilot.backends.scheduler.Scheduler` speculates with it:
   tiny-py's Q4_K_M file, measured one-per-step against one batch), so a near-tie
   can flip and greedy text can differ from plain decoding -- seen on random-weight
   Q4_K_M files in benchmarks/RESULTS.md, as with llama-server's own ngram-mod.
-* **Adapting**: each draft's length is the one with the most expected tokens per
-  unit of step cost, from this sequence's measured acceptance (starting from the
-  model's recent rate) and the measured cost of a longer batch
+* **Adapting**: the draft length is the one with the most expected tokens per
+  unit of step cost, from each sequence's measured acceptance (starting from the
+  model's recent rate) and the measured cost of a wider batch
   (:mod:`fastpilot.backends.draft_policy`), within ``--draft-max``; a run of ``n``
   drafted tokens accepted since the last refusal counts as acceptance ``n / (n + 1)``
   (acceptance comes in runs: a loop), so drafts lengthen fast where verifying is
@@ -70,12 +72,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fastpilot.backends.draft_policy import (
-    MODEL_WEIGHT,
-    SEQ_WEIGHT,
-    Acceptance,
-    best_draft_len,
-)
+from fastpilot.backends.draft_policy import MODEL_WEIGHT, SEQ_WEIGHT, Acceptance
 
 __all__ = ["NGRAM_SIZES", "NgramDrafter"]
 
@@ -94,7 +91,15 @@ class NgramDrafter:
             :meth:`verified`.
     """
 
-    __slots__ = ("tokens", "sizes", "_index", "acceptance", "model_acceptance", "_streak")
+    __slots__ = (
+        "tokens",
+        "sizes",
+        "_index",
+        "_unigram",
+        "acceptance",
+        "model_acceptance",
+        "_streak",
+    )
 
     def __init__(
         self,
@@ -118,16 +123,19 @@ class NgramDrafter:
         # The n-gram ending at the last token is not indexed yet (nothing follows it),
         # so a lookup of the current suffix finds an *earlier* occurrence.
         self._index: dict[tuple[int, ...], int] = {}
+        self._unigram: dict[int, int] = {}  # the same for single tokens: fillers only
         self.extend(history)
 
     def extend(self, tokens: Iterable[int]) -> None:
         """Append confirmed tokens (prompt, or generated tokens once emitted)."""
-        toks, index = self.tokens, self._index
+        toks, index, unigram = self.tokens, self._index, self._unigram
         for t in tokens:
             end = len(toks)  # the new token's index; it follows the n-grams ending at end-1
             for n in self.sizes:
                 if end >= n:
                     index[tuple(toks[end - n : end])] = end
+            if end:
+                unigram[toks[end - 1]] = end
             toks.append(t)
 
     def draft(self, k: int) -> list[int]:
@@ -138,19 +146,22 @@ class NgramDrafter:
         start = self._match() if k >= 1 else None
         return [] if start is None else self._follow(start, k)
 
-    def propose(self, k_max: int, cost_ratio: float) -> list[int]:
-        """The draft worth verifying now: :meth:`draft` of the length
-        :func:`~fastpilot.backends.draft_policy.best_draft_len` picks from this
-        sequence's acceptance and ``cost_ratio`` (one more batch token's cost relative
-        to a one-token step), at most ``k_max``; the acceptance is the sequence's
-        estimate or, when higher, ``n / (n + 1)`` after a run of ``n`` accepted drafted
-        tokens. Empty without a match."""
-        start = self._match() if k_max >= 1 else None
-        if start is None:
+    @property
+    def p(self) -> float:
+        """The chance a drafted token is accepted given the previous one was: this
+        sequence's estimate or, when higher, ``n / (n + 1)`` after a run of ``n``
+        accepted drafted tokens (:mod:`fastpilot.backends.draft_policy` sizes the draft)."""
+        return max(self.acceptance.rate, self._streak / (self._streak + 1))
+
+    def filler(self, k: int) -> list[int]:
+        """``k`` tokens for a stream without a match that must draft to keep the batch's
+        shape: what followed the last occurrence of the last token, or that token again.
+        Verified like any draft, but weighed as worthless when sizing drafts."""
+        toks = self.tokens
+        if k < 1 or not toks:
             return []
-        run = self._streak / (self._streak + 1)
-        k = best_draft_len(max(self.acceptance.rate, run), cost_ratio, k_max)
-        return self._follow(start, k)
+        start = self._unigram.get(toks[-1])
+        return self._follow(start, k) if start is not None else [toks[-1]] * k
 
     def verified(self, drafted: int, accepted: int) -> None:
         """A verification ended: ``accepted`` of ``drafted`` tokens held (a miss if fewer)."""

@@ -56,7 +56,7 @@ from collections.abc import Iterable
 from typing import Generic
 
 from fastpilot.backends.base import FinishReason
-from fastpilot.backends.draft_policy import Acceptance, DecodeCost
+from fastpilot.backends.draft_policy import Acceptance, DecodeCost, best_shared_len
 from fastpilot.backends.kv_reuse import (
     MIN_COPY,
     choose_slot,
@@ -102,7 +102,6 @@ __all__ = [
     "choose_slot",
     "common_prefix",
     "runs",
-    "shared_ratio",
 ]
 
 # Most prompt tokens a step may hold for its decoding sequences to still draft: a
@@ -121,21 +120,6 @@ def batch_capacity(
     ``DRAFT_SEQS * draft_max`` drafted tokens (``draft_max`` 0: speculation off),
     or the ``prefill_alone`` chunk of a step where no sequence decodes."""
     return batch_tokens(slots, prompt_chunk, DRAFT_SEQS * draft_max, prefill_alone)
-
-
-def shared_ratio(ratio: float, streams: int) -> float:
-    """One more drafted token's cost relative to one sequence's share of a step.
-
-    ``ratio`` is :attr:`~fastpilot.backends.draft_policy.DecodeCost.ratio`, ``b / (a +
-    b + g)`` for a step of ``a + g`` fixed cost plus ``b`` per token. With ``streams``
-    sequences decoding, each carries ``(a + g) / streams + b`` of the step, so a drafted
-    token weighs ``b`` against that: ``1 / ((1 / ratio - 1) / streams + 1)``, the
-    ratio itself for one stream and towards 1 (no draft pays) as more share the
-    fixed cost.
-    """
-    if ratio <= 0.0:
-        return 0.0
-    return 1.0 / ((1.0 / ratio - 1.0) / streams + 1.0)
 
 
 class Scheduler(Generic[OwnerT]):
@@ -322,55 +306,68 @@ class Scheduler(Generic[OwnerT]):
                 chunk = seq.todo[:budget]
                 budget -= len(chunk)
                 entries.append(self._entry(seq, chunk, 1 if len(chunk) == len(seq.todo) else 0))
-        draft = self.speculative and allowed - budget <= SPEC_BUSY
-        drafts = self._batch_drafts(decoding) if draft and decoding else None
+        prompt_tokens = allowed - budget
+        draft = self.speculative and prompt_tokens <= SPEC_BUSY
+        drafts = self._batch_drafts(decoding, prompt_tokens) if draft and decoding else []
         for i, seq in enumerate(decoding):
-            mine = drafts[i] if drafts else []
-            entries.append(self._entry(seq, [seq.next_token, *mine], 1 + len(mine)))
+            mine, fillers = drafts[i] if drafts else ([], 0)
+            entries.append(self._entry(seq, [seq.next_token, *mine], 1 + len(mine), fillers))
         entries.sort(key=lambda e: e.seq_id)
         return Plan(self.take_kv_ops(), tuple(entries))
 
-    def _batch_drafts(self, decoding: list[Seq[OwnerT]]) -> list[list[int]] | None:
-        """Each decoding sequence's drafts for one step, all of one length, or None.
+    def _batch_drafts(self, decoding: list[Seq[OwnerT]], extra: int) -> list[tuple[list[int], int]]:
+        """Each decoding sequence's drafts for one step, all of one length, with how many
+        of them are fillers; empty when drafting does not pay.
 
         With one KV stream per slot llama.cpp splits a batch into micro-batches of an
         equal number of tokens per sequence (``split_equal``): entries of 1 + 4, 1, 1
         and 1 tokens cost two passes over the weights, one token of each and then the
-        four drafts alone, where 1 + 1 of each is one pass. So several streams draft
-        together or not at all: each proposes what pays against its share of the
-        step (:func:`shared_ratio`), all are cut to the shortest proposal, and one
-        sequence without a match means no drafts this step.
+        four drafts alone, where 1 + 1 of each is one pass. So the streams draft together
+        or not at all, one length for all (:func:`best_shared_len` over the step's cost
+        with ``extra`` prompt tokens beside them); a stream without an n-gram match
+        fills its share with :meth:`~fastpilot.backends.ngram.NgramDrafter.filler`
+        tokens, which the choice counts as worthless.
         """
         m = len(decoding)
-        ratio = shared_ratio(self.draft_cost.ratio, m)
         room = DRAFT_SEQS * self.draft_max // m
-        out: list[list[int]] = []
+        found: list[list[int]] = []
         for seq in decoding:
-            mine = self._drafts(seq, ratio, room)
-            if not mine:
-                return None
-            out.append(mine)
-        k = min(len(d) for d in out)
-        return [d[:k] for d in out]
+            room = self._room(seq, room)
+            assert seq.drafter is not None
+            found.append(seq.drafter.draft(room))
+        if not any(found):
+            return []
+        pairs = zip(decoding, found, strict=True)
+        ps = [q.drafter.p if mine and q.drafter else 0.0 for q, mine in pairs]
+        k = best_shared_len(ps, room, self.draft_cost.relative, extra)
+        if k == 0:
+            return []
+        out: list[tuple[list[int], int]] = []
+        for seq, mine in zip(decoding, found, strict=True):
+            assert seq.drafter is not None
+            mine = mine[:k]
+            out.append((mine + seq.drafter.filler(k - len(mine)), k - len(mine)))
+        return out
 
-    def _drafts(self, seq: Seq[OwnerT], ratio: float, room: int) -> list[int]:
-        """The n-gram drafts worth verifying at cost ``ratio`` (draft_policy.py), at most
-        ``room``, draft_max, and what max_tokens and the context can still take (the token
-        after the drafts is the model's own)."""
-        assert seq.slot is not None and seq.drafter is not None
-        room = min(
+    def _room(self, seq: Seq[OwnerT], room: int) -> int:
+        """``room`` capped by draft_max and what max_tokens and the context can still
+        take (the token after the drafts is the model's own)."""
+        assert seq.slot is not None
+        return min(
             room,
             self.draft_max,
             seq.max_tokens - seq.generated - 1,
             # next_token sits at len(tokens); drafts after it, all before the context's end
             self.context_length - len(seq.slot.tokens) - 2,
         )
-        return seq.drafter.propose(room, ratio)
 
     @staticmethod
-    def _entry(seq: Seq[OwnerT], tokens: list[int], n_logits: int) -> BatchEntry[OwnerT]:
+    def _entry(
+        seq: Seq[OwnerT], tokens: list[int], n_logits: int, fillers: int = 0
+    ) -> BatchEntry[OwnerT]:
         assert seq.slot is not None
-        return BatchEntry(seq, seq.slot.seq_id, tuple(tokens), len(seq.slot.tokens), n_logits)
+        pos0 = len(seq.slot.tokens)
+        return BatchEntry(seq, seq.slot.seq_id, tuple(tokens), pos0, n_logits, fillers)
 
     def update_from_output(self, entries: Iterable[BatchEntry[OwnerT]]) -> list[Sample[OwnerT]]:
         """Record that ``entries`` (in batch order) were decoded; returns what to sample.
@@ -389,7 +386,7 @@ class Scheduler(Generic[OwnerT]):
                 # Only next_token is certain; the drafts join slot.tokens once verified.
                 slot.tokens.append(e.tokens[0])
                 seq.drafts = list(e.tokens[1:])
-                seq.draft_len = len(seq.drafts)
+                seq.draft_len, seq.fillers = len(seq.drafts), e.fillers
                 samples.append(Sample(seq, row - len(seq.drafts), tuple(seq.drafts)))
                 continue
             slot.tokens.extend(e.tokens)
@@ -446,14 +443,22 @@ class Scheduler(Generic[OwnerT]):
             seq.slot.tokens.append(seq.drafts.pop(0))  # its KV cell is the right one
             self.counters["draft_tokens_accepted"] += 1
             seq.accepted += 1
-            if not seq.drafts and drafter:  # all held; the next row is the model's own token
-                drafter.verified(seq.draft_len, seq.draft_len)
+            if not seq.drafts:  # all held; the next row is the model's own token
+                self._verified(seq)
             return Verdict(emit=True, more=True)
-        if seq.drafts and drafter:
-            drafter.verified(seq.draft_len, seq.draft_len - len(seq.drafts))
+        if seq.drafts:
+            self._verified(seq)
             self._reject_drafts(seq)
         seq.next_token, seq.state = token, SeqState.DECODING
         return Verdict(emit=True)
+
+    @staticmethod
+    def _verified(seq: Seq[OwnerT]) -> None:
+        """Tell the drafter how its n-gram drafts fared (fillers are not its proposals)."""
+        proposed = seq.draft_len - seq.fillers
+        if seq.drafter is not None and proposed > 0:
+            held = seq.draft_len - len(seq.drafts)
+            seq.drafter.verified(proposed, min(held, proposed))
 
     def _reject_drafts(self, seq: Seq[OwnerT]) -> None:
         """Drop the KV cells of drafts still in flight (positions past the kept tokens)."""

@@ -73,6 +73,7 @@ class Seq(Generic[OwnerT]):
     finish_reason: FinishReason | None = None
     drafter: NgramDrafter | None = None  # speculative: prompt + emitted tokens, indexed
     draft_len: int = 0  # speculative: tokens drafted in the verification in flight
+    fillers: int = 0  # of them, the trailing ones drafted only to keep the batch's shape
     drafts: list[int] = field(default_factory=list)  # in the KV, not yet verified
     accepted: int = 0  # drafts confirmed so far
     rejected: int = 0  # drafts refused so far
@@ -127,6 +128,7 @@ class BatchEntry(Generic[OwnerT]):
     tokens: tuple[int, ...]
     pos0: int
     n_logits: int  # logits wanted for this many trailing tokens (1 + drafts when drafting)
+    fillers: int = 0  # trailing drafts without an n-gram match (ngram.NgramDrafter.filler)
 
 
 @dataclass(frozen=True, slots=True)
