@@ -178,7 +178,8 @@ def test_the_batch_cost_is_measured_once_cached_and_steers_the_drafts(
         shape = b.kernels.batch_shape
         assert shape is not None and len(shape) == BATCH_WIDTHS[-1] and shape[0] == 1.0
         assert shape[63] == pytest.approx(ms[-1] / ms[0])
-        assert shape[17] == pytest.approx((ms[15] + ms[16]) / 2 / ms[0])  # between 16 and 20
+        med = [sorted(ms[i - 1 : i + 2])[1] for i in (15, 16)]  # widths 16 and 20, smoothed
+        assert shape[17] == pytest.approx((med[0] + med[1]) / 2 / ms[0])  # 18: between them
         # The scheduler's cost is that shape until a step is timed.
         assert b._sched.draft_cost.relative(64) == pytest.approx(shape[63])
     finally:
@@ -197,6 +198,17 @@ def test_the_batch_cost_is_measured_once_cached_and_steers_the_drafts(
         assert "batch_cost" not in b.info.extra["kernels"] and b.kernels.batch_shape is None
     finally:
         b.close()
+
+
+def test_one_width_timed_far_off_is_smoothed_a_step_in_the_cost_is_kept() -> None:
+    from fastpilot.backends.llamacpp_tuning import _dense
+
+    widths = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    ms = [10.0, 15, 20, 25, 12, 35, 40, 70, 71, 72]  # 5 tokens timed at 12 ms: noise
+    shape = _dense(widths, ms)
+    assert shape[4] == 2.5 and shape[3] == 2.0  # medians of 25, 12, 35 and of 20, 25, 12
+    assert shape[6] == 4.0 and shape[7] == 7.0 and shape[-1] == 7.2  # the step at 8 stays
+    assert _dense([1, 2, 4], [10.0, 14, 22]) == (1.0, 1.4, 1.8, 2.2)  # 3: interpolated
 
 
 def test_the_user_s_flag_wins_over_a_cached_calibration(tiny_gpt2_models, tmp_path) -> None:

@@ -300,6 +300,19 @@ def test_a_measured_shape_is_scaled_by_the_steps_and_their_gap() -> None:
     assert c.relative(3) == pytest.approx(1 + 2 * c.ratio)
 
 
+def test_a_width_timed_too_cheap_at_load_is_corrected_by_its_steps() -> None:
+    """The steps the backend runs correct a width the load-time timing got wrong, so the
+    policy stops choosing it once it has paid for it a few times."""
+    c = DecodeCost([1.0, 1.5, 1.2, 2.5])  # 3 tokens timed at 1.2: really 2.25
+    assert best_shared_len([0.8], 3, c.relative) == 2  # the cheap-looking width
+    clock = 0.0
+    for n, real in [(1, 1.0), (3, 2.25)] * 10:
+        clock += 0.01 * real
+        c.observe(n, 0.01 * real, now=clock)
+    assert c.relative(3) == pytest.approx(2.25, rel=0.05)
+    assert best_shared_len([0.8], 3, c.relative) != 2
+
+
 def next_in_loop(seq: Seq[str], i: int) -> int:
     """Like :func:`loop_model`, and LOOP's first token after anything else."""
     assert seq.slot is not None

@@ -28,8 +28,13 @@ the longer batch costs. Both sides are measured, not fixed:
   cost 3.0x one, 8 tokens 4.3x, 16 tokens 5.9x; eight sequences of two tokens
   1.09x eight of one). So where the kernel calibration measured the decode time
   of every batch width (:func:`fastpilot.backends.llamacpp_tuning.batch_cost`),
-  the cost of ``n`` tokens is that measured shape, scaled online to the steps
-  the backend times (a loaded machine), plus ``g``; the line is the fallback.
+  the cost of ``n`` tokens for streams drafting together is that measured shape,
+  scaled online to the steps the backend times (a loaded machine), plus ``g``.
+  A lone stream keeps the line: measured in process (CodeGen-350M-shaped Q4_K_M, 2
+  vCPUs, 160 greedy tokens on three prompts, two processes of each interleaved) it
+  drafted more on the line and decoded at 50.9-67.8 tok/s against 41.6-65.1 on the
+  shape, which, with acceptance averaged over runs that are really bursty, stopped
+  drafting on one prompt altogether.
 
 :func:`best_shared_len` picks the draft length ``k`` (up to ``--draft-max``) that
 maximizes expected tokens per unit of step cost for the ``m`` streams that decode
@@ -73,6 +78,9 @@ SEQ_WEIGHT = 16.0
 MODEL_WEIGHT = 64.0
 # The cost fit's samples decay by this per decode (a half-life of ~35 steps).
 COST_DECAY = 0.98
+# Per width, the correction of the measured shape by the steps run decays by this per
+# step of that width (a width's own steps soon outweigh a noisy load-time timing).
+SEEN_DECAY = 0.8
 # A longer pause between two decodes is the worker idle, not a step's own work.
 IDLE_GAP = 0.05
 # A new sequence's counts weigh this many tokens of evidence.
@@ -162,7 +170,19 @@ class DecodeCost:
     most for a small model whose decode is as short as the Python around it.
     """
 
-    __slots__ = ("_w", "_n", "_t", "_nn", "_nt", "_gap", "_end", "_pinned", "_shape", "_scale")
+    __slots__ = (
+        "_w",
+        "_n",
+        "_t",
+        "_nn",
+        "_nt",
+        "_gap",
+        "_end",
+        "_pinned",
+        "_shape",
+        "_scale",
+        "_seen",
+    )
 
     def __init__(self, shape: Sequence[float] | None = None) -> None:
         self._w = self._n = self._t = self._nn = self._nt = 0.0
@@ -171,6 +191,9 @@ class DecodeCost:
         self._pinned: float | None = None
         self._shape: tuple[float, ...] | None = None
         self._scale: float | None = None  # seconds per unit of shape (decayed mean)
+        # width -> decayed mean of its steps' seconds / (scale * shape): what the steps
+        # the backend ran say of a width the load-time timing got wrong (noise)
+        self._seen: dict[int, float] = {}
         self.set_shape(shape)
 
     def set_shape(self, shape: Sequence[float] | None) -> None:
@@ -215,6 +238,11 @@ class DecodeCost:
         if self._shape is not None:
             per = seconds / self._shape_at(n_tokens)
             self._scale = per if self._scale is None else self._scale * d + per * (1 - d)
+            off = per / self._scale
+            seen = self._seen.get(n_tokens)
+            self._seen[n_tokens] = (
+                off if seen is None else seen * SEEN_DECAY + off * (1 - SEEN_DECAY)
+            )
         self._w = self._w * d + 1.0
         self._n = self._n * d + n_tokens
         self._t = self._t * d + seconds
@@ -252,14 +280,23 @@ class DecodeCost:
             return 1.0
         return min(1.0, max(0.005, b / step))
 
+    def line(self, n_tokens: int) -> float:
+        """The fitted line's cost of a step of ``n_tokens`` relative to a one-token step,
+        ``1 + ratio * (n - 1)``, whatever shape was measured."""
+        return 1.0 + self.ratio * (n_tokens - 1)
+
     def relative(self, n_tokens: int) -> float:
         """A step of ``n_tokens`` decode-only tokens (its ``llama_decode`` and the time
         outside it) relative to a one-token step: from the measured shape when there is
-        one, else the line ``1 + ratio * (n - 1)`` (pinned: the pinned ratio's line)."""
+        one, else the line ``1 + ratio * (n - 1)`` (pinned: the pinned ratio's line).
+
+        A width the backend has run is corrected by what its steps took against the
+        shape's prediction, so a width the load-time timing measured too cheap (noise)
+        is not chosen for long."""
         if self._shape is None or self._pinned is not None:
-            return 1.0 + self.ratio * (n_tokens - 1)
-        gap = self._gap or 0.0
-        if self._scale is None or gap <= 0.0:
-            return self._shape_at(n_tokens)
-        g = gap / self._scale  # the time outside llama_decode in units of the shape
-        return (self._shape_at(n_tokens) + g) / (1.0 + g)
+            return self.line(n_tokens)
+        seen = self._seen
+        width = self._shape_at(n_tokens) * seen.get(n_tokens, 1.0)
+        one = seen.get(1, 1.0)
+        g = (self._gap or 0.0) / self._scale if self._scale else 0.0  # in units of the shape
+        return (width + g) / (one + g)

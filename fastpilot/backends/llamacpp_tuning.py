@@ -379,10 +379,12 @@ def batch_cost(
 
     Reads ``cache_dir/batch_cost/<key>.json`` when present; otherwise times
     :data:`BATCH_WIDTHS` (:func:`~fastpilot.backends.llamacpp_probe.batch_widths`, up
-    to three rounds while under a quarter of :data:`BUDGET_S`: ~1.5 s a round for
-    GPT-2-117M on 2 quiet cores) and caches the result. A measurement that noise
-    visibly spoiled (a wider batch >20 % faster than one token) gives None: the
-    policy's fitted line is used, nothing is cached.
+    to three rounds while under half of :data:`BUDGET_S`: ~1.2 s a round for
+    GPT-2-117M on 2 vCPUs, ~4.5 s for CodeGen-350M) and caches the result. A
+    measurement that noise visibly spoiled (a wider batch >20 % faster than one token)
+    gives None: the policy's fitted line is used, nothing is cached. A width measured
+    wrong otherwise is corrected by the steps the backend runs
+    (:meth:`~fastpilot.backends.draft_policy.DecodeCost.relative`).
     """
     # A model with learned positions (GPT-2) has none past its trained context.
     trained = int(lib.llama_model_n_ctx_train(model)) or 2048
@@ -419,7 +421,7 @@ def batch_cost(
             kv_type=kv_type,
             depth=min(128, trained - widths[-1]),
             rounds=3,
-            deadline=t0 + BUDGET_S / 4,
+            deadline=t0 + BUDGET_S / 2,
         ),  # fmt: skip
         "fastpilot-calibration",
     )
@@ -445,7 +447,13 @@ def _evidence(widths: list[int], ms: list[float]) -> dict[str, Any]:
 
 
 def _dense(widths: list[int], ms: list[float]) -> tuple[float, ...]:
-    """Relative cost for every width 1..widths[-1], linear between timed widths."""
+    """Relative cost for every width 1..widths[-1], linear between timed widths.
+
+    Each timed width in between is first replaced by the median of itself and its two
+    neighbours: one width timed far off by noise (CodeGen-350M once measured 5 tokens at
+    39 ms between 4 at 68 and 6 at 89) would otherwise be chosen over and over, while a
+    step in the cost, as at 8 tokens, survives."""
+    ms = [ms[0], *(sorted(ms[i - 1 : i + 2])[1] for i in range(1, len(ms) - 1)), ms[-1]]
     out: list[float] = []
     timed = list(zip(widths, ms, strict=True))
     for (w0, t0), (w1, t1) in zip(timed, timed[1:], strict=False):

@@ -324,7 +324,9 @@ class Scheduler(Generic[OwnerT]):
         and 1 tokens cost two passes over the weights, one token of each and then the
         four drafts alone, where 1 + 1 of each is one pass. So the streams draft together
         or not at all, one length for all (:func:`best_shared_len` over the step's cost
-        with ``extra`` prompt tokens beside them); a stream without an n-gram match
+        with ``extra`` prompt tokens beside them: the measured shape of the batch widths
+        for several streams, the fitted line for one, see
+        :mod:`~fastpilot.backends.draft_policy`); a stream without an n-gram match
         fills its share with :meth:`~fastpilot.backends.ngram.NgramDrafter.filler`
         tokens, which the choice counts as worthless.
         """
@@ -339,7 +341,8 @@ class Scheduler(Generic[OwnerT]):
             return []
         pairs = zip(decoding, found, strict=True)
         ps = [q.drafter.p if mine and q.drafter else 0.0 for q, mine in pairs]
-        k = best_shared_len(ps, room, self.draft_cost.relative, extra)
+        cost = self.draft_cost
+        k = best_shared_len(ps, room, cost.relative if m > 1 else cost.line, extra)
         if k == 0:
             return []
         out: list[tuple[list[int], int]] = []
