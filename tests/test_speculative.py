@@ -24,6 +24,7 @@ from fastpilot.backends.draft_policy import (
 from fastpilot.backends.ngram import NgramDrafter
 from fastpilot.backends.scheduler import (
     DRAFT_SEQS,
+    EXPLORE,
     KvRemove,
     Plan,
     Scheduler,
@@ -403,6 +404,21 @@ def test_many_streams_share_the_batchs_draft_room() -> None:
     s2.draft_cost.pin(0.0)
     streams(s2, [looping(0)])
     assert [len(e.tokens) for e in s2.plan_step().entries] == [1 + 8]  # alone: draft_max
+
+
+def test_a_stream_whose_drafts_look_too_costly_still_drafts_now_and_then() -> None:
+    """The estimates learn only from drafts: where they say no draft pays, one token is
+    drafted after EXPLORE steps without one, so a noisy stretch cannot stop speculation
+    for good."""
+    s = spec(slots=1)
+    decoding(s, LOOP * 8)
+    s.draft_cost.pin(1.0)  # a drafted token as dear as a step: never worth it
+    widths = []
+    for _ in range(2 * EXPLORE + 2):
+        plan = verify(s, loop_model)
+        widths.append(len(plan.entries[0].tokens))
+    assert widths == ([1] * EXPLORE + [2]) * 2
+    assert s.counters["draft_tokens_accepted"] == 2  # the loop: both held
 
 
 def test_no_drafting_beside_a_prompt_chunk() -> None:

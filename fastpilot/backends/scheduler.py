@@ -84,6 +84,7 @@ from fastpilot.backends.scheduler_state import (
 
 __all__ = [
     "DRAFT_SEQS",
+    "EXPLORE",
     "MIN_COPY",
     "SPEC_BUSY",
     "BatchEntry",
@@ -107,6 +108,12 @@ __all__ = [
 # Most prompt tokens a step may hold for its decoding sequences to still draft: a
 # prompt chunk already fills the batch (and would split it unevenly, see below).
 SPEC_BUSY = 2
+# After this many decode steps without a draft, a step with an n-gram match drafts one
+# token even where the estimates say it will not pay: the estimates only learn from
+# drafts, and one noisy stretch (a burst of load timed on wide steps, a run of refusals)
+# must not stop speculation for good (tiny-py, bench run 20261128-033953: one server
+# drafted 101 tokens in a round slowed 2.5x by the machine, then 1 in its next 159 steps).
+EXPLORE = 16
 # A step's drafted tokens, all sequences together, are at most DRAFT_SEQS * draft_max
 # (what the batch is sized for): with m sequences decoding each drafts at most
 # DRAFT_SEQS * draft_max // m.
@@ -179,6 +186,7 @@ class Scheduler(Generic[OwnerT]):
         self._clock = 0
         self.acceptance = Acceptance()  # every sequence's verifications (draft_policy.py)
         self.draft_cost = DecodeCost()  # step times, fed by the backend (draft_policy.py)
+        self._undrafted = 0  # decode steps since one held drafts (EXPLORE)
 
     @property
     def busy(self) -> bool:
@@ -343,6 +351,8 @@ class Scheduler(Generic[OwnerT]):
         ps = [q.drafter.p if mine and q.drafter else 0.0 for q, mine in pairs]
         cost = self.draft_cost
         k = best_shared_len(ps, room, cost.relative if m > 1 else cost.line, extra)
+        if k == 0 and self._undrafted >= EXPLORE:
+            k = 1  # keep the estimates learning (EXPLORE)
         if k == 0:
             return []
         out: list[tuple[list[int], int]] = []
@@ -381,6 +391,10 @@ class Scheduler(Generic[OwnerT]):
         """
         samples: list[Sample[OwnerT]] = []
         row = -1
+        entries = tuple(entries)
+        widths = [len(e.tokens) for e in entries if e.seq.state is SeqState.DECODING]
+        if widths:
+            self._undrafted = 0 if max(widths) > 1 else self._undrafted + 1
         for e in entries:
             seq, slot = e.seq, e.seq.slot
             assert slot is not None
