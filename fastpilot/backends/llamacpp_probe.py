@@ -82,33 +82,16 @@ def probe(
     n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, n_vocab, deep + 2 * steps + 2).tolist()
-    n_ctx = -(-(deep + steps + 2) // 256) * 256
-    params = context_params(
-        lib,
-        n_ctx=n_ctx,
-        n_seq=1,
-        n_batch=n_ubatch,
-        n_ubatch=n_ubatch,
-        threads=threads,
-        threads_batch=threads_batch,
-        flash_attn=flash_attn,
-        kv_type=kv_type,
-    )
-    ctx = lib.llama_init_from_model(model, params)
-    if not ctx:
-        raise RuntimeError("llama.cpp could not create a probe context")
+    ctx = _context(
+        lib, model, deep + steps + 2, n_ubatch, n_ubatch, threads, threads_batch, flash_attn,
+        kv_type,
+    )  # fmt: skip
     batch = NativeBatch(lib, n_ubatch)
     pos = 0
 
     def run(tokens: list[int]) -> float:
         nonlocal pos
-        batch.clear()
-        batch.add(tokens, pos, 0, 1)
-        t0 = time.perf_counter()
-        rc = int(lib.llama_decode(ctx, batch.ready()))
-        dt = time.perf_counter() - t0
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with status {rc} in a probe")
+        dt = _timed_decode(lib, ctx, batch, tokens, pos, 1)
         if deadline is not None and time.perf_counter() > deadline:
             raise TimeoutError("the probe ran past its deadline")
         pos += len(tokens)
@@ -159,32 +142,15 @@ def batch_widths(
     widest = max(widths)  # depth + widest: at most the trained context (learned positions)
     n_vocab = int(lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model)))
     ids = np.random.default_rng(0).integers(0, n_vocab, depth + widest).tolist()
-    params = context_params(
-        lib,
-        n_ctx=-(-(depth + widest) // 256) * 256,
-        n_seq=1,
-        n_batch=max(widest, n_ubatch),
-        n_ubatch=n_ubatch,
-        threads=threads,
-        threads_batch=threads,
-        flash_attn=flash_attn,
-        kv_type=kv_type,
-    )
-    ctx = lib.llama_init_from_model(model, params)
-    if not ctx:
-        raise RuntimeError("llama.cpp could not create a probe context")
+    ctx = _context(
+        lib, model, depth + widest, max(widest, n_ubatch), n_ubatch, threads, threads,
+        flash_attn, kv_type,
+    )  # fmt: skip
     mem = lib.llama_get_memory(ctx)
     batch = NativeBatch(lib, max(widest, depth))
 
     def run(tokens: list[int], pos: int, n_logits: int) -> float:
-        batch.clear()
-        batch.add(tokens, pos, 0, n_logits)
-        t0 = time.perf_counter()
-        rc = int(lib.llama_decode(ctx, batch.ready()))
-        dt = time.perf_counter() - t0
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed with status {rc} in a probe")
-        return dt
+        return _timed_decode(lib, ctx, batch, tokens, pos, n_logits)
 
     ones: list[float] = []
     ratios: list[list[float]] = [[] for _ in widths]
@@ -203,3 +169,46 @@ def batch_widths(
         lib.llama_free(ctx)
     one_ms = 1000 * statistics.median(ones)
     return [one_ms * statistics.median(r) for r in ratios]
+
+
+def _context(
+    lib: Any,
+    model: Any,
+    cells: int,
+    n_batch: int,
+    n_ubatch: int,
+    threads: int,
+    threads_batch: int,
+    flash_attn: bool,
+    kv_type: str,
+) -> Any:
+    """A one-sequence throw-away context of at least ``cells`` cells (256-padded)."""
+    params = context_params(
+        lib,
+        n_ctx=-(-cells // 256) * 256,
+        n_seq=1,
+        n_batch=n_batch,
+        n_ubatch=n_ubatch,
+        threads=threads,
+        threads_batch=threads_batch,
+        flash_attn=flash_attn,
+        kv_type=kv_type,
+    )
+    ctx = lib.llama_init_from_model(model, params)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create a probe context")
+    return ctx
+
+
+def _timed_decode(
+    lib: Any, ctx: Any, batch: NativeBatch, tokens: list[int], pos: int, n_logits: int
+) -> float:
+    """Seconds of one ``llama_decode`` of ``tokens`` at ``pos`` (sequence 0)."""
+    batch.clear()
+    batch.add(tokens, pos, 0, n_logits)
+    t0 = time.perf_counter()
+    rc = int(lib.llama_decode(ctx, batch.ready()))
+    dt = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"llama_decode failed with status {rc} in a probe")
+    return dt
