@@ -25,7 +25,7 @@ the longer batch costs. Both sides are measured, not fixed:
 
   On a CPU the line is a poor fit: llama.cpp's matrix products change kernels with
   the batch's width (GPT-2-117M Q4_K_M, 2 EPYC threads, one sequence: 7 tokens
-  cost 3.0x one, 8 tokens 4.3x, 16 tokens 5.9x; eight sequences of two tokens
+  cost 3.5x one, 8 tokens 5.1x, 16 tokens 6.1x; eight sequences of two tokens
   1.09x eight of one). So where the kernel calibration measured the decode time
   of every batch width (:func:`fastpilot.backends.llamacpp_tuning.batch_cost`),
   the cost of ``n`` tokens for streams drafting together is that measured shape,
