@@ -35,10 +35,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastpilot.backends.llamacpp_native import GGML_TYPES, on_own_thread
 from fastpilot.backends.llamacpp_probe import Probe, batch_widths, probe
@@ -62,6 +63,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_UBATCH = 512  # llama.cpp's (and llama-server's) default micro-batch
 KV_TYPES = tuple(GGML_TYPES)
@@ -253,16 +255,16 @@ def calibrate(
     logged, not fatal.
     """
     key = cache_key(model_path, lib, threads, threads_batch)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir, "kernels", f"{digest}.json") if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("key") == key and saved.get("flash_attn") in ("on", "off"):
-                reused = {**saved["evidence"], "cached": True, "file": str(path)}
-                return saved["flash_attn"] == "on", reused
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("ignoring an unreadable kernel calibration file %s", path)
+    path = _cache_file(cache_dir, "kernels", key)
+
+    def reuse(saved: dict[str, Any]) -> tuple[bool, dict[str, Any]] | None:
+        if saved.get("flash_attn") not in ("on", "off"):
+            return None
+        return saved["flash_attn"] == "on", {**saved["evidence"], "cached": True, "file": str(path)}
+
+    cached = _load(path, key, reuse, "kernel calibration")
+    if cached is not None:
+        return cached
     t0 = time.perf_counter()
     deep = max(2, min(PROBE_DEPTH, per_slot - 16))
     short = min(16, deep // 2)
@@ -319,17 +321,51 @@ def calibrate(
             "flash-attention calibration %s: using on, not cached",
             f"over its {BUDGET_S:.0f} s budget" if over_budget else "inconclusive (a busy CPU?)",
         )
-    elif path is not None:
+    else:
         record = {"key": key, "flash_attn": "on" if flash else "off", "evidence": evidence}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-            os.replace(tmp, path)
+        if _save(path, record, "kernel calibration"):
             evidence = {**evidence, "file": str(path)}
-        except OSError as ex:
-            log.warning("could not cache the kernel calibration in %s: %s", path, ex)
     return flash, evidence
+
+
+def _cache_file(
+    cache_dir: str | os.PathLike[str] | None, kind: str, key: dict[str, Any]
+) -> Path | None:
+    """``cache_dir/kind/<digest of key>.json`` (None: no cache)."""
+    if cache_dir is None:
+        return None
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cache_dir, kind, f"{digest}.json")
+
+
+def _load(
+    path: Path | None, key: dict[str, Any], parse: Callable[[dict[str, Any]], T | None], what: str
+) -> T | None:
+    """``parse`` of the record cached at ``path`` for ``key``; None when there is none,
+    it is for another key, or it is unreadable (logged)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        return parse(saved) if saved.get("key") == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("ignoring an unreadable %s file %s", what, path)
+        return None
+
+
+def _save(path: Path | None, record: dict[str, Any], what: str) -> bool:
+    """Write ``record`` to ``path`` atomically; False (logged) when it cannot be."""
+    if path is None:
+        return False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+        return True
+    except OSError as ex:
+        log.warning("could not cache the %s in %s: %s", what, path, ex)
+        return False
 
 
 def _consistent(rounds: list[dict[bool, Probe]], fastest: dict[bool, Probe]) -> bool:
@@ -379,8 +415,8 @@ def batch_cost(
 
     Reads ``cache_dir/batch_cost/<key>.json`` when present; otherwise times
     :data:`BATCH_WIDTHS` (:func:`~fastpilot.backends.llamacpp_probe.batch_widths`, up
-    to three rounds while under half of :data:`BUDGET_S`: ~1.2 s a round for
-    GPT-2-117M on 2 vCPUs, ~4.5 s for CodeGen-350M) and caches the result. A
+    to three rounds while under half of :data:`BUDGET_S`; two took 3.1-3.5 s for
+    GPT-2-117M on 2 vCPUs) and caches the result. A
     measurement that noise visibly spoiled (a wider batch >20 % faster than one token)
     gives None: the policy's fitted line is used, nothing is cached. A width measured
     wrong otherwise is corrected by the steps the backend runs
@@ -398,17 +434,15 @@ def batch_cost(
         "kv_type": kv_type,
         "widths": widths,
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir, "batch_cost", f"{digest}.json") if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("key") == key:
-                ms = [float(v) for v in saved["ms"]]
-                evidence = {"cached": True, "file": str(path), **_evidence(widths, ms)}
-                return _dense(widths, ms), evidence
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("ignoring an unreadable batch-cost file %s", path)
+    path = _cache_file(cache_dir, "batch_cost", key)
+
+    def reuse(saved: dict[str, Any]) -> tuple[tuple[float, ...], dict[str, Any]]:
+        ms = [float(v) for v in saved["ms"]]
+        return _dense(widths, ms), {"cached": True, "file": str(path), **_evidence(widths, ms)}
+
+    cached = _load(path, key, reuse, "batch-cost")
+    if cached is not None:
+        return cached
     t0 = time.perf_counter()
     ms = on_own_thread(
         lambda: batch_widths(
@@ -430,15 +464,8 @@ def batch_cost(
     if min(ms[1:]) < 0.8 * ms[0]:
         log.warning("batch-cost calibration inconclusive (a busy CPU?): drafts sized by a line")
         return None, {**evidence, "conclusive": False}
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "ms": ms}, indent=1), encoding="utf-8")
-            os.replace(tmp, path)
-            evidence["file"] = str(path)
-        except OSError as ex:
-            log.warning("could not cache the batch cost in %s: %s", path, ex)
+    if _save(path, {"key": key, "ms": ms}, "batch cost"):
+        evidence["file"] = str(path)
     return _dense(widths, ms), evidence
 
 

@@ -112,7 +112,7 @@ SPEC_BUSY = 2
 # token even where the estimates say it will not pay: the estimates only learn from
 # drafts, and one noisy stretch (a burst of load timed on wide steps, a run of refusals)
 # must not stop speculation for good (tiny-py, bench run 20261128-033953: one server
-# drafted 101 tokens in a round slowed 2.5x by the machine, then 1 in its next 159 steps).
+# drafted 145 tokens in a round slowed 2.5x by the machine, then 64 in its next 290 steps).
 EXPLORE = 16
 # A step's drafted tokens, all sequences together, are at most DRAFT_SEQS * draft_max
 # (what the batch is sized for): with m sequences decoding each drafts at most
@@ -340,9 +340,10 @@ class Scheduler(Generic[OwnerT]):
         """
         m = len(decoding)
         room = DRAFT_SEQS * self.draft_max // m
+        for seq in decoding:  # the tightest stream bounds every stream's draft
+            room = self._room(seq, room)
         found: list[list[int]] = []
         for seq in decoding:
-            room = self._room(seq, room)
             assert seq.drafter is not None
             found.append(seq.drafter.draft(room))
         if not any(found):
