@@ -482,7 +482,7 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
                 L.append(f"![{p}]({rel(out_dir / p)})")
         L.append("")
     if report.get("speculative"):
-        from benchmarks.speculative import table
+        from benchmarks.speculative import ratios, table
 
         L += [
             "## Speculative decoding (n-gram), 1 and 8 clients",
@@ -495,7 +495,11 @@ def write_report(report: dict, json_path: Path, md_path: Path) -> None:
             "",
             table(report["speculative"]),
             "",
+            "Ratios, each the median of the per-round ratios (the two servers of a round ran "
+            "back to back):",
+            "",
         ]
+        L += [f"- {line}" for line in ratios(report["speculative"])] + [""]
     if report.get("overhead"):
         from benchmarks.overhead import table as overhead_table
 

@@ -53,7 +53,7 @@ from pathlib import Path
 from benchmarks.client import Call, Result, send
 from benchmarks.contenders import fastpilot_serve_argv, llama_server_argv
 from benchmarks.llama_server_build import server_path
-from benchmarks.procs import Managed, free_port, rotated
+from benchmarks.procs import CpuWatch, Managed, free_port, rotated
 from benchmarks.stats import paired_ratio
 
 CONTENDERS = ("fastpilot-off", "fastpilot-ngram", "llama-server", "llama-server-ngram-mod")
@@ -210,7 +210,7 @@ def measure_interleaved(
     texts = prompts(1 + args.repeats * n, args.prompt_chars)
     rows: dict[str, list[dict]] = {c: [] for c in contenders}
     with contextlib.ExitStack() as stack:
-        live: dict[str, tuple[int, Path]] = {}
+        live: dict[str, tuple[int, Path, int]] = {}
         for c in contenders:
             port = free_port()
             log = Path(f"/tmp/speculative-{c}-{name}-{n}.log")
@@ -221,13 +221,13 @@ def measure_interleaved(
             except (RuntimeError, OSError) as ex:
                 print(f"[speculative] {c} on {name} failed: {ex}", file=sys.stderr, flush=True)
                 continue
-            live[c] = (port, log)
+            live[c] = (port, log, server.pid)
         for rep in range(args.repeats):
             chunk = texts[1 + rep * n : 1 + (rep + 1) * n]
             for c in rotated(list(live), rep):
-                port, log = live[c]
+                port, log, pid = live[c]
                 try:
-                    row = _one_round(c, name, port, log, chunk, args.tokens, n, rep)
+                    row = _one_round(c, name, port, log, pid, chunk, args.tokens, n, rep)
                 except (RuntimeError, OSError) as ex:
                     print(f"[speculative] {c} on {name} failed: {ex}", file=sys.stderr, flush=True)
                     del live[c]
@@ -238,10 +238,20 @@ def measure_interleaved(
 
 
 def _one_round(
-    contender: str, name: str, port: int, log: Path, chunk: list[str], tokens: int, n: int, rep: int
+    contender: str,
+    name: str,
+    port: int,
+    log: Path,
+    pid: int,
+    chunk: list[str],
+    tokens: int,
+    n: int,
+    rep: int,
 ) -> dict:
     seen = len(_llama_log_counts(log))
-    run = _round(port, chunk, tokens, contender.startswith("fastpilot"))
+    with CpuWatch(pid) as watch:
+        run = _round(port, chunk, tokens, contender.startswith("fastpilot"))
+        watch.stop()  # while the server runs: its CPU is still readable
     if contender == "llama-server-ngram-mod":
         # A request that drafted nothing prints no line: count this round's lines.
         time.sleep(0.2)  # the line is written as the slot is released
@@ -264,6 +274,10 @@ def _one_round(
         # The decode work (fastpilot only): equal on and off when nothing was drafted.
         "decode_steps": run.decode_steps,
         "tokens_evaluated": run.tokens_evaluated,
+        # Share of all cores that neither this server nor the harness used during the
+        # round (benchmarks.procs.CpuWatch; hypervisor steal included): a slow round
+        # with a high share was the machine, not the contender.
+        "other_cpu": None if watch.foreign_share is None else round(watch.foreign_share, 3),
         # Greedy output must not depend on speculation: compare across contenders.
         "text_sha": hashlib.sha256("".join(r.text for r in run.results).encode()).hexdigest()[:12],
     }
@@ -276,8 +290,9 @@ def table(rows: list[dict]) -> str:
         keys.setdefault((r["model"], r["clients"], r["contender"]), []).append(r)
     out = [
         "| model | clients | contender | decode tok/s median (range) | aggregate tok/s "
-        "median | accepted / drafted | acceptance | decode steps / tokens evaluated |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "median | accepted / drafted | acceptance | decode steps / tokens evaluated "
+        "| other CPU % max |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (model, n, c), rs in keys.items():
         d = [r["decode_tok_s"] for r in rs if r["decode_tok_s"] is not None] or [float("nan")]
@@ -294,9 +309,12 @@ def table(rows: list[dict]) -> str:
         work = "-"
         if None not in steps and None not in evaluated:  # summed over the rounds
             work = f"{sum(steps)} / {sum(evaluated)}"
+        # Rows from runs before the column existed have no "other_cpu".
+        other = [r["other_cpu"] for r in rs if r.get("other_cpu") is not None]
+        busy = f"{100 * max(other):.0f}" if other else "-"
         out.append(
             f"| {model} | {n} | {c} | {statistics.median(d):.1f} ({min(d):.1f}-{max(d):.1f}) "
-            f"| {agg:.1f} | {ad} | {rate} | {work} |"
+            f"| {agg:.1f} | {ad} | {rate} | {work} | {busy} |"
         )
     return "\n".join(out)
 
