@@ -18,6 +18,7 @@ import falcon.testing
 import pytest
 
 from fastpilot.backends.base import GenerationRequest, SamplingParams
+from fastpilot.backends.llamacpp_probe import MID_DEPTHS
 from fastpilot.settings import SettingsError, load_settings
 
 pytestmark = pytest.mark.timeout(300)
@@ -114,6 +115,9 @@ def test_calibration_is_measured_once_cached_and_reused(tiny_gpt2_models, tmp_pa
     assert first["source"]["flash_attn"] == "calibrated"
     assert {p["flash_attn"] for p in cal["probes"]} == {"on", "off"}
     assert all(p["short_ms"] > 0 and p["deep_ms"] > 0 for p in cal["probes"])
+    for p in cal["probes"]:  # the depths timed on the way from short to deep
+        between = {d for d in MID_DEPTHS if p["short"] + 7 < d < p["deep"]}
+        assert {int(d) for d in p["mid_ms"]} == between and all(v > 0 for v in p["mid_ms"].values())
     # The crossover the short lane is sized by (its arithmetic: test_short_lane.py). With
     # a tiny model's nearly parallel lines it swings far on microseconds, so only its
     # side of the short point is checked here.

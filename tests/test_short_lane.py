@@ -40,6 +40,23 @@ def test_the_crossover_is_where_the_two_measured_lines_meet() -> None:
     assert flash_faster_below(_probe(True, 6.0, 6.5), off) == 256  # on never loses in range
 
 
+def test_the_crossover_follows_the_steps_timed_between_short_and_deep() -> None:
+    # Flash attention's step time is flat, then steep (CodeGen-350M measured on / off
+    # 0.94 at 16 cells, 0.92 at 64, 1.02 at 128, 1.42 at 256): the crossover lies between
+    # the last depth on was faster and the next, not where the 16-256 line puts it.
+    on = Probe(True, 512, "f16", 16, 256, 6.0, 12.0, 1.0, ((64, 6.2), (128, 7.0)))
+    off = Probe(False, 512, "f16", 16, 256, 7.5, 8.1, 1.0, ((64, 7.6), (128, 7.7)))
+    assert flash_faster_below(on, off) == 128 + int(128 * 0.7 / (0.7 + 3.9))  # 147
+    two_points = flash_faster_below(_probe(True, 6.0, 12.0), _probe(False, 7.5, 8.1))
+    assert two_points == 16 + int(240 * 1.5 / (1.5 + 3.9))  # 82: the line alone
+    # Slower at a middle depth already: the first crossing counts.
+    mid_slow = Probe(True, 512, "f16", 16, 256, 6.0, 7.0, 1.0, ((64, 7.8), (128, 7.2)))
+    assert flash_faster_below(mid_slow, off) == 16 + int(48 * 1.5 / (1.5 + 0.2))  # 58
+    # Faster everywhere: the last segments are extended past the deep point.
+    on_fast = Probe(True, 512, "f16", 16, 256, 6.0, 7.9, 1.0, ((64, 6.2), (128, 6.6)))
+    assert flash_faster_below(on_fast, off) == 256 + int(0.2 / ((1.3 - 0.4) / 128))  # 284
+
+
 def _kernels(flash: bool | None, source: Source, below: int | None) -> KernelChoice:
     calibration = {} if below is None else {"flash_faster_below": below}
     return KernelChoice(

@@ -75,7 +75,7 @@ ROUNDS = 2  # interleaved on/off rounds of probes
 # Seconds a calibration may take (a model whose 256-token prefill takes longer keeps
 # the default); no second round once the first took half of it.
 BUDGET_S = 8.0
-CALIBRATION_VERSION = 4  # bump when the method changes: older cache files are ignored
+CALIBRATION_VERSION = 5  # bump when the method changes: older cache files are ignored
 
 
 class FlashAttn(str, Enum):
@@ -192,17 +192,30 @@ def _predict(p: Probe, depth: int) -> float:
 
 def flash_faster_below(on: Probe, off: Probe) -> int:
     """KV cells below which a decode step is faster with flash attention on, from the
-    two probes' lines (0: never; the probe's deep point, at least, when on's line never
-    crosses off's). llama.cpp's CPU flash-attention kernel skips masked cells, while
-    without it a step computes every cell of its 256-padded window: on wins at a short
-    KV and loses as the cells it reads one by one add up."""
-    if on.short_ms >= off.short_ms:
+    steps the two probes timed (0: never). llama.cpp's CPU flash-attention kernel skips
+    masked cells, while without it a step computes every cell of its 256-padded window:
+    on wins at a short KV and loses as the cells it reads one by one add up, in steps
+    rather than a line (:data:`~fastpilot.backends.llamacpp_probe.MID_DEPTHS`). The
+    crossover is interpolated between the last depth where on was faster and the first
+    where it was not; when on was faster at every depth, the two probes' last segments
+    are extended (the probe's deep point, at least, when they never cross)."""
+    on_steps, off_steps = dict(on.steps()), dict(off.steps())
+    depths = sorted(set(on_steps) & set(off_steps))
+    gaps = [off_steps[d] - on_steps[d] for d in depths]  # > 0: on is faster there
+    if not gaps or gaps[0] <= 0:
         return 0
-    s_on = max(0.0, (on.deep_ms - on.short_ms) / max(1, on.deep - on.short))
-    s_off = max(0.0, (off.deep_ms - off.short_ms) / max(1, off.deep - off.short))
+    for i in range(1, len(depths)):
+        if gaps[i] <= 0:
+            d0, d1 = depths[i - 1], depths[i]
+            return int(d0 + (d1 - d0) * gaps[i - 1] / (gaps[i - 1] - gaps[i]))
+    if len(depths) < 2:
+        return depths[-1]
+    d0, d1 = depths[-2], depths[-1]
+    s_on = max(0.0, (on_steps[d1] - on_steps[d0]) / (d1 - d0))
+    s_off = max(0.0, (off_steps[d1] - off_steps[d0]) / (d1 - d0))
     if s_on <= s_off:
-        return max(on.deep, off.deep)
-    return int(on.short + (off.short_ms - on.short_ms) / (s_on - s_off))
+        return d1
+    return int(d1 + gaps[-1] / (s_on - s_off))
 
 
 def _score(p: Probe, per_slot: int) -> float:
