@@ -126,6 +126,11 @@ def _system_busy() -> float:
     return (sum(v[:8]) - v[3] - v[4]) / _TICK
 
 
+def _system_steal() -> float:
+    """CPU seconds the hypervisor gave to other guests since boot (/proc/stat steal)."""
+    return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8]) / _TICK
+
+
 class CpuWatch:
     """How much CPU went to processes other than ours while a contender ran.
 
@@ -137,6 +142,7 @@ class CpuWatch:
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
         self.foreign_share: float | None = None
+        self.steal_share: float | None = None  # the part of it that was hypervisor steal
 
     def _ours(self) -> float:
         t = os.times()
@@ -145,6 +151,7 @@ class CpuWatch:
 
     def __enter__(self) -> CpuWatch:
         self._t0, self._busy0, self._ours0 = time.monotonic(), _system_busy(), self._ours()
+        self._steal0 = _system_steal()
         return self
 
     def stop(self) -> None:
@@ -154,6 +161,8 @@ class CpuWatch:
         ours = self._ours() - self._ours0
         cores = os.cpu_count() or 1
         self.foreign_share = max(0.0, busy - ours) / (wall * cores) if wall > 0 else None
+        steal = _system_steal() - self._steal0
+        self.steal_share = steal / (wall * cores) if wall > 0 else None
 
     def __exit__(self, *exc: object) -> None:
         if self.foreign_share is None:

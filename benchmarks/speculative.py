@@ -278,6 +278,7 @@ def _one_round(
         # round (benchmarks.procs.CpuWatch; hypervisor steal included): a slow round
         # with a high share was the machine, not the contender.
         "other_cpu": None if watch.foreign_share is None else round(watch.foreign_share, 3),
+        "steal": None if watch.steal_share is None else round(watch.steal_share, 3),
         # Greedy output must not depend on speculation: compare across contenders.
         "text_sha": hashlib.sha256("".join(r.text for r in run.results).encode()).hexdigest()[:12],
     }
@@ -291,7 +292,7 @@ def table(rows: list[dict]) -> str:
     out = [
         "| model | clients | contender | decode tok/s median (range) | aggregate tok/s "
         "median | accepted / drafted | acceptance | decode steps / tokens evaluated "
-        "| other CPU % max |",
+        "| other CPU % max (steal) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (model, n, c), rs in keys.items():
@@ -310,8 +311,14 @@ def table(rows: list[dict]) -> str:
         if None not in steps and None not in evaluated:  # summed over the rounds
             work = f"{sum(steps)} / {sum(evaluated)}"
         # Rows from runs before the column existed have no "other_cpu".
-        other = [r["other_cpu"] for r in rs if r.get("other_cpu") is not None]
-        busy = f"{100 * max(other):.0f}" if other else "-"
+        # The round with the most, and how much of it was hypervisor steal.
+        other = [r for r in rs if r.get("other_cpu") is not None]
+        busy = "-"
+        if other:
+            worst = max(other, key=lambda r: r["other_cpu"])
+            busy = f"{100 * worst['other_cpu']:.0f}"
+            if worst.get("steal") is not None:
+                busy += f" ({100 * worst['steal']:.0f})"
         out.append(
             f"| {model} | {n} | {c} | {statistics.median(d):.1f} ({min(d):.1f}-{max(d):.1f}) "
             f"| {agg:.1f} | {ad} | {rate} | {work} | {busy} |"
