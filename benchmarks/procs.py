@@ -120,15 +120,12 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(_proc_cpu(p) for p in _tree_pids(pid))
 
 
-def _system_busy() -> float:
-    """CPU seconds all cores spent not idle since boot (/proc/stat, idle+iowait excluded)."""
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of all cores since boot, from one read of /proc/stat:
+    busy excludes idle and iowait and includes steal, the time the hypervisor gave to
+    other guests."""
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / _TICK
-
-
-def _system_steal() -> float:
-    """CPU seconds the hypervisor gave to other guests since boot (/proc/stat steal)."""
-    return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8]) / _TICK
+    return (sum(v[:8]) - v[3] - v[4]) / _TICK, v[7] / _TICK
 
 
 class CpuWatch:
@@ -150,18 +147,18 @@ class CpuWatch:
         return own + (tree_cpu_seconds(self.pid) if self.pid else 0.0)
 
     def __enter__(self) -> CpuWatch:
-        self._t0, self._busy0, self._ours0 = time.monotonic(), _system_busy(), self._ours()
-        self._steal0 = _system_steal()
+        self._t0, self._ours0 = time.monotonic(), self._ours()
+        self._busy0, self._steal0 = _cpu_seconds()
         return self
 
     def stop(self) -> None:
         """Take the end reading; call while the server still runs (its CPU is then readable)."""
         wall = time.monotonic() - self._t0
-        busy = _system_busy() - self._busy0
+        busy, steal = _cpu_seconds()
+        busy, steal = busy - self._busy0, steal - self._steal0
         ours = self._ours() - self._ours0
         cores = os.cpu_count() or 1
         self.foreign_share = max(0.0, busy - ours) / (wall * cores) if wall > 0 else None
-        steal = _system_steal() - self._steal0
         self.steal_share = steal / (wall * cores) if wall > 0 else None
 
     def __exit__(self, *exc: object) -> None:

@@ -310,8 +310,8 @@ def table(rows: list[dict]) -> str:
         work = "-"
         if None not in steps and None not in evaluated:  # summed over the rounds
             work = f"{sum(steps)} / {sum(evaluated)}"
-        # Rows from runs before the column existed have no "other_cpu".
-        # The round with the most, and how much of it was hypervisor steal.
+        # The round with the most, and how much of it was hypervisor steal (rows from
+        # runs before these columns existed have neither).
         other = [r for r in rs if r.get("other_cpu") is not None]
         busy = "-"
         if other:
