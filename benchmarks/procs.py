@@ -120,12 +120,27 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(_proc_cpu(p) for p in _tree_pids(pid))
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of all cores since boot, from one read of /proc/stat:
+def _cpu_seconds() -> tuple[float, float, float]:
+    """(busy, steal, irq) CPU seconds of all cores since boot, from one read of /proc/stat:
     busy excludes idle and iowait and includes steal, the time the hypervisor gave to
-    other guests."""
+    other guests, and irq (hard and soft interrupts), which no process is charged for."""
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / _TICK, v[7] / _TICK
+    return (sum(v[:8]) - v[3] - v[4]) / _TICK, v[7] / _TICK, (v[5] + v[6]) / _TICK
+
+
+def _every_process() -> dict[int, tuple[str, float]]:
+    """pid -> (command name, utime + stime seconds) of every process now."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            head, tail = (d / "stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        fields = tail.split()
+        out[int(d.name)] = (head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / _TICK)
+    return out
 
 
 class CpuWatch:
@@ -133,13 +148,17 @@ class CpuWatch:
 
     ``foreign_share`` = (system busy time - server tree CPU - harness CPU) / (wall * cores):
     0 means the machine was ours alone; 0.3 means a third of all cores ran someone else's
-    work, and the contender's numbers are pessimistic by up to that much.
+    work, and the contender's numbers are pessimistic by up to that much. What it was:
+    ``steal_share`` (the hypervisor's other guests), ``irq_share`` (interrupts, charged to
+    no process) and ``top`` (the other process that used the most, name and share).
     """
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
         self.foreign_share: float | None = None
         self.steal_share: float | None = None  # the part of it that was hypervisor steal
+        self.irq_share: float | None = None
+        self.top: tuple[str, float] | None = None
 
     def _ours(self) -> float:
         t = os.times()
@@ -147,19 +166,33 @@ class CpuWatch:
         return own + (tree_cpu_seconds(self.pid) if self.pid else 0.0)
 
     def __enter__(self) -> CpuWatch:
+        self._procs0 = _every_process()
         self._t0, self._ours0 = time.monotonic(), self._ours()
-        self._busy0, self._steal0 = _cpu_seconds()
+        self._busy0, self._steal0, self._irq0 = _cpu_seconds()
         return self
 
     def stop(self) -> None:
         """Take the end reading; call while the server still runs (its CPU is then readable)."""
         wall = time.monotonic() - self._t0
-        busy, steal = _cpu_seconds()
-        busy, steal = busy - self._busy0, steal - self._steal0
+        busy, steal, irq = _cpu_seconds()
+        busy, steal, irq = busy - self._busy0, steal - self._steal0, irq - self._irq0
         ours = self._ours() - self._ours0
+        procs = _every_process()
         cores = os.cpu_count() or 1
-        self.foreign_share = max(0.0, busy - ours) / (wall * cores) if wall > 0 else None
-        self.steal_share = steal / (wall * cores) if wall > 0 else None
+        if wall <= 0:
+            return
+        self.foreign_share = max(0.0, busy - ours) / (wall * cores)
+        self.steal_share = steal / (wall * cores)
+        self.irq_share = irq / (wall * cores)
+        skip = {os.getpid(), *(_tree_pids(self.pid) if self.pid else ())}
+        used = [
+            (cpu - self._procs0.get(pid, (name, 0.0))[1], name)
+            for pid, (name, cpu) in procs.items()
+            if pid not in skip
+        ]
+        if used:
+            cpu, name = max(used)
+            self.top = (name, cpu / (wall * cores))
 
     def __exit__(self, *exc: object) -> None:
         if self.foreign_share is None:

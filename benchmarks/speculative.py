@@ -279,6 +279,8 @@ def _one_round(
         # with a high share was the machine, not the contender.
         "other_cpu": None if watch.foreign_share is None else round(watch.foreign_share, 3),
         "steal": None if watch.steal_share is None else round(watch.steal_share, 3),
+        "irq": None if watch.irq_share is None else round(watch.irq_share, 3),
+        "top_other": None if watch.top is None else [watch.top[0], round(watch.top[1], 3)],
         # Greedy output must not depend on speculation: compare across contenders.
         "text_sha": hashlib.sha256("".join(r.text for r in run.results).encode()).hexdigest()[:12],
     }
@@ -292,7 +294,7 @@ def table(rows: list[dict]) -> str:
     out = [
         "| model | clients | contender | decode tok/s median (range) | aggregate tok/s "
         "median | accepted / drafted | acceptance | decode steps / tokens evaluated "
-        "| other CPU % max (steal) |",
+        "| other CPU % max (steal; irq, top other process) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (model, n, c), rs in keys.items():
@@ -310,8 +312,8 @@ def table(rows: list[dict]) -> str:
         work = "-"
         if None not in steps and None not in evaluated:  # summed over the rounds
             work = f"{sum(steps)} / {sum(evaluated)}"
-        # The round with the most, and how much of it was hypervisor steal (rows from
-        # runs before these columns existed have neither).
+        # The round with the most, how much of it was hypervisor steal and, above 3 %,
+        # interrupts and the busiest other process (older runs' rows lack some of these).
         other = [r for r in rs if r.get("other_cpu") is not None]
         busy = "-"
         if other:
@@ -319,6 +321,9 @@ def table(rows: list[dict]) -> str:
             busy = f"{100 * worst['other_cpu']:.0f}"
             if worst.get("steal") is not None:
                 busy += f" ({100 * worst['steal']:.0f})"
+            top = worst.get("top_other")
+            if top is not None and worst["other_cpu"] >= 0.03:  # say what it was
+                busy += f"; irq {100 * worst['irq']:.0f}, {top[0]} {100 * top[1]:.0f}"
         out.append(
             f"| {model} | {n} | {c} | {statistics.median(d):.1f} ({min(d):.1f}-{max(d):.1f}) "
             f"| {agg:.1f} | {ad} | {rate} | {work} | {busy} |"
