@@ -47,7 +47,7 @@ from benchmarks.client import Call, send
 from benchmarks.contenders import fastpilot_serve_argv, llama_server_argv
 from benchmarks.llama_server_build import server_path
 from benchmarks.models import CACHE
-from benchmarks.procs import Managed, free_port, rotated
+from benchmarks.procs import DISTURBED, REDO_ROUNDS, CpuWatch, Managed, free_port, rotated
 from benchmarks.speculative import SOURCE, _body
 from benchmarks.stats import paired_ratio
 
@@ -187,11 +187,14 @@ def servers_part(
     rounds, each sending every server (in turn, the order rotated per round) the round's
     cold long prompt ``texts[1 + round]`` and a short one. Each server has its own prompt
     cache, so a prompt is cold in each; the same prompts for all, and a slow stretch of a
-    shared machine lands on every server alike. A server that does not start, or fails a
-    request, is dropped (stderr says why)."""
+    shared machine lands on every server alike. A round in which some server's share of
+    other CPU passed ``procs.DISTURBED`` is run again on the next prompt (at most
+    ``procs.REDO_ROUNDS`` times), its rows marked ``disturbed`` and left out of the
+    tables. A server that does not start, or fails a request, is dropped (stderr says why)."""
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
         live: dict[str, int] = {}
+        pids: dict[str, int] = {}
         for server in servers:
             port = free_port()
             log = Path(f"/tmp/kernels-bench-{server}.log")
@@ -202,14 +205,29 @@ def servers_part(
             except (RuntimeError, OSError) as ex:
                 print(f"[kernels] {server} failed: {ex}", file=sys.stderr, flush=True)
                 continue
-            live[server] = port
-        for rep in range(repeats):
+            live[server], pids[server] = port, proc.pid
+        redo, rep, fresh = REDO_ROUNDS, 0, iter(texts[1:])
+        while rep < repeats:
+            text, got = next(fresh), []
             for server in rotated(list(live), rep):
                 try:
-                    rows += _cold_and_short(server, live[server], rep, texts[1 + rep])
+                    with CpuWatch(pids[server]) as watch:
+                        part = _cold_and_short(server, live[server], rep, text)
+                        watch.stop()
                 except (RuntimeError, OSError) as ex:
                     print(f"[kernels] {server} failed: {ex}", file=sys.stderr, flush=True)
                     del live[server]
+                    continue
+                for row in part:
+                    row["other_cpu"] = watch.foreign_share and round(watch.foreign_share, 3)
+                got += part
+            rows += got
+            if redo and any((r["other_cpu"] or 0) > DISTURBED for r in got):
+                redo -= 1  # someone else had the machine: the round again, on a fresh prompt
+                for r in got:
+                    r["disturbed"] = True
+                continue
+            rep += 1
         for server, port in live.items():
             if server.startswith("fastpilot"):
                 rows.append({"part": "kernels", "server": server, "kernels": _kernels(port)})
@@ -250,7 +268,7 @@ def cold_ratio(servers: list[dict], server: str) -> float | None:
         by_round = {
             r["round"]: r["ttft_ms"]
             for r in servers
-            if r.get("server") == name and r.get("kind") == "cold-long"
+            if r.get("server") == name and r.get("kind") == "cold-long" and not r.get("disturbed")
         }
         return [by_round.get(i) for i in range(max(by_round, default=-1) + 1)]
 
@@ -271,7 +289,11 @@ def tables(settings: list[dict], servers: list[dict]) -> str:
     med: dict[tuple[str, str], tuple[float, float]] = {}
     for s in SERVERS:
         for kind in ("cold-long", "short"):
-            rs = [r for r in servers if r.get("server") == s and r.get("kind") == kind]
+            rs = [
+                r
+                for r in servers
+                if r.get("server") == s and r.get("kind") == kind and not r.get("disturbed")
+            ]
             if rs:
                 med[s, kind] = (
                     statistics.median(r["ttft_ms"] for r in rs),
@@ -321,7 +343,8 @@ def section(directory: Path, threads: int, repeats: int = 3, llama_server: bool 
 def run(args: argparse.Namespace) -> dict:
     directory = Path(args.model)
     settings = settings_part(directory / "model.gguf", args.threads, args.deep, args.repeats)
-    texts = prompt_texts(directory / "model.gguf", 1 + args.repeats, args.prompt_tokens)
+    count = 1 + args.repeats + REDO_ROUNDS  # a warm-up, the rounds, rounds run again
+    texts = prompt_texts(directory / "model.gguf", count, args.prompt_tokens)
     names = args.servers.split(",")
     if "llama-server" in names and not server_path().is_file():
         print("[kernels] llama-server is not built: skipped", file=sys.stderr)

@@ -152,6 +152,8 @@ def targets(report: dict) -> list[dict]:
                     f"ratio: median of the per-round ratios of {len(ra)} interleaved rounds "
                     f"{ra} vs {rb} (ratio of the medians {_f(_ratio(a, b), 2)})"
                 )
+                if sbs.get("disturbed"):
+                    how += f"; {len(sbs['disturbed'])} round(s) run again (other CPU > 5 %)"
             add(
                 model,
                 f"eight clients tokens/s ≥ 1.0× llama-server ({tag})",

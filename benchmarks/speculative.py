@@ -53,7 +53,7 @@ from pathlib import Path
 from benchmarks.client import Call, Result, send
 from benchmarks.contenders import fastpilot_serve_argv, llama_server_argv
 from benchmarks.llama_server_build import server_path
-from benchmarks.procs import CpuWatch, Managed, free_port, rotated
+from benchmarks.procs import DISTURBED, REDO_ROUNDS, CpuWatch, Managed, free_port, rotated
 from benchmarks.stats import paired_ratio
 
 CONTENDERS = ("fastpilot-off", "fastpilot-ngram", "llama-server", "llama-server-ngram-mod")
@@ -204,10 +204,13 @@ def measure_interleaved(
     """Start every contender's server, warm each up, then run ``args.repeats`` rounds of
     ``n`` clients, each round visiting every server in turn (the order rotated per
     round): a slow minute of a shared machine then hits every contender alike, where one
-    contender's block of rounds after another's would take it alone. A server that does
-    not start, or a round that fails, drops that contender (the error goes to stderr).
-    Rows come back grouped by contender."""
-    texts = prompts(1 + args.repeats * n, args.prompt_chars)
+    contender's block of rounds after another's would take it alone. A round in which
+    some contender's share of other CPU passed :data:`DISTURBED` is run again, every
+    contender, on fresh prompts (at most :data:`REDO_ROUNDS` times); its rows stay in the
+    output marked ``disturbed`` and out of :func:`table` and :func:`ratios`. A server
+    that does not start, or a round that fails, drops that contender (the error goes to
+    stderr). Rows come back grouped by contender."""
+    texts = prompts(1 + (args.repeats + REDO_ROUNDS) * n, args.prompt_chars)
     rows: dict[str, list[dict]] = {c: [] for c in contenders}
     with contextlib.ExitStack() as stack:
         live: dict[str, tuple[int, Path, int]] = {}
@@ -222,8 +225,11 @@ def measure_interleaved(
                 print(f"[speculative] {c} on {name} failed: {ex}", file=sys.stderr, flush=True)
                 continue
             live[c] = (port, log, server.pid)
-        for rep in range(args.repeats):
-            chunk = texts[1 + rep * n : 1 + (rep + 1) * n]
+        chunks = (texts[1 + k * n : 1 + (k + 1) * n] for k in range(args.repeats + REDO_ROUNDS))
+        redo = REDO_ROUNDS
+        rep = 0
+        while rep < args.repeats:
+            chunk, done = next(chunks), []
             for c in rotated(list(live), rep):
                 port, log, pid = live[c]
                 try:
@@ -233,8 +239,20 @@ def measure_interleaved(
                     del live[c]
                     continue
                 rows[c].append(row)
+                done.append(row)
                 print(json.dumps(row), flush=True)
+            if redo and any((r["other_cpu"] or 0) > DISTURBED for r in done):
+                for r in done:
+                    r["disturbed"] = True
+                redo -= 1
+                continue  # the same round again, on the next prompts
+            rep += 1
     return [r for c in contenders for r in rows[c]]
+
+
+def clean(rows: list[dict]) -> list[dict]:
+    """The rows of rounds that were not run again (see :func:`measure_interleaved`)."""
+    return [r for r in rows if not r.get("disturbed")]
 
 
 def _one_round(
@@ -289,7 +307,7 @@ def _one_round(
 def table(rows: list[dict]) -> str:
     """A markdown table: median and range over the repeats per (model, clients, contender)."""
     keys: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in clean(rows):
         keys.setdefault((r["model"], r["clients"], r["contender"]), []).append(r)
     out = [
         "| model | clients | contender | decode tok/s median (range) | aggregate tok/s "
@@ -328,6 +346,13 @@ def table(rows: list[dict]) -> str:
             f"| {model} | {n} | {c} | {statistics.median(d):.1f} ({min(d):.1f}-{max(d):.1f}) "
             f"| {agg:.1f} | {ad} | {rate} | {work} | {busy} |"
         )
+    redone: dict[tuple, set[int]] = {}
+    for r in rows:
+        if r.get("disturbed"):
+            redone.setdefault((r["model"], r["clients"]), set()).add(r["repeat"])
+    if redone:
+        said = ", ".join(f"{m} {n} client(s) round {sorted(k)}" for (m, n), k in redone.items())
+        out += ["", f"Run again (some contender's other CPU > {DISTURBED:.0%}): {said}."]
     return "\n".join(out)
 
 
@@ -365,7 +390,7 @@ def ratios(rows: list[dict]) -> list[str]:
     ratios (:func:`benchmarks.stats.paired_ratio`; the two contenders of a round ran
     back to back), which cancels a slow stretch of the machine that hits both."""
     by_round: dict[tuple, dict[int, float | None]] = {}
-    for r in rows:
+    for r in clean(rows):
         k = (r["model"], r["clients"], r["contender"])
         by_round.setdefault(k + ("decode",), {})[r["repeat"]] = r["decode_tok_s"]
         by_round.setdefault(k + ("aggregate",), {})[r["repeat"]] = r["aggregate_tok_s"]
