@@ -147,7 +147,7 @@ def _every_process() -> dict[int, tuple[str, float]]:
 
 # A round in which another tenant of the machine took this share of all cores (hypervisor
 # steal, mostly: CpuWatch) is run again. Measured in run 20261128-091945:
-# tiny-py's single-stream rounds (~0.5 s each) with 9-23 % steal read 0.59-0.85x the
+# tiny-py's single-stream rounds (~0.5 s each) with 9-23 % steal read 0.58-0.85x the
 # same contender's median clean round, for fastpilot and llama-server alike; the clean
 # rounds had <= 3 %.
 DISTURBED = 0.05
