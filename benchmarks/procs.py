@@ -20,7 +20,9 @@ from pathlib import Path
 
 __all__ = [
     "DISTURBED",
+    "REDO_MAX",
     "REDO_ROUNDS",
+    "may_redo",
     "CpuWatch",
     "Managed",
     "RssSampler",
@@ -151,7 +153,19 @@ def _every_process() -> dict[int, tuple[str, float]]:
 # same contender's median clean round, for fastpilot and llama-server alike; the clean
 # rounds had <= 3 %.
 DISTURBED = 0.05
-REDO_ROUNDS = 2  # at most this many rounds run again per measurement
+REDO_ROUNDS = 2  # at most this many rounds run again per measurement ...
+# ... or, where rounds are short, as many as fit in REDO_SECONDS (up to REDO_MAX): in run
+# 20261128-100256 a minute of steal disturbed tiny-py's first round three times running.
+REDO_SECONDS = 60.0
+REDO_MAX = 6
+
+
+def may_redo(done: int, spent: float, next_round: float) -> bool:
+    """Whether a measurement that ran ``done`` rounds again, taking ``spent`` seconds,
+    may run one more, of about ``next_round`` seconds."""
+    if done < REDO_ROUNDS:
+        return True
+    return done < REDO_MAX and spent + next_round <= REDO_SECONDS
 
 
 class CpuWatch:

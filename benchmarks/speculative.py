@@ -53,7 +53,16 @@ from pathlib import Path
 from benchmarks.client import Call, Result, send
 from benchmarks.contenders import fastpilot_serve_argv, llama_server_argv
 from benchmarks.llama_server_build import server_path
-from benchmarks.procs import DISTURBED, REDO_ROUNDS, CpuWatch, Managed, free_port, rotated
+from benchmarks.procs import (
+    DISTURBED,
+    REDO_MAX,
+    REDO_ROUNDS,
+    CpuWatch,
+    Managed,
+    free_port,
+    may_redo,
+    rotated,
+)
 from benchmarks.stats import paired_ratio
 
 CONTENDERS = ("fastpilot-off", "fastpilot-ngram", "llama-server", "llama-server-ngram-mod")
@@ -206,11 +215,15 @@ def measure_interleaved(
     round): a slow minute of a shared machine then hits every contender alike, where one
     contender's block of rounds after another's would take it alone. A round in which
     some contender's share of other CPU passed :data:`DISTURBED` is run again, every
-    contender, on fresh prompts (at most :data:`REDO_ROUNDS` times); its rows stay in the
+    contender, on fresh prompts (:func:`~benchmarks.procs.may_redo`: twice, or for short
+    rounds as many times as fit in a minute); its rows stay in the
     output marked ``disturbed`` and out of :func:`table` and :func:`ratios`. A server
     that does not start, or a round that fails, drops that contender (the error goes to
     stderr). Rows come back grouped by contender."""
-    texts = prompts(1 + (args.repeats + REDO_ROUNDS) * n, args.prompt_chars)
+    try:  # prompts for the rounds and for rounds run again, as many as the source holds
+        texts = prompts(1 + (args.repeats + REDO_MAX) * n, args.prompt_chars)
+    except ValueError:
+        texts = prompts(1 + (args.repeats + REDO_ROUNDS) * n, args.prompt_chars)
     rows: dict[str, list[dict]] = {c: [] for c in contenders}
     with contextlib.ExitStack() as stack:
         live: dict[str, tuple[int, Path, int]] = {}
@@ -225,11 +238,11 @@ def measure_interleaved(
                 print(f"[speculative] {c} on {name} failed: {ex}", file=sys.stderr, flush=True)
                 continue
             live[c] = (port, log, server.pid)
-        chunks = (texts[1 + k * n : 1 + (k + 1) * n] for k in range(args.repeats + REDO_ROUNDS))
-        redo = REDO_ROUNDS
-        rep = 0
+        spare = (len(texts) - 1) // n - args.repeats  # prompt sets for rounds run again
+        chunks = (texts[1 + k * n : 1 + (k + 1) * n] for k in range(args.repeats + spare))
+        redone, spent, rep = 0, 0.0, 0
         while rep < args.repeats:
-            chunk, done = next(chunks), []
+            chunk, done, t0 = next(chunks), [], time.monotonic()
             for c in rotated(list(live), rep):
                 port, log, pid = live[c]
                 try:
@@ -241,10 +254,12 @@ def measure_interleaved(
                 rows[c].append(row)
                 done.append(row)
                 print(json.dumps(row), flush=True)
-            if redo and any((r["other_cpu"] or 0) > DISTURBED for r in done):
+            took = time.monotonic() - t0
+            disturbed = any((r["other_cpu"] or 0) > DISTURBED for r in done)
+            if disturbed and redone < spare and may_redo(redone, spent, took):
                 for r in done:
                     r["disturbed"] = True
-                redo -= 1
+                redone, spent = redone + 1, spent + took
                 continue  # the same round again, on the next prompts
             rep += 1
     return [r for c in contenders for r in rows[c]]
