@@ -99,13 +99,20 @@ def tree_rss_bytes(pid: int) -> int:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _proc_stat(pid: int | str) -> tuple[str, float] | None:
+    """(command name, utime + stime seconds) of one process; None if it is gone."""
+    try:
+        head, tail = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+    except OSError:
+        return None
+    fields = tail.split()
+    return head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / _TICK
+
+
 def _proc_cpu(pid: int) -> float:
     """utime + stime of one process in seconds (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    stat = _proc_stat(pid)
+    return stat[1] if stat else 0.0
 
 
 def _tree_pids(pid: int) -> list[int]:
@@ -136,14 +143,8 @@ def _every_process() -> dict[int, tuple[str, float]]:
     """pid -> (command name, utime + stime seconds) of every process now."""
     out = {}
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            head, tail = (d / "stat").read_text().rsplit(")", 1)
-        except OSError:
-            continue
-        fields = tail.split()
-        out[int(d.name)] = (head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / _TICK)
+        if d.name.isdigit() and (stat := _proc_stat(d.name)) is not None:
+            out[int(d.name)] = stat
     return out
 
 

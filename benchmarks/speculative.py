@@ -220,10 +220,13 @@ def measure_interleaved(
     output marked ``disturbed`` and out of :func:`table` and :func:`ratios`. A server
     that does not start, or a round that fails, drops that contender (the error goes to
     stderr). Rows come back grouped by contender."""
-    try:  # prompts for the rounds and for rounds run again, as many as the source holds
-        texts = prompts(1 + (args.repeats + REDO_MAX) * n, args.prompt_chars)
-    except ValueError:
-        texts = prompts(1 + (args.repeats + REDO_ROUNDS) * n, args.prompt_chars)
+    for spare in range(REDO_MAX, REDO_ROUNDS - 1, -1):  # prompt sets for rounds run again
+        try:  # as many as the source holds
+            texts = prompts(1 + (args.repeats + spare) * n, args.prompt_chars)
+            break
+        except ValueError:
+            if spare == REDO_ROUNDS:
+                raise
     rows: dict[str, list[dict]] = {c: [] for c in contenders}
     with contextlib.ExitStack() as stack:
         live: dict[str, tuple[int, Path, int]] = {}
@@ -238,7 +241,6 @@ def measure_interleaved(
                 print(f"[speculative] {c} on {name} failed: {ex}", file=sys.stderr, flush=True)
                 continue
             live[c] = (port, log, server.pid)
-        spare = (len(texts) - 1) // n - args.repeats  # prompt sets for rounds run again
         chunks = (texts[1 + k * n : 1 + (k + 1) * n] for k in range(args.repeats + spare))
         redone, spent, rep = 0, 0.0, 0
         while rep < args.repeats:
