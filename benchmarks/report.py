@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from benchmarks.procs import DISTURBED
 from benchmarks.stats import paired_ratio
 
 __all__ = ["write_report", "targets"]
@@ -153,7 +154,8 @@ def targets(report: dict) -> list[dict]:
                     f"{ra} vs {rb} (ratio of the medians {_f(_ratio(a, b), 2)})"
                 )
                 if sbs.get("disturbed"):
-                    how += f"; {len(sbs['disturbed'])} round(s) run again (other CPU > 5 %)"
+                    n = len(sbs["disturbed"])
+                    how += f"; {n} round(s) run again (other CPU > {DISTURBED:.0%})"
             add(
                 model,
                 f"eight clients tokens/s ≥ 1.0× llama-server ({tag})",
