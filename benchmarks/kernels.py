@@ -47,7 +47,7 @@ from benchmarks.client import Call, send
 from benchmarks.contenders import fastpilot_serve_argv, llama_server_argv
 from benchmarks.llama_server_build import server_path
 from benchmarks.models import CACHE
-from benchmarks.procs import DISTURBED, REDO_ROUNDS, CpuWatch, Managed, free_port, rotated
+from benchmarks.procs import REDO_ROUNDS, CpuWatch, Managed, Redo, free_port, rotated
 from benchmarks.speculative import SOURCE, _body
 from benchmarks.stats import paired_ratio
 
@@ -206,7 +206,7 @@ def servers_part(
                 print(f"[kernels] {server} failed: {ex}", file=sys.stderr, flush=True)
                 continue
             live[server], pids[server] = port, proc.pid
-        redo, rep, fresh = REDO_ROUNDS, 0, iter(texts[1:])
+        redo, rep, fresh = Redo(), 0, iter(texts[1:])
         while rep < repeats:
             text, got = next(fresh), []
             for server in rotated(list(live), rep):
@@ -222,8 +222,8 @@ def servers_part(
                     row["other_cpu"] = watch.foreign_share and round(watch.foreign_share, 3)
                 got += part
             rows += got
-            if redo and any((r["other_cpu"] or 0) > DISTURBED for r in got):
-                redo -= 1  # someone else had the machine: the round again, on a fresh prompt
+            if redo.again(r["other_cpu"] for r in got):
+                # someone else had the machine: the round again, on a fresh prompt
                 for r in got:
                     r["disturbed"] = True
                 continue

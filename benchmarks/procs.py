@@ -16,12 +16,14 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = [
     "DISTURBED",
     "REDO_MAX",
     "REDO_ROUNDS",
+    "Redo",
     "may_redo",
     "CpuWatch",
     "Managed",
@@ -167,6 +169,26 @@ def may_redo(done: int, spent: float, next_round: float) -> bool:
     if done < REDO_ROUNDS:
         return True
     return done < REDO_MAX and spent + next_round <= REDO_SECONDS
+
+
+class Redo:
+    """One measurement's rounds run again: :meth:`again` says whether a round just measured
+    is to be run again, at most ``limit`` times (the prompt sets to spare) and as
+    :func:`may_redo` allows, and counts it."""
+
+    def __init__(self, limit: int = REDO_ROUNDS) -> None:
+        self.limit = limit
+        self.done = 0
+        self.spent = 0.0
+
+    def again(self, shares: Iterable[float | None], took: float = 0.0) -> bool:
+        """``shares``: each contender's other-CPU share in the round; ``took``: its seconds."""
+        if not any((share or 0) > DISTURBED for share in shares):
+            return False
+        if self.done >= self.limit or not may_redo(self.done, self.spent, took):
+            return False
+        self.done, self.spent = self.done + 1, self.spent + took
+        return True
 
 
 class CpuWatch:

@@ -33,10 +33,9 @@ from benchmarks.llama_server_build import ensure_llama_server
 from benchmarks.machine import bandwidth, machine_info
 from benchmarks.models import FORMATS, SPECS, ModelFile, prepare
 from benchmarks.procs import (
-    DISTURBED,
-    REDO_ROUNDS,
     CpuWatch,
     Managed,
+    Redo,
     RssSampler,
     kill_all,
     rotated,
@@ -267,20 +266,20 @@ def clients_side_by_side(
             live.append((c, srv))
             srv.wait_http(c.port, c.health, c.startup_timeout)
             W.clients(c.call, c.port, 2, 16, 1, 0)  # untimed: pages the weights in
-        redo, r = REDO_ROUNDS, 0
+        redo, r = Redo(), 0
         while r < rounds:
-            got: dict[str, tuple[float | None, float | None]] = {}
+            measured: dict[str, tuple[float | None, float | None]] = {}
             for c, srv in rotated(live, r):
                 with CpuWatch(srv.pid) as watch:
                     res = W.clients(c.call, c.port, k, plan.client_tokens, 1, 0)
                     watch.stop()
                 agg = summarize(res)["agg_tps"]
-                got[c.key] = (agg and round(agg, 1), watch.foreign_share)
-            if redo and any((o or 0) > DISTURBED for _, o in got.values()):
-                redo -= 1  # someone else had the machine: the round again, rows kept aside
-                out.setdefault("disturbed", []).append(got)
+                measured[c.key] = (agg and round(agg, 1), watch.foreign_share)
+            if redo.again(other for _, other in measured.values()):
+                # someone else had the machine: the round again, rows kept aside
+                out.setdefault("disturbed", []).append(measured)
                 continue
-            for key, (agg, other) in got.items():
+            for key, (agg, other) in measured.items():
                 out["rounds"].setdefault(key, []).append(agg)
                 out["other_cpu"].setdefault(key, []).append(other and round(other, 3))
             r += 1

@@ -59,8 +59,8 @@ from benchmarks.procs import (
     REDO_ROUNDS,
     CpuWatch,
     Managed,
+    Redo,
     free_port,
-    may_redo,
     rotated,
 )
 from benchmarks.stats import paired_ratio
@@ -242,7 +242,7 @@ def measure_interleaved(
                 continue
             live[c] = (port, log, server.pid)
         chunks = (texts[1 + k * n : 1 + (k + 1) * n] for k in range(args.repeats + spare))
-        redone, spent, rep = 0, 0.0, 0
+        redo, rep = Redo(spare), 0
         while rep < args.repeats:
             chunk, done, t0 = next(chunks), [], time.monotonic()
             for c in rotated(list(live), rep):
@@ -256,12 +256,9 @@ def measure_interleaved(
                 rows[c].append(row)
                 done.append(row)
                 print(json.dumps(row), flush=True)
-            took = time.monotonic() - t0
-            disturbed = any((r["other_cpu"] or 0) > DISTURBED for r in done)
-            if disturbed and redone < spare and may_redo(redone, spent, took):
+            if redo.again((r["other_cpu"] for r in done), time.monotonic() - t0):
                 for r in done:
                     r["disturbed"] = True
-                redone, spent = redone + 1, spent + took
                 continue  # the same round again, on the next prompts
             rep += 1
     return [r for c in contenders for r in rows[c]]
