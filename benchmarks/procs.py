@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -31,6 +32,8 @@ __all__ = [
     "free_port",
     "kill_all",
     "rotated",
+    "settle",
+    "steal_under_load",
     "tree_rss_bytes",
 ]
 
@@ -189,6 +192,39 @@ class Redo:
             return False
         self.done, self.spent = self.done + 1, self.spent + took
         return True
+
+
+def steal_under_load(seconds: float = 2.0) -> float:
+    """The share of all cores the hypervisor withheld while every core was kept busy for
+    ``seconds`` (one spinning process per core). Steal only shows while a guest wants to
+    run, so an idle machine cannot show it; this asks for every core and counts."""
+    cores = os.cpu_count() or 1
+    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+    spin = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(cores)]
+    t0, (_, steal0, _) = time.monotonic(), _cpu_seconds()
+    for proc in spin:
+        proc.wait()
+    wall = time.monotonic() - t0
+    return (_cpu_seconds()[1] - steal0) / (wall * cores) if wall > 0 else 0.0
+
+
+# Waiting for the hypervisor: in runs 091945 and 100256 about a minute of steal followed
+# minutes of both cores at full load, and fell on tiny-py's first rounds.
+SETTLE_WAIT = 90.0  # at most this long before a measurement ...
+SETTLE_PAUSE = 15.0  # ... idle this long between two probes
+
+
+def settle(max_wait: float = SETTLE_WAIT, pause: float = SETTLE_PAUSE) -> dict:
+    """Before a measurement: probe :func:`steal_under_load` and, while it is above
+    :data:`DISTURBED`, leave the machine idle ``pause`` seconds and probe again, for at most
+    ``max_wait``. Returns the probes' shares and the seconds it took (probes included)."""
+    t0, probes = time.monotonic(), []
+    while True:
+        probes.append(round(steal_under_load(), 3))
+        waited = time.monotonic() - t0
+        if probes[-1] <= DISTURBED or waited + pause > max_wait:
+            return {"probes": probes, "seconds": round(waited, 1)}
+        time.sleep(pause)
 
 
 class CpuWatch:

@@ -62,6 +62,7 @@ from benchmarks.procs import (
     Redo,
     free_port,
     rotated,
+    settle,
 )
 from benchmarks.stats import paired_ratio
 
@@ -213,7 +214,9 @@ def measure_interleaved(
     """Start every contender's server, warm each up, then run ``args.repeats`` rounds of
     ``n`` clients, each round visiting every server in turn (the order rotated per
     round): a slow minute of a shared machine then hits every contender alike, where one
-    contender's block of rounds after another's would take it alone. A round in which
+    contender's block of rounds after another's would take it alone. Before round 0 the
+    harness waits while the hypervisor withholds CPU (:func:`~benchmarks.procs.settle`;
+    the probes go into every row as ``settle``). A round in which
     some contender's share of other CPU passed :data:`DISTURBED` is run again, every
     contender, on fresh prompts (:func:`~benchmarks.procs.may_redo`: twice, or for short
     rounds as many times as fit in a minute); its rows stay in the
@@ -242,6 +245,8 @@ def measure_interleaved(
                 continue
             live[c] = (port, log, server.pid)
         chunks = (texts[1 + k * n : 1 + (k + 1) * n] for k in range(args.repeats + spare))
+        settled = settle()  # the servers are up and idle: wait out any steal first
+        print(f"[speculative] {name} {n} client(s): steal probes {settled}", flush=True)
         redo, rep = Redo(spare), 0
         while rep < args.repeats:
             chunk, done, t0 = next(chunks), [], time.monotonic()
@@ -261,6 +266,8 @@ def measure_interleaved(
                     r["disturbed"] = True
                 continue  # the same round again, on the next prompts
             rep += 1
+    for r in (r for c in contenders for r in rows[c]):
+        r["settle"] = settled
     return [r for c in contenders for r in rows[c]]
 
 
@@ -367,6 +374,16 @@ def table(rows: list[dict]) -> str:
     if redone:
         said = ", ".join(f"{m} {n} client(s) round {sorted(k)}" for (m, n), k in redone.items())
         out += ["", f"Run again (some contender's other CPU > {DISTURBED:.0%}): {said}."]
+    waits = {(r["model"], r["clients"]): r["settle"] for r in rows if r.get("settle")}
+    waited = [
+        f"{m} {n} client(s) {w['seconds']:.0f} s (steal under load "
+        + ", ".join(f"{100 * p:.0f} %" for p in w["probes"])
+        + ")"
+        for (m, n), w in waits.items()
+        if len(w["probes"]) > 1 or w["probes"][0] > DISTURBED
+    ]
+    if waited:
+        out += ["", "Waited for the hypervisor's steal to pass before: " + "; ".join(waited) + "."]
     return "\n".join(out)
 
 
