@@ -24,6 +24,7 @@ __all__ = [
     "DISTURBED",
     "REDO_MAX",
     "REDO_ROUNDS",
+    "SETTLE_QUIET",
     "Redo",
     "may_redo",
     "CpuWatch",
@@ -211,18 +212,21 @@ def steal_under_load(seconds: float = 2.0) -> float:
 # Waiting for the hypervisor: in runs 091945 and 100256 about a minute of steal followed
 # minutes of both cores at full load, and fell on tiny-py's first rounds.
 SETTLE_WAIT = 90.0  # at most this long before a measurement ...
-SETTLE_PAUSE = 15.0  # ... idle this long between two probes
+SETTLE_PAUSE = 15.0  # ... idle this long between two probes ...
+# ... while a probe reads more than this. Quiet probes read 0-0.2 %; in run 20261128-120902
+# a probe of 4.8 % went before tiny-py rounds with 9-28 % steal.
+SETTLE_QUIET = 0.01
 
 
 def settle(max_wait: float = SETTLE_WAIT, pause: float = SETTLE_PAUSE) -> dict:
     """Before a measurement: probe :func:`steal_under_load` and, while it is above
-    :data:`DISTURBED`, leave the machine idle ``pause`` seconds and probe again, for at most
+    :data:`SETTLE_QUIET`, leave the machine idle ``pause`` seconds and probe again, for at most
     ``max_wait``. Returns the probes' shares and the seconds it took (probes included)."""
     t0, probes = time.monotonic(), []
     while True:
         probes.append(round(steal_under_load(), 3))
         waited = time.monotonic() - t0
-        if probes[-1] <= DISTURBED or waited + pause > max_wait:
+        if probes[-1] <= SETTLE_QUIET or waited + pause > max_wait:
             return {"probes": probes, "seconds": round(waited, 1)}
         time.sleep(pause)
 

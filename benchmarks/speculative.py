@@ -57,6 +57,7 @@ from benchmarks.procs import (
     DISTURBED,
     REDO_MAX,
     REDO_ROUNDS,
+    SETTLE_QUIET,
     CpuWatch,
     Managed,
     Redo,
@@ -380,7 +381,7 @@ def table(rows: list[dict]) -> str:
         + ", ".join(f"{100 * p:.0f} %" for p in w["probes"])
         + ")"
         for (m, n), w in waits.items()
-        if len(w["probes"]) > 1 or w["probes"][0] > DISTURBED
+        if len(w["probes"]) > 1 or w["probes"][0] > SETTLE_QUIET
     ]
     if waited:
         out += ["", "Waited for the hypervisor's steal to pass before: " + "; ".join(waited) + "."]
