@@ -213,7 +213,7 @@ def steal_under_load(seconds: float = 2.0) -> float:
 # minutes of both cores at full load, and fell on tiny-py's first rounds.
 SETTLE_WAIT = 90.0  # at most this long before a measurement ...
 SETTLE_PAUSE = 15.0  # ... idle this long between two probes ...
-# ... while a probe reads more than this. Quiet probes read 0-0.2 %; in run 20261128-120902
+# ... while a probe reads more than this. Quiet probes read 0-0.2 %; in run 20261128-120857
 # a probe of 4.8 % went before tiny-py rounds with 9-28 % steal.
 SETTLE_QUIET = 0.01
 
