@@ -381,7 +381,7 @@ def table(rows: list[dict]) -> str:
         + ", ".join(f"{100 * p:.0f} %" for p in w["probes"])
         + ")"
         for (m, n), w in waits.items()
-        if len(w["probes"]) > 1 or w["probes"][0] > SETTLE_QUIET
+        if w["probes"][0] > SETTLE_QUIET  # settle probes again only after such a reading
     ]
     if waited:
         out += ["", "Waited for the hypervisor's steal to pass before: " + "; ".join(waited) + "."]
